@@ -1,0 +1,115 @@
+"""Managed audio copies in the data dir's `audio/` folder; the only code that deletes files.
+
+The user's file is copied (never moved or touched); a copy is written under a temporary name,
+fsynced and renamed. Removal is refused for anything that is not a plain file directly inside
+our own `audio/` folder, whatever path a record or a server names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+
+from .errors import JobsyncdError, SymlinkRefused, UsageProblem
+from .store import _O_CLOEXEC, fsync_dir, open_nofollow
+
+AUDIO_DIR = "audio"
+
+
+def audio_dir(data_dir: str, create: bool = True) -> str:
+    path = os.path.join(data_dir, AUDIO_DIR)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return path
+        os.mkdir(path, 0o700)
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise SymlinkRefused(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise JobsyncdError(f"{path} is not a directory")
+    return path
+
+
+def _suffix(name: str) -> str:
+    ext = os.path.splitext(name)[1]
+    return ext.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", ext) else ""
+
+
+def open_user_audio(src: str) -> int:
+    """Open the user's audio file for reading, or raise a usage error (exit 2)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | _O_CLOEXEC)
+    except OSError as exc:
+        raise UsageProblem(f"cannot read audio file {src}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageProblem(f"audio file {src} is not a regular file")
+    return fd
+
+
+def import_copy(data_dir: str, src_fd: int, src_name: str, local_id: str) -> str:
+    """Copy the open user file into audio/ under a fresh name; returns the copy's absolute path."""
+    folder = audio_dir(data_dir)
+    final = os.path.join(folder, f"{local_id}-{secrets.token_hex(4)}{_suffix(src_name)}")
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}")
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        while True:
+            chunk = os.read(src_fd, 1 << 20)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
+            raise JobsyncdError(f"cannot copy the audio file into {folder}: {exc.strerror}") from None
+        raise UsageProblem(f"cannot read audio file {src_name}: {exc.strerror}") from None
+    os.close(fd)
+    os.rename(tmp, final)
+    fsync_dir(folder)
+    return os.path.abspath(final)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_managed(data_dir: str, path: str | None) -> str | None:
+    """Delete a managed copy. Returns None when done (or nothing to do), else why it was not.
+
+    Never raises: a copy that cannot be removed must not fail a job or a pass.
+    """
+    if not path:
+        return None
+    folder = os.path.realpath(os.path.join(data_dir, AUDIO_DIR))
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    name = os.path.basename(path)
+    if parent != folder or not name or name in (".", ".."):
+        return f"refusing to delete {path}: it is not inside {folder}"
+    target = os.path.join(folder, name)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot remove {target}: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"refusing to delete {target}: it is a directory"
+    try:
+        os.unlink(target)  # unlinks a planted symlink itself, never what it points to
+    except OSError as exc:
+        return f"cannot remove {target}: {exc.strerror}"
+    return None
+

@@ -1,0 +1,219 @@
+"""Local job operations: create, update, delete, retry, and the status report.
+
+Each takes the store lock for its read-modify-append, so two CLI commands never lose each
+other's change, and bumps `rev` so a sync pass in flight notices the job changed under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from . import audio
+from .errors import JobsyncdError, UsageProblem
+from .model import Job, SyncStatus, new_local_id, parse_rfc3339, rfc3339, utc_now
+from .store import Store
+
+PENDING = SyncStatus.PENDING.value
+SYNCED = SyncStatus.SYNCED.value
+PENDING_DELETION = SyncStatus.PENDING_DELETION.value
+ERROR = SyncStatus.ERROR.value
+FAILED = SyncStatus.FAILED.value
+
+
+def create_job(
+    store: Store, text: str | None, audio_src: str | None, metadata: dict[str, Any]
+) -> Job:
+    src_fd = audio.open_user_audio(audio_src) if audio_src else None
+    local_id = new_local_id()
+    copy = None
+    try:
+        if src_fd is not None:
+            copy = audio.import_copy(store.data_dir, src_fd, audio_src or "", local_id)
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
+    now = rfc3339(utc_now())
+    job = Job(
+        local_id=local_id,
+        text=text or "",
+        audio_file=copy,
+        metadata=metadata,
+        created_at=now,
+        updated_at=now,
+        rev=1,
+    )
+    try:
+        store.append([job])
+    except BaseException:
+        audio.remove_managed(store.data_dir, copy)
+        raise
+    return job
+
+
+def _same_content(a: str, b: str) -> bool:
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                ca, cb = fa.read(1 << 20), fb.read(1 << 20)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
+
+
+def _is_delete(job: Job) -> bool:
+    return job.sync_status == PENDING_DELETION or (
+        job.sync_status in (FAILED, ERROR) and job.error_kind == "delete"
+    )
+
+
+def update_job(
+    store: Store,
+    ref: str,
+    text: str | None,
+    audio_src: str | None,
+    set_meta: dict[str, Any],
+    unset_meta: list[str],
+) -> tuple[Job, bool]:
+    """Apply the changes; returns the job and whether anything changed."""
+    src_fd = audio.open_user_audio(audio_src) if audio_src else None
+    try:
+        with store.locked():
+            job = store.find(ref)
+            if _is_delete(job):
+                raise JobsyncdError(
+                    f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
+                    "updated (`jobsyncd retry` a failed delete first)"
+                )
+            metadata = json.loads(json.dumps(job.metadata))
+            metadata.update(set_meta)
+            for key in unset_meta:
+                metadata.pop(key, None)
+            new_text = job.text if text is None else text
+            copy = None
+            if src_fd is not None and not (
+                job.audio_file and _same_content(job.audio_file, audio_src or "")
+            ):
+                os.lseek(src_fd, 0, os.SEEK_SET)
+                copy = audio.import_copy(store.data_dir, src_fd, audio_src or "", job.local_id)
+            if new_text == job.text and metadata == job.metadata and copy is None:
+                return job, False
+            old_audio = job.audio_file
+            job.text = new_text
+            job.metadata = metadata
+            if copy is not None:
+                job.audio_file = copy
+            job.rev += 1
+            job.updated_at = rfc3339(utc_now())
+            if job.sync_status in (ERROR, FAILED, SYNCED):
+                job.sync_status = PENDING
+                job.retry_count = 0
+                job.next_attempt_at = None
+                job.error_kind = None
+            try:
+                store.append([job])
+            except BaseException:
+                audio.remove_managed(store.data_dir, copy)
+                raise
+            # The old copy goes once the new one is in place, unless the server still needs it
+            # for nothing: a PATCH only ever sends the current file.
+            if copy is not None and old_audio:
+                problem = audio.remove_managed(store.data_dir, old_audio)
+                if problem:
+                    from . import log
+
+                    log.warning(problem)
+            return job, True
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
+
+
+def delete_job(store: Store, ref: str) -> Job:
+    with store.locked():
+        job = store.find(ref)
+        if job.sync_status == PENDING_DELETION:
+            return job
+        job.sync_status = PENDING_DELETION
+        job.error_kind = "delete"
+        job.retry_count = 0
+        job.next_attempt_at = None
+        job.rev += 1
+        job.updated_at = rfc3339(utc_now())
+        store.append([job])
+        return job
+
+
+def _put_back(job: Job) -> None:
+    if job.error_kind == "delete":
+        job.sync_status = PENDING_DELETION
+    else:
+        job.sync_status = PENDING
+        if job.error_kind == "gone":
+            # The server lost it: the next pass creates it again (a fresh POST).
+            job.server_id = None
+            job.base = None
+            job.create_sent = False
+            job.audio_sent = None
+            job.error_kind = None
+    job.retry_count = 0
+    job.next_attempt_at = None
+    job.rev += 1
+
+
+def retry_job(store: Store, ref: str) -> Job:
+    with store.locked():
+        job = store.find(ref)
+        if job.sync_status != FAILED:
+            raise JobsyncdError(
+                f"job {job.local_id} is {job.sync_status}, not failed; only failed jobs can be retried"
+            )
+        _put_back(job)
+        store.append([job])
+        return job
+
+
+def retry_all(store: Store) -> int:
+    with store.locked():
+        jobs = [j for j in store.load().values() if j.sync_status == FAILED]
+        for job in jobs:
+            _put_back(job)
+        store.append(jobs)
+        return len(jobs)
+
+
+def status_report(
+    store: Store, server_url: str | None, last_pass: dict[str, Any] | None, daemon_pid: int | None
+) -> dict[str, Any]:
+    jobs = store.load()
+    counts = {s.value: 0 for s in SyncStatus}
+    oldest = None
+    for job in jobs.values():
+        counts[job.sync_status] += 1
+        if job.sync_status in (PENDING, PENDING_DELETION, ERROR):
+            if oldest is None or job.updated_at < oldest:
+                oldest = job.updated_at
+    age = None
+    if oldest:
+        age = max(0.0, round((utc_now() - parse_rfc3339(oldest)).total_seconds(), 3))
+    return {
+        "total": len(jobs),
+        "counts": counts,
+        "oldest_pending_age_seconds": age,
+        "daemon": {"running": bool(daemon_pid is not None), "pid": daemon_pid or None},
+        "last_pass": last_pass,
+        "server_url": server_url,
+        "data_dir": store.data_dir,
+    }
+
+
+def check_meta_not_conflicting(set_meta: dict[str, Any], unset_meta: list[str]) -> None:
+    both = sorted(set(set_meta) & set(unset_meta))
+    if both:
+        raise UsageProblem(f"--meta and --unset-meta both name {', '.join(both)}")

@@ -1,0 +1,81 @@
+"""Small state files in the data dir: the last pass's record, the server's back-off window, the ETag.
+
+Each is written whole to a temporary file and renamed (never through a symlink), so a reader
+sees the old content or the new, and every process (daemon or one-shot) honours the same window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+from .store import fsync_dir, open_nofollow
+
+LAST_PASS_NAME = "last_pass.json"
+BACKOFF_NAME = "backoff.json"
+PULL_STATE_NAME = "pull_state.json"
+
+
+def _read_json(data_dir: str, name: str) -> Any:
+    path = os.path.join(data_dir, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            return json.loads(fh.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(data_dir: str, name: str, value: Any, durable: bool = False) -> None:
+    path = os.path.join(data_dir, name)
+    tmp = os.path.join(data_dir, f".{name}.{secrets.token_hex(4)}.tmp")
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, json.dumps(value, separators=(",", ":")).encode())
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.path.islink(path):
+        os.unlink(tmp)
+        from .errors import SymlinkRefused
+
+        raise SymlinkRefused(path)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(data_dir)
+
+
+def read_last_pass(data_dir: str) -> dict[str, Any] | None:
+    value = _read_json(data_dir, LAST_PASS_NAME)
+    return value if isinstance(value, dict) else None
+
+
+def write_last_pass(data_dir: str, record: dict[str, Any]) -> None:
+    _write_json(data_dir, LAST_PASS_NAME, record)
+
+
+def read_backoff_until(data_dir: str) -> float | None:
+    """Wall-clock time (epoch seconds) before which no request may be made, or None."""
+    value = _read_json(data_dir, BACKOFF_NAME)
+    if isinstance(value, dict) and isinstance(value.get("until"), (int, float)):
+        return float(value["until"])
+    return None
+
+
+def write_backoff_until(data_dir: str, until: float) -> None:
+    _write_json(data_dir, BACKOFF_NAME, {"until": until}, durable=True)
+
+
+def read_pull_state(data_dir: str) -> dict[str, Any]:
+    value = _read_json(data_dir, PULL_STATE_NAME)
+    return value if isinstance(value, dict) else {}
+
+
+def write_pull_state(data_dir: str, value: dict[str, Any]) -> None:
+    _write_json(data_dir, PULL_STATE_NAME, value, durable=True)

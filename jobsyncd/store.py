@@ -1,0 +1,488 @@
+"""The JSON-lines job store (`jobs.jsonl`): append, fold, find, compact, lock, repair.
+
+Each line is a whole job record (or a `purged` tombstone); later lines supersede earlier ones.
+Writers serialise on `jobs.lock` (flock); every append is one write of whole lines, fsynced;
+compaction writes a temporary file, fsyncs it and renames it over the store (then fsyncs the
+directory), so a crash at any instant leaves the old store or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import JobsyncdError, NoSuchJob, SymlinkRefused, TryLater
+from .model import STATUSES, Job
+
+STORE_NAME = "jobs.jsonl"
+LOCK_NAME = "jobs.lock"
+TMP_NAME = "jobs.jsonl.tmp"
+MIN_PREFIX = 6
+LOCK_TIMEOUT_SECONDS = 30.0
+# Compact automatically when dead records outweigh live ones, once the file has this many lines.
+AUTO_COMPACT_MIN_LINES = 200
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _default_warn(message: str) -> None:
+    print(f"jobsyncd: warning: {message}", file=sys.stderr)
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    # Compact separators and local_id first: `find` relies on each line starting with
+    # {"local_id":"<id>" so it can locate a job's lines without parsing the whole store.
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def tombstone(local_id: str) -> dict[str, Any]:
+    return {"local_id": local_id, "purged": True}
+
+
+def _valid_record(rec: Any) -> bool:
+    if not isinstance(rec, dict) or not isinstance(rec.get("local_id"), str):
+        return False
+    if rec.get("purged") is True:
+        return True
+    return (
+        rec.get("sync_status") in STATUSES
+        and isinstance(rec.get("metadata", {}), dict)
+        and isinstance(rec.get("text", ""), str)
+    )
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open that refuses symlinks (and anything but a regular file) with a clear error."""
+    try:
+        fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SymlinkRefused(path) from None
+        if exc.errno == errno.EISDIR:
+            raise JobsyncdError(f"{path} is a directory, not a file jobsyncd can use") from None
+        raise JobsyncdError(f"cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise JobsyncdError(f"{path} is not a regular file; refusing to use it")
+    return fd
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_data_dir(path: str) -> str:
+    """Create the data dir 0700 (umask 077), refuse one owned by someone else, tighten its mode."""
+    os.umask(0o077)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise JobsyncdError(f"cannot create the data dir {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise JobsyncdError(f"the data dir {path} is not a directory")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise JobsyncdError(
+            f"the data dir {path} belongs to another user (uid {st.st_uid}); refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise JobsyncdError(f"cannot make the data dir {path} private: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise JobsyncdError(f"the data dir {path} cannot be written")
+    return path
+
+
+class FileLock:
+    """An exclusive flock on a lock file, re-entrant within one process object, thread-safe.
+
+    The `filelock` package does the same for the daemon lock; here the store uses fcntl directly
+    because importing filelock costs ~38 ms, as much as all of `jobsyncd create` may take.
+    """
+
+    def __init__(self, path: str, timeout: float = LOCK_TIMEOUT_SECONDS, what: str = "the store") -> None:
+        self.path = path
+        self.timeout = timeout
+        self.what = what
+        self._fd: int | None = None
+        self._depth = 0
+        self._mutex = threading.RLock()
+
+    def acquire(self) -> None:
+        self._mutex.acquire()
+        if self._depth:
+            self._depth += 1
+            return
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+            deadline = time.monotonic() + self.timeout
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        os.close(fd)
+                        raise JobsyncdError(f"cannot lock {self.path}: {exc.strerror}") from None
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise TryLater(f"{self.what} is locked by another process ({self.path}); try again")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        except BaseException:
+            self._mutex.release()
+            raise
+        self._fd = fd
+        self._depth = 1
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        self._mutex.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Store:
+    """The store of one data dir. `load()` folds it; `refresh()` reads only what was appended."""
+
+    def __init__(self, data_dir: str, warn: Callable[[str], None] = _default_warn) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, STORE_NAME)
+        self.tmp_path = os.path.join(data_dir, TMP_NAME)
+        self.warn = warn
+        self.lock = FileLock(os.path.join(data_dir, LOCK_NAME))
+        self.jobs: dict[str, Job] = {}
+        self._loaded = False
+        self._ino: int | None = None
+        self._offset = 0  # end of the last complete line folded
+        self._lines = 0  # records in the file (live and dead)
+        self._needs_repair = False  # torn tail or corrupt lines: the next write compacts
+        self._warned: set[str] = set()
+
+    @contextmanager
+    def locked(self) -> Iterator[Store]:
+        with self.lock:
+            yield self
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read_bytes(self, start: int = 0) -> tuple[bytes, int]:
+        try:
+            fd = open_nofollow(self.path, os.O_RDONLY)
+        except JobsyncdError:
+            if not os.path.lexists(self.path):
+                return b"", -1
+            raise
+        try:
+            ino = os.fstat(fd).st_ino
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 22)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks), ino
+        finally:
+            os.close(fd)
+
+    def _parse(self, data: bytes, base_offset: int) -> tuple[list[dict[str, Any]], int, bool]:
+        """Records in `data`, the length of its complete lines, and whether any line was bad."""
+        end = data.rfind(b"\n") + 1
+        complete, tail = data[:end], data[end:]
+        bad = False
+        if tail.strip():
+            self._warn_once(
+                f"torn:{base_offset + end}",
+                f"{self.path}: the last line is incomplete (a write was interrupted); it is skipped "
+                "and will be repaired on the next write",
+            )
+            bad = True
+        lines = [ln for ln in complete.split(b"\n") if ln.strip()]
+        if not lines:
+            return [], end, bad
+        try:
+            records = json.loads(b"[" + b",".join(lines) + b"]")
+            if all(_valid_record(r) for r in records):
+                return records, end, bad
+        except ValueError:
+            pass
+        records = []
+        for number, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if _valid_record(rec):
+                records.append(rec)
+                continue
+            bad = True
+            if number == len(lines) - 1:
+                self._warn_once(
+                    f"lastbad:{line[:64]!r}",
+                    f"{self.path}: the last line cannot be read; it is skipped and will be "
+                    "repaired on the next write",
+                )
+            else:
+                self._set_aside(line)
+        return records, end, bad
+
+    def _set_aside(self, line: bytes) -> None:
+        import hashlib
+
+        digest = hashlib.sha256(line).hexdigest()[:16]
+        aside = f"{self.path}.corrupt-{digest}"
+        if not os.path.lexists(aside):
+            try:
+                fd = open_nofollow(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                try:
+                    os.write(fd, line + b"\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, JobsyncdError) as exc:
+                self.warn(f"cannot copy an unreadable line of {self.path} aside: {exc}")
+                return
+        self._warn_once(
+            "aside:" + digest,
+            f"{self.path} holds an unreadable line; copied to {aside}; it is dropped from the "
+            "store at the next write and every other job loads",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
+
+    def _fold(self, records: list[dict[str, Any]]) -> None:
+        jobs = self.jobs
+        for rec in records:
+            local_id = rec["local_id"]
+            if rec.get("purged"):
+                jobs.pop(local_id, None)
+            else:
+                try:
+                    jobs[local_id] = Job.from_record(rec)
+                except TypeError:
+                    self._needs_repair = True
+
+    def load(self) -> dict[str, Job]:
+        """Fold the whole store into `self.jobs` (under the lock)."""
+        with self.lock:
+            data, ino = self._read_bytes()
+            records, end, bad = self._parse(data, 0)
+            self.jobs = {}
+            self._fold(records)
+            self._ino, self._offset, self._lines = ino, end, len(records)
+            self._needs_repair = bad
+            self._loaded = True
+        return self.jobs
+
+    def refresh(self) -> dict[str, Job]:
+        """Bring `self.jobs` up to date with what other processes appended since the last look."""
+        if not self._loaded:
+            return self.load()
+        with self.lock:
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                return self.load()
+            if st.st_ino != self._ino or st.st_size < self._offset:
+                return self.load()  # compacted or replaced: read it whole
+            if st.st_size == self._offset:
+                return self.jobs
+            data, _ = self._read_bytes(self._offset)
+            records, end, bad = self._parse(data, self._offset)
+            self._fold(records)
+            self._offset += end
+            self._lines += len(records)
+            self._needs_repair = self._needs_repair or bad
+        return self.jobs
+
+    # ---- finding one job without folding the whole store ---------------------------------
+    def find(self, ref: str) -> Job:
+        """Resolve JOB (section 2): exact local_id, exact server_id, unique local_id prefix >= 6."""
+        with self.lock:
+            data, _ = self._read_bytes()
+        ref_b = ref.encode()
+        if b'"' in ref_b or b"\\" in ref_b or b"\n" in ref_b:
+            raise NoSuchJob(f"no job matches {ref!r}")
+        job = self._fold_one(data, ref.lower())
+        if job is not None:
+            return job
+        # exact server_id: the second key of every record, right after the 36-character local_id
+        needle = b'","server_id":' + json.dumps(ref, ensure_ascii=False).encode() + b","
+        matches: dict[str, Job] = {}
+        pos = data.find(needle)
+        while pos != -1:
+            start = data.rfind(b"\n", 0, pos) + 1
+            head = b'{"local_id":"'
+            if data.startswith(head, start) and pos == start + len(head) + 36:
+                local_id = data[start + len(head) : pos].decode()
+                found = self._fold_one(data, local_id)
+                if found is not None and found.server_id == ref:
+                    matches[local_id] = found
+            pos = data.find(needle, pos + 1)
+        if len(matches) == 1:
+            return next(iter(matches.values()))
+        if len(matches) > 1:
+            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(matches))}")
+        prefix = ref.lower()
+        if len(prefix) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]+", prefix):
+            raise NoSuchJob(
+                f"no job matches {ref!r} (give a local_id, a server_id, or at least "
+                f"{MIN_PREFIX} characters of a local_id)"
+            )
+        pattern = re.compile(rb'^\{"local_id":"(' + re.escape(prefix.encode()) + rb'[0-9a-f-]*)"', re.M)
+        candidates = {m.group(1).decode() for m in pattern.finditer(data)}
+        live = {}
+        for local_id in candidates:
+            found = self._fold_one(data, local_id)
+            if found is not None:
+                live[local_id] = found
+        if len(live) == 1:
+            return next(iter(live.values()))
+        if len(live) > 1:
+            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(live))}")
+        raise NoSuchJob(f"no job matches {ref!r}")
+
+    @staticmethod
+    def _fold_one(data: bytes, local_id: str) -> Job | None:
+        needle = b'{"local_id":' + json.dumps(local_id).encode()
+        positions = [0] if data.startswith(needle) else []
+        needle = b"\n" + needle
+        pos = data.find(needle)
+        while pos != -1:
+            positions.append(pos + 1)
+            pos = data.find(needle, pos + 1)
+        rec: dict[str, Any] | None = None
+        for start in positions:
+            end = data.find(b"\n", start)
+            if end == -1:
+                continue  # a torn last line
+            try:
+                candidate = json.loads(data[start:end])
+            except ValueError:
+                continue
+            if _valid_record(candidate) and candidate["local_id"] == local_id:
+                rec = candidate
+        if rec is None or rec.get("purged"):
+            return None
+        try:
+            return Job.from_record(rec)
+        except TypeError:
+            return None
+
+    # ---- writing --------------------------------------------------------------------------
+    def append(self, jobs: Iterable[Job] = (), purge: Iterable[str] = ()) -> None:
+        """Append the new state of `jobs` and tombstones for `purge`, as one fsynced write."""
+        records = [j.record() for j in jobs] + [tombstone(i) for i in purge]
+        if not records:
+            return
+        blob = b"".join(encode_record(r) for r in records)
+        with self.lock:
+            if self._loaded:
+                self.refresh()
+                if self._needs_repair:
+                    self._fold(records)
+                    self._rewrite()
+                    return
+            self._append_blob(blob)
+            if self._loaded:
+                self._fold(records)
+                self._offset += len(blob)
+                self._lines += len(records)
+                self._ino = os.stat(self.path).st_ino
+                if self._lines > 2 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
+                    self._rewrite()
+
+    def _append_blob(self, blob: bytes) -> None:
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A torn last line from an interrupted write: cut it off before appending.
+                back = min(size, 1 << 16)
+                tail = os.pread(fd, back, size - back)
+                cut = tail.rfind(b"\n")
+                good = size - back + cut + 1 if cut != -1 else (0 if back == size else None)
+                if good is None:
+                    raise JobsyncdError(f"{self.path}: a line longer than 64 KiB is torn; run `jobsyncd compact`")
+                os.ftruncate(fd, good)
+                self._warn_once(f"repaired:{good}", f"{self.path}: repaired a torn last line")
+                if self._loaded:
+                    self._offset = min(self._offset, good)
+            _write_all(fd, blob)
+            os.fsync(fd)
+        except OSError as exc:
+            raise JobsyncdError(f"cannot write {self.path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the store with only live records. Returns (lines before, lines after)."""
+        with self.lock:
+            self.load()
+            before = self._lines
+            self._rewrite()
+            return before, len(self.jobs)
+
+    def _rewrite(self) -> None:
+        if os.path.islink(self.tmp_path):
+            raise SymlinkRefused(self.tmp_path)
+        if os.path.lexists(self.tmp_path):
+            os.unlink(self.tmp_path)  # our own temporary file, left by a crash
+        blob = b"".join(encode_record(j.record()) for j in self.jobs.values())
+        fd = open_nofollow(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            _write_all(fd, blob)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(self.tmp_path)
+            raise JobsyncdError(f"cannot write {self.tmp_path}: {exc.strerror}") from None
+        os.close(fd)
+        if os.path.islink(self.path):
+            os.unlink(self.tmp_path)
+            raise SymlinkRefused(self.path)
+        os.replace(self.tmp_path, self.path)
+        fsync_dir(self.data_dir)
+        self._ino = os.stat(self.path).st_ino
+        self._offset = len(blob)
+        self._lines = len(self.jobs)
+        self._needs_repair = False
+
+
+def _write_all(fd: int, blob: bytes) -> None:
+    view = memoryview(blob)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
