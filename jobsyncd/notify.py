@@ -55,8 +55,9 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         """A one-line status for ``systemctl status``: ``STATUS=<text>``."""
-        # A newline would start a new assignment that systemd would act on.
-        one_line = " ".join(text.splitlines())
+        # A newline would start a new assignment that systemd acts on; a NUL byte makes
+        # systemd drop the whole datagram.
+        one_line = " ".join(text.replace("\0", " ").splitlines())
         return self.send(_truncated("STATUS=" + one_line))
 
     def reloading(self) -> bool:

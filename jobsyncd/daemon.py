@@ -1,0 +1,332 @@
+"""`jobsyncd daemon`: the lock, the schedule loop, signals, wake-ups and the notify protocol.
+
+The main loop sleeps in select() on the wake-up socket and a self-pipe that signal handlers
+write to (signal.set_wakeup_fd); handlers only set flags. Passes run in a worker thread so that
+SIGTERM can abandon one stuck in a request (the idempotent create makes that safe) and the
+loop stays free to answer wake-ups, reloads and the watchdog. Never forks or detaches.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import stat
+import threading
+import time
+from typing import Any
+
+import schedule
+
+from . import log
+from .config import Settings, check_server_url, load_settings, read_token
+from .errors import ConfigError, JobsyncdError, TryLater
+from .notify import Notifier
+from .runner import describe, execute_pass, sync_lock
+from .state import read_backoff_until
+from .store import Store
+from .sync import PassSummary
+from .wakeup import DAEMON_LOCK_NAME, DAEMON_PID_NAME, SOCKET_NAME
+
+STOP_GRACE_SECONDS = 3.0  # how long a stopping daemon waits for a pass to finish its request
+
+
+def _release_memory() -> None:
+    """Give the freed job records back to the OS between passes (idle RSS stays small)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Daemon:
+    def __init__(self, app: Any, interval_override: float | None) -> None:
+        self.app = app
+        self.settings: Settings = app.settings
+        self.interval_override = interval_override
+        self.store: Store = app.store
+        self.data_dir = self.settings.data_dir
+        self.notifier = Notifier.from_env()
+        self.token: str | None = None
+        self.stop_requested = False
+        self.reload_requested = False
+        self.pass_requested = True  # a pass at start
+        self.worker: threading.Thread | None = None
+        self.worker_result: PassSummary | BaseException | None = None
+        self.heartbeat = time.monotonic()
+        self.scheduler = schedule.Scheduler()
+        self.sock: socket.socket | None = None
+        self.pipe_r, self.pipe_w = os.pipe()
+        os.set_blocking(self.pipe_w, False)
+        os.set_blocking(self.pipe_r, False)
+        self.passes = 0
+
+    # ---- start-up -------------------------------------------------------------------------
+    @property
+    def interval(self) -> float:
+        return self.interval_override or self.settings.interval_seconds
+
+    def _take_lock(self) -> Any:
+        import filelock
+
+        path = os.path.join(self.data_dir, DAEMON_LOCK_NAME)
+        if os.path.islink(path):
+            from .errors import SymlinkRefused
+
+            raise SymlinkRefused(path)
+        lock = filelock.FileLock(path, timeout=1.0, mode=0o600)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            pid = _read_pid(self.data_dir)
+            holder = f"pid {pid}" if pid else "another process"
+            raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
+        pid_path = os.path.join(self.data_dir, DAEMON_PID_NAME)
+        from .store import open_nofollow
+
+        tmp = pid_path + ".tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        os.replace(tmp, pid_path)
+        return lock
+
+    def _bind_socket(self) -> None:
+        path = os.path.join(self.data_dir, SOCKET_NAME)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)  # a stale socket of an earlier daemon (we hold the lock)
+            else:
+                raise JobsyncdError(f"{path} exists and is not our socket; refusing to replace it")
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            log.warning(f"cannot listen for wake-ups at {path}: {exc.strerror}; syncing on schedule only")
+            return
+        sock.setblocking(False)
+        self.sock = sock
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.pipe_w, warn_on_full_buffer=False)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop_requested = True
+            elif signum == signal.SIGHUP:
+                self.reload_requested = True
+            elif signum == signal.SIGUSR1:
+                self.pass_requested = True
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, on_signal)
+
+    def _reschedule(self) -> None:
+        self.scheduler.clear()
+        self.scheduler.every(self.interval).seconds.do(self._scheduled)
+
+    def _scheduled(self) -> None:
+        self.pass_requested = True
+
+    # ---- passes -------------------------------------------------------------------------------
+    def _start_pass(self) -> None:
+        settings, token = self.settings, self.token
+        self.pass_requested = False
+        self.heartbeat = time.monotonic()
+
+        def should_stop() -> bool:
+            self.heartbeat = time.monotonic()
+            return self.stop_requested
+
+        def work() -> None:
+            try:
+                with sync_lock(self.data_dir):
+                    result: Any = execute_pass(settings, self.store, token, should_stop=should_stop)
+            except BaseException as exc:  # reported by the main loop
+                result = exc
+            finally:
+                self.store.jobs = {}
+                self.store._loaded = False
+            self.worker_result = result
+            try:
+                os.write(self.pipe_w, b"p")
+            except OSError:
+                pass
+
+        self.worker = threading.Thread(target=work, name="jobsyncd-pass", daemon=True)
+        self.worker.start()
+
+    def _finish_pass(self) -> None:
+        assert self.worker is not None
+        self.worker.join()
+        self.worker = None
+        result, self.worker_result = self.worker_result, None
+        self.passes += 1
+        _release_memory()
+        if isinstance(result, PassSummary):
+            line = describe(result)
+            if result.skipped == "auth":
+                log.error(f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)")
+            elif result.message and not result.ok:
+                log.warning(result.message)
+            log.info(line)
+            self.notifier.status(f"{line} at {time.strftime('%H:%M:%S')}")
+            if result.again:
+                self.pass_requested = True
+        else:
+            log.error(f"the pass failed: {result}")
+            self.notifier.status(f"last pass failed: {result}")
+
+    # ---- reload -------------------------------------------------------------------------------
+    def _reload(self) -> None:
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.app.config_file, self.app.overrides)
+            check_server_url(new)
+            token, warnings = read_token(new)
+            if new.data_dir != self.settings.data_dir:
+                raise ConfigError("data_dir cannot change while the daemon runs (restart it)")
+        except JobsyncdError as exc:
+            log.error(f"reload refused, keeping the old configuration: {exc}")
+        else:
+            for message in (*new.warnings, *warnings):
+                log.warning(message)
+            self.settings, self.token = new, token
+            self._reschedule()
+            log.info(f"reloaded the configuration (server {new.server_url}, interval {self.interval:g} s)")
+            self.pass_requested = True
+        self.notifier.ready()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            try:
+                os.read(self.pipe_r, 4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            else:
+                continue
+        if self.sock is not None:
+            for _ in range(10_000):
+                try:
+                    self.sock.recv(64)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                self.pass_requested = True
+
+    def run(self) -> int:
+        check_server_url(self.settings)
+        self.token, warnings = read_token(self.settings)
+        for message in warnings:
+            log.warning(message)
+        lock = self._take_lock()
+        try:
+            self._bind_socket()
+            self._install_signals()
+            self.store.load()  # readable before we say READY
+            self.store.jobs = {}
+            self.store._loaded = False
+            self._reschedule()
+            log.info(f"started (pid {os.getpid()}, data dir {self.data_dir}, server {self.settings.server_url}, interval {self.interval:g} s)")
+            self.notifier.ready()
+            self._loop()
+        finally:
+            self.notifier.stopping()
+            self._shutdown(lock)
+        return 0
+
+    def _loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval()
+        next_ping = time.monotonic()
+        while not self.stop_requested:
+            if self.reload_requested:
+                self._reload()
+            if self.worker is not None and not self.worker.is_alive():
+                self._finish_pass()
+            self.scheduler.run_pending()
+            now = time.monotonic()
+            wait = min(max(self.scheduler.idle_seconds or 1.0, 0.0), 60.0)
+            if self.pass_requested and self.worker is None:
+                until = read_backoff_until(self.data_dir)
+                if until is not None and until > time.time():
+                    wait = min(wait, until - time.time())  # one pass when the window ends
+                else:
+                    self._start_pass()
+            if watchdog is not None:
+                if now >= next_ping:
+                    # A pass that made no progress for a whole watchdog period is stuck: stop
+                    # pinging, so that systemd restarts us.
+                    if self.worker is None or now - self.heartbeat < 2 * watchdog:
+                        self.notifier.watchdog()
+                    else:
+                        log.error("the pass has made no progress for a watchdog period; not pinging the watchdog")
+                    next_ping = now + watchdog
+                wait = min(wait, max(next_ping - now, 0.0))
+            readable = [self.pipe_r] + ([self.sock] if self.sock is not None else [])
+            try:
+                select.select(readable, [], [], max(wait, 0.0))
+            except InterruptedError:
+                pass
+            self._drain()
+
+    def _shutdown(self, lock: Any) -> None:
+        log.info("stopping")
+        if self.worker is not None:
+            self.worker.join(STOP_GRACE_SECONDS)
+            if self.worker.is_alive():
+                log.warning("abandoned the request in flight (the next pass repeats it safely)")
+        if self.sock is not None:
+            self.sock.close()
+            try:
+                os.unlink(os.path.join(self.data_dir, SOCKET_NAME))
+            except OSError:
+                pass
+        try:
+            os.unlink(os.path.join(self.data_dir, DAEMON_PID_NAME))
+        except OSError:
+            pass
+        lock.release()
+        log.info("stopped")
+
+
+def _read_pid(data_dir: str) -> int | None:
+    try:
+        with open(os.path.join(data_dir, DAEMON_PID_NAME), encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run_daemon(app: Any, interval: float | None) -> int:
+    log.configure(verbose=_verbosity(), quiet=log.level == log.ERROR, daemon=True)
+    daemon = Daemon(app, interval)
+    code = daemon.run()
+    if daemon.worker is not None and daemon.worker.is_alive():
+        # A pass is stuck in a request: leave without waiting for it (store writes are atomic).
+        import sys
+
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _verbosity() -> int:
+    from .cli import _state
+
+    return _state["verbose"]

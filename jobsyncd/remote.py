@@ -1,0 +1,415 @@
+"""The HTTP client of the job API (contract section 7), on one keep-alive requests.Session.
+
+Every failure is turned into one of a few kinds the sync pass sorts on: Offline, TLSFailure,
+AuthRefused, BackOff(retry_after), Transient, Permanent(message), Gone. Answers are bounded in
+size and in time (a whole answer within 3x the read timeout); redirects are never followed; the
+token travels in an AuthBase so that requests never swaps it for ~/.netrc credentials.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import requests  # costs ~80 ms of start-up: only the commands that talk to a server import us
+import requests.adapters
+import requests.auth
+import urllib3.exceptions
+
+MAX_JOB_ANSWER_BYTES = 4 << 20
+MAX_PAGE_ANSWER_BYTES = 256 << 20
+MAX_TEXT_CHARS = 16 << 20
+BACKOFF_DEFAULT = 30.0
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 3600.0
+
+
+class RemoteError(Exception):
+    """Base of the kinds below; str() never contains the token."""
+
+
+class Offline(RemoteError):
+    pass
+
+
+class TLSFailure(RemoteError):
+    pass
+
+
+class AuthRefused(RemoteError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the server refused the credentials (HTTP {status})")
+        self.status = status
+
+
+class BackOff(RemoteError):
+    def __init__(self, status: int, retry_after: float) -> None:
+        super().__init__(f"the server asked to back off for {retry_after:.0f} s (HTTP {status})")
+        self.retry_after = retry_after
+
+
+class Transient(RemoteError):
+    pass
+
+
+class Permanent(RemoteError):
+    pass
+
+
+class Gone(RemoteError):
+    pass
+
+
+class NotModified(RemoteError):
+    """The listing has not changed since the ETag we sent (304)."""
+
+
+class BearerAuth(requests.auth.AuthBase):
+    def __init__(self, token: str | None) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self._token:
+            request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __bool__(self) -> bool:
+        return True  # present even without a token: keeps requests from reading ~/.netrc
+
+    def __repr__(self) -> str:
+        return "BearerAuth(<hidden>)"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds to wait from a Retry-After header (seconds or HTTP date), clamped to 1 s..1 h."""
+    seconds = BACKOFF_DEFAULT
+    if value:
+        value = value.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                seconds = when.timestamp() - (time.time() if now is None else now)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                seconds = BACKOFF_DEFAULT
+        if seconds != seconds:  # NaN
+            seconds = BACKOFF_DEFAULT
+    return min(max(seconds, BACKOFF_MIN), BACKOFF_MAX)
+
+
+@dataclass
+class ServerJob:
+    id: str
+    local_id: str | None
+    text: str
+    metadata: dict[str, Any]
+    status: str | None
+    audio: dict[str, Any] | None
+    created_at: str | None
+    updated_at: str | None
+
+
+def _timestamp_or_none(value: Any) -> str | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    from .model import parse_rfc3339
+
+    try:
+        parse_rfc3339(value)
+    except ValueError:
+        return None
+    return value
+
+
+def parse_server_job(obj: Any) -> ServerJob:
+    """Validate one job of an answer; a hostile or broken one raises Transient (junk)."""
+    if not isinstance(obj, dict):
+        raise Transient("the server answered junk: a job that is not an object")
+    sid = obj.get("id")
+    if isinstance(sid, int) and not isinstance(sid, bool):
+        sid = str(sid)
+    if not isinstance(sid, str) or not sid or len(sid) > 256 or any(c in sid for c in "\n\r\x00"):
+        raise Transient("the server answered junk: a job without a usable id")
+    text = obj.get("text")
+    if text is None:
+        text = ""
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata = {}
+    status = obj.get("status")
+    local_id = obj.get("local_id")
+    audio = obj.get("audio")
+    if (
+        not isinstance(text, str)
+        or len(text) > MAX_TEXT_CHARS
+        or not isinstance(metadata, dict)
+        or not (status is None or isinstance(status, str))
+        or not (local_id is None or isinstance(local_id, str))
+        or not (audio is None or isinstance(audio, dict))
+    ):
+        raise Transient(f"the server answered junk for job {sid[:64]!r}")
+    return ServerJob(
+        id=sid,
+        local_id=local_id,
+        text=text,
+        metadata=metadata,
+        status=status,
+        audio=audio,
+        created_at=_timestamp_or_none(obj.get("created_at")),
+        updated_at=_timestamp_or_none(obj.get("updated_at")),
+    )
+
+
+class Remote:
+    """One server. Methods raise the RemoteError kinds; `close()` ends the session."""
+
+    def __init__(
+        self,
+        api_base: str,
+        token: str | None = None,
+        timeout: float = 10.0,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+        page_limit: int | None = None,
+    ) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.timeout = timeout
+        self.page_limit = page_limit
+        self.session = requests.Session()
+        self.session.auth = BearerAuth(token)
+        self.session.headers["User-Agent"] = "jobsyncd"
+        self.session.max_redirects = 0
+        if not verify_tls:
+            self.session.verify = False
+            import warnings
+
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        elif ca_bundle:
+            self.session.verify = ca_bundle
+        # No retries inside urllib3: the pass decides what is retried, and when.
+        adapter = requests.adapters.HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=2)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self.session.close()
+
+    # ---- transport ------------------------------------------------------------------------
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        max_bytes: int = MAX_JOB_ANSWER_BYTES,
+        **kwargs: Any,
+    ) -> tuple[requests.Response, bytes]:
+        url = self.api_base + path
+        try:
+            response = self.session.request(
+                method,
+                url,
+                timeout=(self.timeout, self.timeout),
+                allow_redirects=False,
+                stream=True,
+                **kwargs,
+            )
+        except requests.exceptions.SSLError as exc:
+            raise TLSFailure(f"TLS failure talking to {self.api_base}: {_reason(exc)}") from None
+        except requests.exceptions.ConnectTimeout:
+            raise Offline(f"cannot reach {self.api_base}: connect timed out") from None
+        except requests.exceptions.ReadTimeout:
+            raise Transient(f"{method} {path}: the server did not answer in time") from None
+        except requests.exceptions.ConnectionError as exc:
+            if _is_connect_failure(exc):
+                raise Offline(f"cannot reach {self.api_base}: {_reason(exc)}") from None
+            raise Transient(f"{method} {path}: connection broken: {_reason(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise Transient(f"{method} {path}: {_reason(exc)}") from None
+        try:
+            body = self._read_body(response, max_bytes, method, path)
+        finally:
+            response.close()
+        return response, body
+
+    def _read_body(self, response: requests.Response, max_bytes: int, method: str, path: str) -> bytes:
+        deadline = time.monotonic() + 3 * self.timeout
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise Transient(f"{method} {path}: the answer is too large ({declared} bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise Transient(f"{method} {path}: the answer took longer than {3 * self.timeout:g} s")
+                chunks.append(chunk)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if isinstance(exc, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+                raise Transient(f"{method} {path}: the server did not answer in time") from None
+            raise Transient(f"{method} {path}: connection broken: {_reason(exc)}") from None
+        return b"".join(chunks)
+
+    def _check_status(self, response: requests.Response, body: bytes, method: str, path: str) -> None:
+        status = response.status_code
+        if status in (401, 403):
+            raise AuthRefused(status)
+        if status in (429, 503):
+            raise BackOff(status, parse_retry_after(response.headers.get("Retry-After")))
+        if status == 404:
+            raise Gone(f"{method} {path}: not found on the server (404)")
+        if 500 <= status:
+            raise Transient(f"{method} {path}: server error {status}{_server_message(body)}")
+        if 300 <= status < 400:
+            where = response.headers.get("Location", "?")
+            raise Permanent(f"{method} {path}: the server redirects to {where[:200]}; fix server_url")
+        if 400 <= status:
+            raise Permanent(f"{method} {path}: refused by the server ({status}){_server_message(body)}")
+
+    def _json(self, response: requests.Response, body: bytes, method: str, path: str) -> Any:
+        ctype = response.headers.get("Content-Type", "")
+        if "json" not in ctype.lower():
+            raise Transient(f"{method} {path}: the server answered {ctype or 'no content type'}, not JSON")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise Transient(f"{method} {path}: the server answered junk, not JSON") from None
+
+    def _job_call(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> ServerJob:
+        response, body = self._send(method, path, **kwargs)
+        self._check_status(response, body, method, path)
+        if response.status_code not in ok:
+            raise Transient(f"{method} {path}: unexpected answer {response.status_code}")
+        return parse_server_job(self._json(response, body, method, path))
+
+    # ---- the API ----------------------------------------------------------------------------
+    def create(self, local_id: str, text: str, metadata: dict[str, Any], audio_path: str | None) -> ServerJob:
+        if audio_path is None:
+            payload = {"local_id": local_id, "text": text, "metadata": metadata}
+            return self._job_call("POST", "/jobs", (200, 201), json=payload)
+        fields = {"local_id": local_id, "text": text, "metadata": json.dumps(metadata)}
+        return self._with_audio("POST", "/jobs", (200, 201), fields, audio_path)
+
+    def update(self, server_id: str, fields: dict[str, Any], audio_path: str | None) -> ServerJob:
+        path = "/jobs/" + _quote(server_id)
+        if audio_path is None:
+            return self._job_call("PATCH", path, (200,), json=fields)
+        form = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
+        return self._with_audio("PATCH", path, (200,), form, audio_path)
+
+    def _with_audio(self, method: str, path: str, ok: tuple[int, ...], fields: dict[str, Any], audio_path: str) -> ServerJob:
+        try:
+            fh = open(audio_path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise Permanent(f"cannot read the job's audio copy {audio_path}: {exc.strerror}") from None
+        try:
+            name = os.path.basename(audio_path)
+            return self._job_call(method, path, ok, data=fields, files={"audio": (name, fh, "application/octet-stream")})
+        finally:
+            fh.close()
+
+    def delete(self, server_id: str) -> None:
+        """Delete on the server; 404 counts as done."""
+        path = "/jobs/" + _quote(server_id)
+        response, body = self._send("DELETE", path)
+        if response.status_code == 404:
+            return
+        self._check_status(response, body, "DELETE", path)
+        if response.status_code not in (200, 202, 204):
+            raise Transient(f"DELETE {path}: unexpected answer {response.status_code}")
+
+    def get(self, server_id: str) -> ServerJob:
+        path = "/jobs/" + _quote(server_id)
+        return self._job_call("GET", path, (200,))
+
+    def list_pages(self, etag: str | None) -> Iterator[tuple[list[ServerJob], str | None]]:
+        """Yield (jobs of a page, the listing's ETag) page by page; NotModified on a 304."""
+        cursor: str | None = None
+        first = True
+        listing_etag: str | None = None
+        seen_cursors: set[str] = set()
+        while True:
+            params: dict[str, Any] = {}
+            if self.page_limit:
+                params["limit"] = self.page_limit
+            if cursor is not None:
+                params["cursor"] = cursor
+            headers = {"If-None-Match": etag} if (first and etag) else {}
+            response, body = self._send("GET", "/jobs", params=params, headers=headers, max_bytes=MAX_PAGE_ANSWER_BYTES)
+            if response.status_code == 304 and first and etag:
+                raise NotModified()
+            self._check_status(response, body, "GET", "/jobs")
+            if response.status_code != 200:
+                raise Transient(f"GET /jobs: unexpected answer {response.status_code}")
+            if first:
+                listing_etag = response.headers.get("ETag")
+            page = self._json(response, body, "GET", "/jobs")
+            if not isinstance(page, dict) or not isinstance(page.get("jobs"), list):
+                raise Transient("GET /jobs: the server answered junk, not a listing")
+            jobs = [parse_server_job(j) for j in page["jobs"]]
+            yield jobs, listing_etag
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                return
+            if not isinstance(cursor, str) or cursor in seen_cursors or len(seen_cursors) > 1_000_000:
+                raise Transient("GET /jobs: the server answered a bad or repeated cursor")
+            seen_cursors.add(cursor)
+            first = False
+
+
+def _quote(server_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(server_id, safe="")
+
+
+def _server_message(body: bytes) -> str:
+    try:
+        message = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(message, str):
+        return ""
+    message = " ".join(message.split())[:300]
+    return f": {message}" if message else ""
+
+
+def _is_connect_failure(exc: BaseException) -> bool:
+    """True when the connection was never made (refused, DNS, unreachable): we are offline."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.NameResolutionError)):
+            return True
+        if isinstance(current, (ConnectionRefusedError,)):
+            return True
+        if isinstance(current, urllib3.exceptions.MaxRetryError) and current.reason is not None:
+            current = current.reason
+            continue
+        nxt = current.__cause__ or current.__context__
+        if nxt is None and current.args and isinstance(current.args[0], BaseException):
+            nxt = current.args[0]
+        current = nxt
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason without URLs' query strings or headers (never the token)."""
+    inner: BaseException = exc
+    for _ in range(5):
+        if isinstance(inner, urllib3.exceptions.MaxRetryError) and inner.reason is not None:
+            inner = inner.reason
+        elif inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        else:
+            break
+    text = str(inner) or type(inner).__name__
+    return " ".join(text.split())[:300]

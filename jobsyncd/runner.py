@@ -1,0 +1,169 @@
+"""Running a pass for real: settings -> Remote, the sync lock, the back-off window, the records.
+
+Both `jobsyncd sync` and the daemon call `execute_pass`; `run_sync_command` adds the one-shot's
+hand-over to a running daemon, its output and its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import log
+from .config import Settings, check_server_url, read_token
+from .model import rfc3339, utc_now
+from .state import read_backoff_until, read_pull_state, write_backoff_until, write_last_pass, write_pull_state
+from .store import FileLock, Store
+from .sync import PassSummary, Policy
+
+SYNC_LOCK_NAME = "sync.lock"
+PROGRESS_MIN_JOBS = 50
+
+
+def exit_code_for(summary: PassSummary) -> int:
+    if summary.ok:
+        return 0
+    return {"offline": 75, "backoff": 75, "auth": 77}.get(summary.skipped or "", 1)
+
+
+def sync_lock(data_dir: str) -> FileLock:
+    return FileLock(os.path.join(data_dir, SYNC_LOCK_NAME), timeout=24 * 3600, what="the sync pass")
+
+
+def execute_pass(
+    settings: Settings,
+    store: Store,
+    token: str | None,
+    force_delete: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress_factory: Callable[[int], Any] | None = None,
+) -> PassSummary:
+    """One pass under the sync lock, honouring and recording the back-off window.
+
+    The caller holds the sync lock. Raises ConfigError for a bad server URL.
+    """
+    api_base = check_server_url(settings)
+    started = utc_now()
+    until = read_backoff_until(settings.data_dir)
+    if until is not None and until > time.time():
+        summary = PassSummary(ok=False, skipped="backoff", retry_after=until - time.time())
+        summary.message = f"the server asked to back off; no request before {rfc3339_epoch(until)}"
+    else:
+        from .remote import Remote  # costs start-up time: only when a pass really runs
+        from .sync import run_pass
+
+        remote = Remote(
+            api_base,
+            token=token,
+            timeout=settings.request_timeout_seconds,
+            verify_tls=settings.verify_tls,
+            ca_bundle=settings.ca_bundle,
+        )
+        pull_state = read_pull_state(settings.data_dir)
+        if pull_state.get("server") != api_base:
+            pull_state = {"server": api_base}
+        before = dict(pull_state)
+        policy = Policy(settings.max_retries, settings.backoff_base_seconds, force_delete)
+        progress = progress_factory(store) if progress_factory else None
+        try:
+            summary = run_pass(store, remote, policy, should_stop=should_stop, progress=progress, pull_state=pull_state)
+        finally:
+            remote.close()
+            if progress is not None:
+                progress.close()
+        if summary.retry_after is not None:
+            write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
+        if pull_state != before:
+            write_pull_state(settings.data_dir, pull_state)
+    record = {"started_at": rfc3339(started), "finished_at": rfc3339(utc_now()), **summary.public()}
+    try:
+        write_last_pass(settings.data_dir, record)
+    except Exception as exc:  # the record is informative: it never fails a pass
+        log.warning(f"cannot record the last pass: {exc}")
+    return summary
+
+
+def rfc3339_epoch(epoch: float) -> str:
+    import datetime as _dt
+
+    return rfc3339(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
+
+
+class _Progress:
+    """Click's progress bar on stderr, for passes with more than a few dozen jobs to push."""
+
+    def __init__(self, total: int) -> None:
+        import click
+
+        self.bar = click.progressbar(length=total, label="pushing", file=sys.stderr)
+        self.bar.__enter__()
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        self.bar.__exit__(None, None, None)
+
+
+def _progress_factory(store: Store) -> _Progress | None:
+    from .sync import count_due
+
+    total = count_due(store)
+    return _Progress(total) if total > PROGRESS_MIN_JOBS else None
+
+
+def describe(summary: PassSummary) -> str:
+    parts = [
+        f"{summary.created} created",
+        f"{summary.updated} updated",
+        f"{summary.deleted_remote} deleted on the server",
+        f"{summary.deleted_locally} removed here",
+        f"{summary.pulled} pulled",
+        f"{summary.errors} errors",
+        f"{summary.failed} failed",
+    ]
+    head = "pass ok" if summary.ok else f"pass skipped ({summary.skipped})" if summary.skipped else "pass not ok"
+    if summary.deletion_guard:
+        head += " (deletion guard)"
+    return f"{head}: " + ", ".join(parts)
+
+
+def run_sync_command(settings: Settings, store: Store, as_json: bool, force_delete: bool) -> int:
+    check_server_url(settings)  # exit 78 before anything else
+    token, warnings = read_token(settings)
+    for message in warnings:
+        log.warning(message)
+    from .wakeup import daemon_pid, request_sync
+
+    pid = daemon_pid(settings.data_dir)
+    if pid is not None and request_sync(settings.data_dir):
+        summary = PassSummary(handed_to_daemon=pid or None)
+        if as_json:
+            print(json.dumps(summary.public()))
+        else:
+            print(f"a daemon is running (pid {pid}); asked it to sync now")
+        return 0
+    lock = sync_lock(settings.data_dir)
+    with lock:
+        factory = None
+        if not as_json and sys.stderr.isatty():
+            factory = _progress_factory
+        summary = execute_pass(settings, store, token, force_delete=force_delete, progress_factory=factory)
+    if as_json:
+        print(json.dumps(summary.public()))
+    else:
+        print(describe(summary))
+    if summary.message and not summary.ok:
+        if summary.skipped in ("offline", "backoff"):
+            log.error(f"{summary.message} (try again later)")
+        else:
+            log.error(summary.message)
+    elif not summary.ok:
+        log.error(f"{summary.errors} job(s) errored and {summary.failed} failed in this pass; see `jobsyncd list --status error --status failed`")
+    return exit_code_for(summary)
