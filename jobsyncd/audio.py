@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import stat
 
 from .errors import JobsyncdError, SymlinkRefused, UsageProblem
@@ -55,8 +54,8 @@ def open_user_audio(src: str) -> int:
 def import_copy(data_dir: str, src_fd: int, src_name: str, local_id: str) -> str:
     """Copy the open user file into audio/ under a fresh name; returns the copy's absolute path."""
     folder = audio_dir(data_dir)
-    final = os.path.join(folder, f"{local_id}-{secrets.token_hex(4)}{_suffix(src_name)}")
-    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}")
+    final = os.path.join(folder, f"{local_id}-{os.urandom(4).hex()}{_suffix(src_name)}")
+    tmp = os.path.join(folder, f".tmp-{os.urandom(8).hex()}")
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         while True:

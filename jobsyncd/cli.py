@@ -50,9 +50,11 @@ class App:
         return self._store
 
     def wake_daemon(self) -> None:
-        from .wakeup import request_sync
+        # Only when a daemon's socket is there: importing socket costs start-up time.
+        if os.path.exists(os.path.join(self.settings.data_dir, "daemon.sock")):
+            from .wakeup import request_sync
 
-        request_sync(self.settings.data_dir)
+            request_sync(self.settings.data_dir)
 
 
 pass_app = click.make_pass_decorator(App)

@@ -6,7 +6,6 @@ ConfigError (exit 78) with one line that names the key or the file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 import sys
@@ -45,8 +44,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings:
+    """The effective settings of one run (read-only by convention).
+
+    A plain class rather than a frozen dataclass: `dataclasses` imports `inspect`, which would
+    cost every local command ~10 ms of start-up time.
+    """
+
+    __slots__ = (*KEYS, "config_path", "warnings")
+
     server_url: str | None
     token_file: str | None
     interval_seconds: float
@@ -58,7 +64,16 @@ class Settings:
     allow_insecure_http: bool
     data_dir: str
     config_path: str | None  # the file that was read, if any
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...]
+
+    def __init__(self, config_path: str | None = None, warnings: tuple[str, ...] = (), **values: Any) -> None:
+        for key in KEYS:
+            setattr(self, key, values.get(key, DEFAULTS[key]))
+        self.config_path = config_path
+        self.warnings = warnings
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in KEYS) + ")"
 
 
 def _user_dir(kind: str, environ: Mapping[str, str]) -> str:

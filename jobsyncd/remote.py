@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -412,4 +413,8 @@ def _reason(exc: BaseException) -> str:
         else:
             break
     text = str(inner) or type(inner).__name__
+    # urllib3 says "HTTPConnection(host=..., port=...): Failed to establish a new connection:
+    # [Errno 111] Connection refused": keep the part a person needs.
+    text = re.sub(r"^\w*Connection(Pool)?\(host=[^)]*\): ", "", text)
+    text = re.sub(r"^Failed to establish a new connection: (\[Errno -?\d+\] )?", "", text)
     return " ".join(text.split())[:300]

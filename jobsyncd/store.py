@@ -214,46 +214,58 @@ class Store:
         finally:
             os.close(fd)
 
-    def _parse(self, data: bytes, base_offset: int) -> tuple[list[dict[str, Any]], int, bool]:
-        """Records in `data`, the length of its complete lines, and whether any line was bad."""
+    def _parse(self, data: bytes, base_offset: int) -> tuple[int, int, bool]:
+        """Fold the records in `data`; returns (records folded, length of its complete lines,
+        whether any line was bad)."""
         end = data.rfind(b"\n") + 1
-        complete, tail = data[:end], data[end:]
         bad = False
-        if tail.strip():
+        if data[end:].strip():
             self._warn_once(
                 f"torn:{base_offset + end}",
                 f"{self.path}: the last line is incomplete (a write was interrupted); it is skipped "
                 "and will be repaired on the next write",
             )
             bad = True
-        lines = [ln for ln in complete.split(b"\n") if ln.strip()]
-        if not lines:
-            return [], end, bad
-        try:
-            records = json.loads(b"[" + b",".join(lines) + b"]")
-            if all(_valid_record(r) for r in records):
-                return records, end, bad
-        except ValueError:
-            pass
-        records = []
-        for number, line in enumerate(lines):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if _valid_record(rec):
-                records.append(rec)
+        count = 0
+        pos = 0
+        # Parse ~1 MiB of whole lines at a time with one json.loads: several times faster than a
+        # call per line, and folded at once so that a large store is never held twice in memory.
+        while pos < end:
+            cut = data.rfind(b"\n", pos, min(pos + (1 << 20), end) - 1) + 1
+            if cut <= pos:
+                cut = data.find(b"\n", pos, end) + 1
+            chunk = [ln for ln in data[pos:cut].split(b"\n") if ln.strip()]
+            is_last = cut >= end
+            pos = cut
+            if not chunk:
                 continue
-            bad = True
-            if number == len(lines) - 1:
-                self._warn_once(
-                    f"lastbad:{line[:64]!r}",
-                    f"{self.path}: the last line cannot be read; it is skipped and will be "
-                    "repaired on the next write",
-                )
-            else:
-                self._set_aside(line)
-        return records, end, bad
+            try:
+                parsed = json.loads(b"[" + b",".join(chunk) + b"]")
+                if all(_valid_record(r) for r in parsed):
+                    self._fold(parsed)
+                    count += len(parsed)
+                    continue
+            except ValueError:
+                pass
+            for number, line in enumerate(chunk):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if _valid_record(rec):
+                    self._fold([rec])
+                    count += 1
+                    continue
+                bad = True
+                if is_last and number == len(chunk) - 1:
+                    self._warn_once(
+                        f"lastbad:{line[:64]!r}",
+                        f"{self.path}: the last line cannot be read; it is skipped and will be "
+                        "repaired on the next write",
+                    )
+                else:
+                    self._set_aside(line)
+        return count, end, bad
 
     def _set_aside(self, line: bytes) -> None:
         import hashlib
@@ -298,10 +310,10 @@ class Store:
         """Fold the whole store into `self.jobs` (under the lock)."""
         with self.lock:
             data, ino = self._read_bytes()
-            records, end, bad = self._parse(data, 0)
             self.jobs = {}
-            self._fold(records)
-            self._ino, self._offset, self._lines = ino, end, len(records)
+            count, end, bad = self._parse(data, 0)
+            del data
+            self._ino, self._offset, self._lines = ino, end, count
             self._needs_repair = bad
             self._loaded = True
         return self.jobs
@@ -320,10 +332,9 @@ class Store:
             if st.st_size == self._offset:
                 return self.jobs
             data, _ = self._read_bytes(self._offset)
-            records, end, bad = self._parse(data, self._offset)
-            self._fold(records)
+            count, end, bad = self._parse(data, self._offset)
             self._offset += end
-            self._lines += len(records)
+            self._lines += count
             self._needs_repair = self._needs_repair or bad
         return self.jobs
 
@@ -361,8 +372,14 @@ class Store:
                 f"no job matches {ref!r} (give a local_id, a server_id, or at least "
                 f"{MIN_PREFIX} characters of a local_id)"
             )
-        pattern = re.compile(rb'^\{"local_id":"(' + re.escape(prefix.encode()) + rb'[0-9a-f-]*)"', re.M)
-        candidates = {m.group(1).decode() for m in pattern.finditer(data)}
+        needle = b'\n{"local_id":"' + prefix.encode()
+        candidates = set()
+        if data.startswith(needle[1:]):
+            candidates.add(data[13:49].decode())
+        pos = data.find(needle)
+        while pos != -1:
+            candidates.add(data[pos + 14 : pos + 50].decode())
+            pos = data.find(needle, pos + 1)
         live = {}
         for local_id in candidates:
             found = self._fold_one(data, local_id)

@@ -379,7 +379,11 @@ class _Pass:
             return
         finally:
             self.flush()
-        if complete and self._detect_server_deletions(begin_synced, seen) and new_etag:
+        try:
+            settled = complete and self._detect_server_deletions(begin_synced, seen)
+        finally:
+            self.flush()
+        if settled and new_etag:
             self.pull_state["etag"] = new_etag
         else:
             self.pull_state.pop("etag", None)

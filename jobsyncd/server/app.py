@@ -42,7 +42,9 @@ ENV_MAX_UPLOAD = "JOBSYNCD_SERVER_MAX_UPLOAD_BYTES"
 CLOSE_CONNECTION_KEY = "jobsyncd.close_connection"
 USER_KEY = "jobsyncd.user"
 
-_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{1,70}")
 _JSON_HEADERS = [("Content-Type", "application/json")]
 _CHUNK = 1 << 16
@@ -420,7 +422,9 @@ def _metadata_field(text: str) -> dict[str, Any]:
 def _check_fields(document: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(document) - set(allowed))
     if unknown:
-        raise HTTPError(422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        raise HTTPError(
+            422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}"
+        )
 
 
 _POST_FIELDS = ("local_id", "text", "metadata")
@@ -445,16 +449,18 @@ class JobServerApp:
         self.tokens = tokens
         self.max_upload_bytes = max_upload_bytes
 
-    def __call__(
-        self, environ: dict[str, Any], start_response: Callable[..., Any]
-    ) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         body: Body | None = None
         try:
             try:
                 body = Body(environ)
                 status, headers, payload = self._handle(environ, body)
             except HTTPError as e:
-                status, headers, payload = e.status, _JSON_HEADERS + e.headers, _error_body(e.message)
+                status, headers, payload = (
+                    e.status,
+                    _JSON_HEADERS + e.headers,
+                    _error_body(e.message),
+                )
             if body is not None and not body.exhausted:
                 multipart = "multipart" in environ.get("CONTENT_TYPE", "").lower()
                 limit = self.max_upload_bytes if multipart else MAX_JSON_BYTES
@@ -525,9 +531,7 @@ class JobServerApp:
 
     # -- GET /api/v1/jobs
 
-    def _list(
-        self, environ: dict[str, Any], user: str
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _list(self, environ: dict[str, Any], user: str) -> tuple[int, list[tuple[str, str]], bytes]:
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         for name in ("limit", "cursor"):
             if len(query.get(name, ())) > 1:
@@ -553,7 +557,9 @@ class JobServerApp:
         etag, jobs, last_seq = self.storage.list_page(user, after, limit)
         if wanted is not None and _etag_matches(wanted, etag):
             return 304, [("ETag", etag)], b""
-        next_cursor = "null" if last_seq is None else f'"{self.storage.make_cursor(user, last_seq)}"'
+        next_cursor = (
+            "null" if last_seq is None else f'"{self.storage.make_cursor(user, last_seq)}"'
+        )
         payload = f'{{"jobs":[{",".join(jobs)}],"next_cursor":{next_cursor}}}'.encode()
         return 200, [*_JSON_HEADERS, ("ETag", etag)], payload
 
@@ -566,7 +572,9 @@ class JobServerApp:
         media = raw.split(";")[0].strip().lower()
         if media not in ("application/json", "multipart/form-data"):
             raise HTTPError(
-                415, "Content-Type must be application/json or multipart/form-data", [("Accept-Post", "application/json, multipart/form-data")]
+                415,
+                "Content-Type must be application/json or multipart/form-data",
+                [("Accept-Post", "application/json, multipart/form-data")],
             )
         return media, message
 
@@ -576,8 +584,13 @@ class JobServerApp:
         boundary = message.get_param("boundary")
         if not isinstance(boundary, str) or not _BOUNDARY_RE.fullmatch(boundary):
             raise HTTPError(400, "multipart/form-data without a valid boundary")
-        if body.remaining is not None and body.remaining > self.max_upload_bytes + 2 * MAX_JSON_BYTES:
-            raise HTTPError(413, f"body larger than the limit ({self.max_upload_bytes} bytes of audio)")
+        if (
+            body.remaining is not None
+            and body.remaining > self.max_upload_bytes + 2 * MAX_JSON_BYTES
+        ):
+            raise HTTPError(
+                413, f"body larger than the limit ({self.max_upload_bytes} bytes of audio)"
+            )
         return _Multipart(body, boundary, self.audio_dir, self.max_upload_bytes).parse()
 
     def _create(
@@ -644,7 +657,9 @@ class JobServerApp:
             if "metadata" in document:
                 value = document["metadata"]
                 changes["metadata"] = (
-                    _check_metadata(value) if media == "application/json" else _metadata_field(value)
+                    _check_metadata(value)
+                    if media == "application/json"
+                    else _metadata_field(value)
                 )
             if "status" in document:
                 changes["status"] = _check_status(document["status"])

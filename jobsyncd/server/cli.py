@@ -156,9 +156,7 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
             f'{self.client_address[0]} {user} "{self.requestline}" {code} {size} {ms:.1f}ms\n'
         )
 
-    def _write(
-        self, code: int, headers: list[tuple[str, str]], body: bytes, close: bool
-    ) -> None:
+    def _write(self, code: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> None:
         phrase = self.responses.get(code, ("",))[0]
         lines = [f"HTTP/1.1 {code} {phrase}", f"Server: {self.server_version}"]
         lines.append(f"Date: {self.date_time_string()}")
@@ -196,7 +194,9 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
         environ[CLOSE_CONNECTION_KEY] = lambda: close_requested.append(True)
         captured: list[Any] = []
 
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], None]:
             captured[:] = [status, headers]
             return lambda data: None  # the app never uses write(); everything goes in the return
 
@@ -288,7 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8600, help="port (8600; 0 picks a free one)")
     parser.add_argument("--db", help=f"SQLite database file (${ENV_DB})")
     parser.add_argument("--audio-dir", help=f"directory for audio files (${ENV_AUDIO_DIR})")
-    parser.add_argument("--token-file", help=f"token file; none accepts everyone (${ENV_TOKEN_FILE})")
+    parser.add_argument(
+        "--token-file", help=f"token file; none accepts everyone (${ENV_TOKEN_FILE})"
+    )
     parser.add_argument(
         "--max-upload-bytes",
         type=int,
