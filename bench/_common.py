@@ -119,7 +119,14 @@ class Server:
             raise SystemExit("jobsyncd-server did not start")
         import threading
 
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        self.list_requests = 0
+
+        def pump() -> None:
+            for line in self.proc.stderr:
+                if '"GET /api/v1/jobs' in line and '"GET /api/v1/jobs/' not in line:
+                    self.list_requests += 1
+
+        threading.Thread(target=pump, daemon=True).start()
         return self
 
     def stop(self) -> None:

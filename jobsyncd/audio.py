@@ -70,7 +70,9 @@ def import_copy(data_dir: str, src_fd: int, src_name: str, local_id: str) -> str
         os.close(fd)
         _unlink_quietly(tmp)
         if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
-            raise JobsyncdError(f"cannot copy the audio file into {folder}: {exc.strerror}") from None
+            raise JobsyncdError(
+                f"cannot copy the audio file into {folder}: {exc.strerror}"
+            ) from None
         raise UsageProblem(f"cannot read audio file {src_name}: {exc.strerror}") from None
     os.close(fd)
     os.rename(tmp, final)
@@ -111,4 +113,3 @@ def remove_managed(data_dir: str, path: str | None) -> str | None:
     except OSError as exc:
         return f"cannot remove {target}: {exc.strerror}"
     return None
-

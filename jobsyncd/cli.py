@@ -93,7 +93,9 @@ def _parse_metas(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--server", metavar="URL", help="Server base URL (env JOBSYNCD_SERVER_URL).")
 @click.option("-v", "--verbose", count=True, help="More output: -v info, -vv debug and tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.version_option(__version__, "--version", prog_name="jobsyncd", message="%(prog)s %(version)s")
+@click.version_option(
+    __version__, "--version", prog_name="jobsyncd", message="%(prog)s %(version)s"
+)
 @click.pass_context
 def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> None:
     """jobsyncd: an offline-first sync agent for jobs.
@@ -109,7 +111,13 @@ def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> No
 @cli.command()
 @click.option("--text", help="The job's text.")
 @click.option("--audio", "audio_src", metavar="FILE", help="An audio file to copy into the job.")
-@click.option("--meta", "metas", multiple=True, metavar="KEY=VALUE", help="Metadata (VALUE as JSON when it parses).")
+@click.option(
+    "--meta",
+    "metas",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Metadata (VALUE as JSON when it parses).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_app
 def create(app: App, text, audio_src, metas, as_json) -> None:
@@ -128,7 +136,9 @@ def create(app: App, text, audio_src, metas, as_json) -> None:
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
 @click.option("--text", help="New text.")
-@click.option("--audio", "audio_src", metavar="FILE", help="Replace the job's audio with a copy of FILE.")
+@click.option(
+    "--audio", "audio_src", metavar="FILE", help="Replace the job's audio with a copy of FILE."
+)
 @click.option("--meta", "metas", multiple=True, metavar="KEY=VALUE", help="Set a metadata key.")
 @click.option("--unset-meta", "unset", multiple=True, metavar="KEY", help="Remove a metadata key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
@@ -163,7 +173,13 @@ def delete(app: App, job_ref) -> None:
 
 
 @cli.command("list")
-@click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Only jobs in this sync status (repeatable).")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(STATUSES),
+    help="Only jobs in this sync status (repeatable).",
+)
 @click.option("--limit", type=click.IntRange(min=0), help="The N oldest.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
 @pass_app
@@ -196,7 +212,9 @@ def list_(app: App, statuses, limit, as_json) -> None:
         text = job.text.replace("\n", " ")
         text = text if len(text) <= 40 else text[:39] + "…"
         sid = (job.server_id or "-")[:12]
-        click.echo(f"{job.local_id[:8]:10}{job.sync_status:18}{sid:14}{job.updated_at[:19]:22}{text}")
+        click.echo(
+            f"{job.local_id[:8]:10}{job.sync_status:18}{sid:14}{job.updated_at[:19]:22}{text}"
+        )
 
 
 @cli.command()
@@ -238,7 +256,10 @@ def status(app: App, as_json) -> None:
 
     settings = app.settings
     report = status_report(
-        app.store, settings.server_url, read_last_pass(settings.data_dir), daemon_pid(settings.data_dir)
+        app.store,
+        settings.server_url,
+        read_last_pass(settings.data_dir),
+        daemon_pid(settings.data_dir),
     )
     if as_json:
         _print_json(report)
@@ -248,10 +269,18 @@ def status(app: App, as_json) -> None:
     age = report["oldest_pending_age_seconds"]
     click.echo(f"oldest change not on the server: {'none' if age is None else f'{age:.0f} s old'}")
     daemon = report["daemon"]
-    click.echo(f"daemon:      {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}")
+    click.echo(
+        f"daemon:      {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}"
+    )
     last = report["last_pass"]
     if last:
-        outcome = "ok" if last.get("ok") else f"not ok (skipped: {last.get('skipped')})" if last.get("skipped") else "not ok"
+        outcome = (
+            "ok"
+            if last.get("ok")
+            else f"not ok (skipped: {last.get('skipped')})"
+            if last.get("skipped")
+            else "not ok"
+        )
         click.echo(f"last pass:   {last.get('finished_at')} {outcome}")
     else:
         click.echo("last pass:   never")
@@ -270,7 +299,9 @@ def compact(app: App) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
-@click.option("--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty.")
+@click.option(
+    "--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty."
+)
 @pass_app
 def sync(app: App, as_json, force_delete) -> None:
     """Run one sync pass now (or hand it to a running daemon) and exit."""
@@ -281,7 +312,12 @@ def sync(app: App, as_json, force_delete) -> None:
 
 
 @cli.command()
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Seconds between scheduled passes.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Seconds between scheduled passes.",
+)
 @pass_app
 def daemon(app: App, interval) -> None:
     """Run in the foreground, syncing on a schedule and on request."""

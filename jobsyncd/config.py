@@ -66,7 +66,9 @@ class Settings:
     config_path: str | None  # the file that was read, if any
     warnings: tuple[str, ...]
 
-    def __init__(self, config_path: str | None = None, warnings: tuple[str, ...] = (), **values: Any) -> None:
+    def __init__(
+        self, config_path: str | None = None, warnings: tuple[str, ...] = (), **values: Any
+    ) -> None:
         for key in KEYS:
             setattr(self, key, values.get(key, DEFAULTS[key]))
         self.config_path = config_path
@@ -91,7 +93,9 @@ def _user_dir(kind: str, environ: Mapping[str, str]) -> str:
         return os.path.join(base, APP)
     import platformdirs  # costs start-up time; only off Linux
 
-    return platformdirs.user_config_dir(APP) if kind == "config" else platformdirs.user_data_dir(APP)
+    return (
+        platformdirs.user_config_dir(APP) if kind == "config" else platformdirs.user_data_dir(APP)
+    )
 
 
 def default_config_path(environ: Mapping[str, str] = os.environ) -> str:
@@ -134,7 +138,12 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
                     raise ConfigError(f"{key} from {origin} must be a whole number, not {value}")
                 return int(value)
             return value
-    wanted = {"str": "a string", "bool": "true or false", "number": "a number", "int": "a whole number"}
+    wanted = {
+        "str": "a string",
+        "bool": "true or false",
+        "number": "a number",
+        "int": "a whole number",
+    }
     raise ConfigError(f"{key} from {origin} must be {wanted[kind]}, not {value!r}")
 
 
@@ -248,7 +257,9 @@ def check_server_url(settings: Settings) -> str:
     return url.rstrip("/") + "/api/v1"
 
 
-def read_token(settings: Settings, environ: Mapping[str, str] = os.environ) -> tuple[str | None, list[str]]:
+def read_token(
+    settings: Settings, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, list[str]]:
     """The bearer token and any warnings. Never logged or printed by any caller."""
     warnings: list[str] = []
     token = environ.get("JOBSYNCD_TOKEN") or None

@@ -113,7 +113,9 @@ class Daemon:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            log.warning(f"cannot listen for wake-ups at {path}: {exc.strerror}; syncing on schedule only")
+            log.warning(
+                f"cannot listen for wake-ups at {path}: {exc.strerror}; syncing on schedule only"
+            )
             return
         sock.setblocking(False)
         self.sock = sock
@@ -177,7 +179,9 @@ class Daemon:
         if isinstance(result, PassSummary):
             line = describe(result)
             if result.skipped == "auth":
-                log.error(f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)")
+                log.error(
+                    f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)"
+                )
             elif result.message and not result.ok:
                 log.warning(result.message)
             log.info(line)
@@ -205,7 +209,9 @@ class Daemon:
                 log.warning(message)
             self.settings, self.token = new, token
             self._reschedule()
-            log.info(f"reloaded the configuration (server {new.server_url}, interval {self.interval:g} s)")
+            log.info(
+                f"reloaded the configuration (server {new.server_url}, interval {self.interval:g} s)"
+            )
             self.pass_requested = True
         self.notifier.ready()
 
@@ -243,7 +249,9 @@ class Daemon:
             self.store.jobs = {}
             self.store._loaded = False
             self._reschedule()
-            log.info(f"started (pid {os.getpid()}, data dir {self.data_dir}, server {self.settings.server_url}, interval {self.interval:g} s)")
+            log.info(
+                f"started (pid {os.getpid()}, data dir {self.data_dir}, server {self.settings.server_url}, interval {self.interval:g} s)"
+            )
             self.notifier.ready()
             self._loop()
         finally:
@@ -275,7 +283,9 @@ class Daemon:
                     if self.worker is None or now - self.heartbeat < 2 * watchdog:
                         self.notifier.watchdog()
                     else:
-                        log.error("the pass has made no progress for a watchdog period; not pinging the watchdog")
+                        log.error(
+                            "the pass has made no progress for a watchdog period; not pinging the watchdog"
+                        )
                     next_ping = now + watchdog
                 wait = min(wait, max(next_ping - now, 0.0))
             readable = [self.pipe_r] + ([self.sock] if self.sock is not None else [])

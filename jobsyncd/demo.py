@@ -51,7 +51,8 @@ def _make_wav(path: str) -> None:
         wav.setsampwidth(2)
         wav.setframerate(rate)
         frames = b"".join(
-            struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate))) for i in range(rate // 2)
+            struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
+            for i in range(rate // 2)
         )
         wav.writeframes(frames)
 
@@ -61,10 +62,18 @@ class _Demo:
         self.root = root
         self.procs: list[subprocess.Popen] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSYNCD_")}
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
+        for name in (
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+        ):
             self.env.pop(name, None)
         config = os.path.join(root, "config.toml")
-        with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
+        with open(
+            os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+        ) as fh:
             fh.write("# the demo's own config: nothing of yours is read or touched\n")
         self.env.update(
             {
@@ -84,16 +93,25 @@ class _Demo:
             timeout=60,
         )
         if proc.returncode != 0:
-            raise click.ClickException(f"demo: `jobsyncd {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip()}")
+            raise click.ClickException(
+                f"demo: `jobsyncd {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip()}"
+            )
         return proc.stdout
 
     def start_server(self) -> None:
         server = subprocess.Popen(
             [
-                PY, "-c", "from jobsyncd.server.cli import main; main()",
-                "--host", "127.0.0.1", "--port", "0",
-                "--db", os.path.join(self.root, "server", "jobs.db"),
-                "--audio-dir", os.path.join(self.root, "server", "audio"),
+                PY,
+                "-c",
+                "from jobsyncd.server.cli import main; main()",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+                os.path.join(self.root, "server", "jobs.db"),
+                "--audio-dir",
+                os.path.join(self.root, "server", "audio"),
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,
@@ -142,7 +160,11 @@ class _Demo:
         return jobs
 
     def local_jobs(self) -> list[dict]:
-        return [json.loads(line) for line in self.jobsyncd("list", "--json").splitlines() if line.strip()]
+        return [
+            json.loads(line)
+            for line in self.jobsyncd("list", "--json").splitlines()
+            if line.strip()
+        ]
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -165,42 +187,72 @@ def run_demo() -> int:
     try:
         _say(f"Everything happens in {root}; your own config and jobs are not touched.")
         demo.start_server()
-        _say(f"Started the reference job server at {demo.url} (SQLite, in the temporary directory).")
+        _say(
+            f"Started the reference job server at {demo.url} (SQLite, in the temporary directory)."
+        )
         daemon = demo.start_daemon()
-        _say(f"Started `jobsyncd daemon` (pid {daemon.pid}) with a 60 s interval, so every quick sync")
+        _say(
+            f"Started `jobsyncd daemon` (pid {daemon.pid}) with a 60 s interval, so every quick sync"
+        )
         _say("below comes from the wake-up that each command sends, not from the schedule.")
-        _wait(lambda: os.path.exists(os.path.join(root, "data", "daemon.sock")), 15, "the daemon start")
+        _wait(
+            lambda: os.path.exists(os.path.join(root, "data", "daemon.sock")),
+            15,
+            "the daemon start",
+        )
 
         audio = os.path.join(root, "dictation.wav")
         _make_wav(audio)
         _say("Creating three jobs (one with a half-second audio file):")
         t0 = time.monotonic()
         ids = [
-            demo.jobsyncd("create", "--text", "Letter to Dr. Patel", "--meta", "priority=1").strip(),
+            demo.jobsyncd(
+                "create", "--text", "Letter to Dr. Patel", "--meta", "priority=1"
+            ).strip(),
             demo.jobsyncd("create", "--text", "Discharge summary", "--audio", audio).strip(),
-            demo.jobsyncd("create", "--text", "Lab results memo", "--meta", "ward=\"B\"").strip(),
+            demo.jobsyncd("create", "--text", "Lab results memo", "--meta", 'ward="B"').strip(),
         ]
         _show("\n".join(f"jobsyncd create ... -> {i}" for i in ids))
         took = _wait(lambda: len(demo.server_jobs()) == 3, 20, "the jobs reaching the server")
-        _say(f"All three are on the server {time.monotonic() - t0:.2f} s after the first create ({took:.2f} s after the last):")
-        _wait(lambda: all(j["sync_status"] == "synced" for j in demo.local_jobs()), 20, "the jobs being marked synced")
+        _say(
+            f"All three are on the server {time.monotonic() - t0:.2f} s after the first create ({took:.2f} s after the last):"
+        )
+        _wait(
+            lambda: all(j["sync_status"] == "synced" for j in demo.local_jobs()),
+            20,
+            "the jobs being marked synced",
+        )
         _show(demo.jobsyncd("list"))
 
-        _say(f"Editing a job locally: jobsyncd update {ids[0][:8]} --text 'Letter to Dr. Patel (signed)'")
-        demo.jobsyncd("update", ids[0][:8], "--text", "Letter to Dr. Patel (signed)", "--meta", "signed=true")
-        _wait(lambda: any(j["text"].endswith("(signed)") for j in demo.server_jobs()), 20, "the edit reaching the server")
+        _say(
+            f"Editing a job locally: jobsyncd update {ids[0][:8]} --text 'Letter to Dr. Patel (signed)'"
+        )
+        demo.jobsyncd(
+            "update", ids[0][:8], "--text", "Letter to Dr. Patel (signed)", "--meta", "signed=true"
+        )
+        _wait(
+            lambda: any(j["text"].endswith("(signed)") for j in demo.server_jobs()),
+            20,
+            "the edit reaching the server",
+        )
         _say("The server has the edit:")
         edited = next(j for j in demo.server_jobs() if j["text"].endswith("(signed)"))
         _show(json.dumps({k: edited[k] for k in ("id", "local_id", "text", "metadata", "status")}))
 
         victim = next(j for j in demo.local_jobs() if j["local_id"] == ids[2])
-        _say(f"Someone deletes job {victim['server_id']} on the server (an HTTP DELETE, not jobsyncd).")
+        _say(
+            f"Someone deletes job {victim['server_id']} on the server (an HTTP DELETE, not jobsyncd)."
+        )
         import requests
 
         requests.delete(f"{demo.url}/api/v1/jobs/{victim['server_id']}", timeout=5)
         _say("`jobsyncd sync` hands the pass to the running daemon, which notices the deletion:")
         _show(demo.jobsyncd("sync"))
-        _wait(lambda: all(j["local_id"] != ids[2] for j in demo.local_jobs()), 20, "the daemon noticing the deletion")
+        _wait(
+            lambda: all(j["local_id"] != ids[2] for j in demo.local_jobs()),
+            20,
+            "the daemon noticing the deletion",
+        )
         _show(demo.jobsyncd("list"))
 
         _say("`jobsyncd status`:")
@@ -212,6 +264,8 @@ def run_demo() -> int:
     finally:
         demo.stop()
         shutil.rmtree(root, ignore_errors=True)
-    _say(f"Stopped the daemon and the server and removed {root}. The demo took {time.monotonic() - started:.1f} s.")
+    _say(
+        f"Stopped the daemon and the server and removed {root}. The demo took {time.monotonic() - started:.1f} s."
+    )
     _say("Next: `jobsyncd --help`, and README.md for configuration and running it as a service.")
     return 0

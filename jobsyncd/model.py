@@ -144,7 +144,11 @@ class Job:
 def _make_from_record() -> Any:
     # Straight-line attribute stores, generated once: folding 100,000 records this way is
     # several times faster than a setattr loop, and slots keep each job small in memory.
-    lines = ["def from_record(rec, new=Job.__new__, Job=Job):", "    j = new(Job)", "    get = rec.get"]
+    lines = [
+        "def from_record(rec, new=Job.__new__, Job=Job):",
+        "    j = new(Job)",
+        "    get = rec.get",
+    ]
     for name, default in _FIELDS:
         value = "{}" if default is dict else repr(default)
         lines.append(f"    j.{name} = get({name!r}, {value})")

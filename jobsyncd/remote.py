@@ -237,7 +237,9 @@ class Remote:
             response.close()
         return response, body
 
-    def _read_body(self, response: requests.Response, max_bytes: int, method: str, path: str) -> bytes:
+    def _read_body(
+        self, response: requests.Response, max_bytes: int, method: str, path: str
+    ) -> bytes:
         deadline = time.monotonic() + 3 * self.timeout
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -250,15 +252,21 @@ class Remote:
                 if size > max_bytes:
                     raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise Transient(f"{method} {path}: the answer took longer than {3 * self.timeout:g} s")
+                    raise Transient(
+                        f"{method} {path}: the answer took longer than {3 * self.timeout:g} s"
+                    )
                 chunks.append(chunk)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            if isinstance(exc, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+            if isinstance(
+                exc, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)
+            ):
                 raise Transient(f"{method} {path}: the server did not answer in time") from None
             raise Transient(f"{method} {path}: connection broken: {_reason(exc)}") from None
         return b"".join(chunks)
 
-    def _check_status(self, response: requests.Response, body: bytes, method: str, path: str) -> None:
+    def _check_status(
+        self, response: requests.Response, body: bytes, method: str, path: str
+    ) -> None:
         status = response.status_code
         if status in (401, 403):
             raise AuthRefused(status)
@@ -270,14 +278,20 @@ class Remote:
             raise Transient(f"{method} {path}: server error {status}{_server_message(body)}")
         if 300 <= status < 400:
             where = response.headers.get("Location", "?")
-            raise Permanent(f"{method} {path}: the server redirects to {where[:200]}; fix server_url")
+            raise Permanent(
+                f"{method} {path}: the server redirects to {where[:200]}; fix server_url"
+            )
         if 400 <= status:
-            raise Permanent(f"{method} {path}: refused by the server ({status}){_server_message(body)}")
+            raise Permanent(
+                f"{method} {path}: refused by the server ({status}){_server_message(body)}"
+            )
 
     def _json(self, response: requests.Response, body: bytes, method: str, path: str) -> Any:
         ctype = response.headers.get("Content-Type", "")
         if "json" not in ctype.lower():
-            raise Transient(f"{method} {path}: the server answered {ctype or 'no content type'}, not JSON")
+            raise Transient(
+                f"{method} {path}: the server answered {ctype or 'no content type'}, not JSON"
+            )
         try:
             return json.loads(body)
         except ValueError:
@@ -291,7 +305,9 @@ class Remote:
         return parse_server_job(self._json(response, body, method, path))
 
     # ---- the API ----------------------------------------------------------------------------
-    def create(self, local_id: str, text: str, metadata: dict[str, Any], audio_path: str | None) -> ServerJob:
+    def create(
+        self, local_id: str, text: str, metadata: dict[str, Any], audio_path: str | None
+    ) -> ServerJob:
         if audio_path is None:
             payload = {"local_id": local_id, "text": text, "metadata": metadata}
             return self._job_call("POST", "/jobs", (200, 201), json=payload)
@@ -305,14 +321,24 @@ class Remote:
         form = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
         return self._with_audio("PATCH", path, (200,), form, audio_path)
 
-    def _with_audio(self, method: str, path: str, ok: tuple[int, ...], fields: dict[str, Any], audio_path: str) -> ServerJob:
+    def _with_audio(
+        self, method: str, path: str, ok: tuple[int, ...], fields: dict[str, Any], audio_path: str
+    ) -> ServerJob:
         try:
             fh = open(audio_path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise Permanent(f"cannot read the job's audio copy {audio_path}: {exc.strerror}") from None
+            raise Permanent(
+                f"cannot read the job's audio copy {audio_path}: {exc.strerror}"
+            ) from None
         try:
             name = os.path.basename(audio_path)
-            return self._job_call(method, path, ok, data=fields, files={"audio": (name, fh, "application/octet-stream")})
+            return self._job_call(
+                method,
+                path,
+                ok,
+                data=fields,
+                files={"audio": (name, fh, "application/octet-stream")},
+            )
         finally:
             fh.close()
 
@@ -343,7 +369,9 @@ class Remote:
             if cursor is not None:
                 params["cursor"] = cursor
             headers = {"If-None-Match": etag} if (first and etag) else {}
-            response, body = self._send("GET", "/jobs", params=params, headers=headers, max_bytes=MAX_PAGE_ANSWER_BYTES)
+            response, body = self._send(
+                "GET", "/jobs", params=params, headers=headers, max_bytes=MAX_PAGE_ANSWER_BYTES
+            )
             if response.status_code == 304 and first and etag:
                 raise NotModified()
             self._check_status(response, body, "GET", "/jobs")
@@ -359,7 +387,11 @@ class Remote:
             cursor = page.get("next_cursor")
             if cursor is None:
                 return
-            if not isinstance(cursor, str) or cursor in seen_cursors or len(seen_cursors) > 1_000_000:
+            if (
+                not isinstance(cursor, str)
+                or cursor in seen_cursors
+                or len(seen_cursors) > 1_000_000
+            ):
                 raise Transient("GET /jobs: the server answered a bad or repeated cursor")
             seen_cursors.add(cursor)
             first = False
@@ -388,7 +420,9 @@ def _is_connect_failure(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.NameResolutionError)):
+        if isinstance(
+            current, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.NameResolutionError)
+        ):
             return True
         if isinstance(current, (ConnectionRefusedError,)):
             return True

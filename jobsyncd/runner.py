@@ -16,7 +16,13 @@ from typing import Any
 from . import log
 from .config import Settings, check_server_url, read_token
 from .model import rfc3339, utc_now
-from .state import read_backoff_until, read_pull_state, write_backoff_until, write_last_pass, write_pull_state
+from .state import (
+    read_backoff_until,
+    read_pull_state,
+    write_backoff_until,
+    write_last_pass,
+    write_pull_state,
+)
 from .store import FileLock, Store
 from .sync import PassSummary, Policy
 
@@ -70,7 +76,14 @@ def execute_pass(
         policy = Policy(settings.max_retries, settings.backoff_base_seconds, force_delete)
         progress = progress_factory(store) if progress_factory else None
         try:
-            summary = run_pass(store, remote, policy, should_stop=should_stop, progress=progress, pull_state=pull_state)
+            summary = run_pass(
+                store,
+                remote,
+                policy,
+                should_stop=should_stop,
+                progress=progress,
+                pull_state=pull_state,
+            )
         finally:
             remote.close()
             if progress is not None:
@@ -128,7 +141,13 @@ def describe(summary: PassSummary) -> str:
         f"{summary.errors} errors",
         f"{summary.failed} failed",
     ]
-    head = "pass ok" if summary.ok else f"pass skipped ({summary.skipped})" if summary.skipped else "pass not ok"
+    head = (
+        "pass ok"
+        if summary.ok
+        else f"pass skipped ({summary.skipped})"
+        if summary.skipped
+        else "pass not ok"
+    )
     if summary.deletion_guard:
         head += " (deletion guard)"
     return f"{head}: " + ", ".join(parts)
@@ -154,7 +173,9 @@ def run_sync_command(settings: Settings, store: Store, as_json: bool, force_dele
         factory = None
         if not as_json and sys.stderr.isatty():
             factory = _progress_factory
-        summary = execute_pass(settings, store, token, force_delete=force_delete, progress_factory=factory)
+        summary = execute_pass(
+            settings, store, token, force_delete=force_delete, progress_factory=factory
+        )
     if as_json:
         print(json.dumps(summary.public()))
     else:
@@ -165,5 +186,7 @@ def run_sync_command(settings: Settings, store: Store, as_json: bool, force_dele
         else:
             log.error(summary.message)
     elif not summary.ok:
-        log.error(f"{summary.errors} job(s) errored and {summary.failed} failed in this pass; see `jobsyncd list --status error --status failed`")
+        log.error(
+            f"{summary.errors} job(s) errored and {summary.failed} failed in this pass; see `jobsyncd list --status error --status failed`"
+        )
     return exit_code_for(summary)

@@ -105,7 +105,9 @@ def prepare_data_dir(path: str) -> str:
         try:
             os.chmod(path, 0o700)
         except OSError as exc:
-            raise JobsyncdError(f"cannot make the data dir {path} private: {exc.strerror}") from None
+            raise JobsyncdError(
+                f"cannot make the data dir {path} private: {exc.strerror}"
+            ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise JobsyncdError(f"the data dir {path} cannot be written")
     return path
@@ -118,7 +120,9 @@ class FileLock:
     because importing filelock costs ~38 ms, as much as all of `jobsyncd create` may take.
     """
 
-    def __init__(self, path: str, timeout: float = LOCK_TIMEOUT_SECONDS, what: str = "the store") -> None:
+    def __init__(
+        self, path: str, timeout: float = LOCK_TIMEOUT_SECONDS, what: str = "the store"
+    ) -> None:
         self.path = path
         self.timeout = timeout
         self.what = what
@@ -145,7 +149,9 @@ class FileLock:
                         raise JobsyncdError(f"cannot lock {self.path}: {exc.strerror}") from None
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise TryLater(f"{self.what} is locked by another process ({self.path}); try again")
+                    raise TryLater(
+                        f"{self.what} is locked by another process ({self.path}); try again"
+                    )
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
         except BaseException:
@@ -452,7 +458,9 @@ class Store:
                 cut = tail.rfind(b"\n")
                 good = size - back + cut + 1 if cut != -1 else (0 if back == size else None)
                 if good is None:
-                    raise JobsyncdError(f"{self.path}: a line longer than 64 KiB is torn; run `jobsyncd compact`")
+                    raise JobsyncdError(
+                        f"{self.path}: a line longer than 64 KiB is torn; run `jobsyncd compact`"
+                    )
                 os.ftruncate(fd, good)
                 self._warn_once(f"repaired:{good}", f"{self.path}: repaired a torn last line")
                 if self._loaded:

@@ -20,7 +20,16 @@ from collections.abc import Callable
 from typing import Any
 
 from . import audio, log
-from .model import Job, SyncStatus, backoff_delay, is_uuid, new_local_id, parse_rfc3339, rfc3339, utc_now
+from .model import (
+    Job,
+    SyncStatus,
+    backoff_delay,
+    is_uuid,
+    new_local_id,
+    parse_rfc3339,
+    rfc3339,
+    utc_now,
+)
 from .remote import (
     AuthRefused,
     BackOff,
@@ -32,7 +41,6 @@ from .remote import (
     RemoteError,
     ServerJob,
     TLSFailure,
-    Transient,
 )
 from .store import Store
 
@@ -161,7 +169,10 @@ class _Pass:
     # ---- writing outcomes ---------------------------------------------------------------------
     def _record(self, apply: Callable[[dict[str, Job]], tuple[list[Job], list[str]]]) -> None:
         self.outcomes.append(apply)
-        if len(self.outcomes) >= FLUSH_EVERY_JOBS or time.monotonic() - self.last_flush > FLUSH_EVERY_SECONDS:
+        if (
+            len(self.outcomes) >= FLUSH_EVERY_JOBS
+            or time.monotonic() - self.last_flush > FLUSH_EVERY_SECONDS
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -197,32 +208,44 @@ class _Pass:
         self.purged_audio = {}
         now = self.now()
         jobs = self.store.refresh()
-        due = [j.copy() for j in jobs.values() if _is_due(j, now)]
+        due = [j for j in jobs.values() if _is_due(j, now)]
         due.sort(key=lambda j: (j.created_at, j.local_id))
         if not due:
             return
-        # Mark creates as possibly sent, durably, before any POST: a delete that comes while a
-        # create is in flight (or after its answer was lost) then knows to find the server copy.
-        to_mark = [j for j in due if j.server_id is None and not j.create_sent and j.sync_status != PENDING_DELETION]
-        if to_mark:
-            with self.store.locked():
-                current = self.store.refresh()
-                marked = []
-                for snap in to_mark:
-                    cur = current.get(snap.local_id)
-                    if cur is not None and not cur.create_sent:
-                        cur = cur.copy()
-                        cur.create_sent = True
-                        marked.append(cur)
-                    snap.create_sent = True
-                self.store.append(marked)
-        for done, snap in enumerate(due, 1):
-            if self.should_stop():
-                break
-            self.push_one(snap)
-            if self.progress is not None:
-                self.progress(done)
+        for first in range(0, len(due), FLUSH_EVERY_JOBS):
+            batch = [j.copy() for j in due[first : first + FLUSH_EVERY_JOBS]]
+            self._mark_create_sent(batch)
+            for done, snap in enumerate(batch, first + 1):
+                if self.should_stop():
+                    self.flush()
+                    return
+                self.push_one(snap)
+                if self.progress is not None:
+                    self.progress(done)
         self.flush()
+
+    def _mark_create_sent(self, batch: list[Job]) -> None:
+        """Before any POST, record durably (one write per batch) that it may reach the server:
+        a delete that comes while a create is in flight, or after its answer was lost, then
+        knows to find the server copy."""
+        to_mark = [
+            j
+            for j in batch
+            if j.server_id is None and not j.create_sent and j.sync_status != PENDING_DELETION
+        ]
+        if not to_mark:
+            return
+        with self.store.locked():
+            current = self.store.refresh()
+            marked = []
+            for snap in to_mark:
+                cur = current.get(snap.local_id)
+                if cur is not None and not cur.create_sent:
+                    cur = cur.copy()
+                    cur.create_sent = True
+                    marked.append(cur)
+                snap.create_sent = True
+            self.store.append(marked)
 
     def push_one(self, snap: Job) -> None:
         try:
@@ -244,7 +267,10 @@ class _Pass:
         audio_on_server = snap.audio_file
         if sj.audio is None:
             audio_on_server = None
-        elif snap.audio_file and sj.audio.get("sha256") not in (None, _file_sha256(snap.audio_file)):
+        elif snap.audio_file and sj.audio.get("sha256") not in (
+            None,
+            _file_sha256(snap.audio_file),
+        ):
             audio_on_server = None  # an earlier POST whose answer was lost carried other audio
         self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server))
 
@@ -255,11 +281,17 @@ class _Pass:
             fields["text"] = snap.text
         if snap.metadata != base.get("metadata"):
             fields["metadata"] = snap.metadata
-        send_audio = snap.audio_file if snap.audio_file and snap.audio_file != snap.audio_sent else None
+        send_audio = (
+            snap.audio_file if snap.audio_file and snap.audio_file != snap.audio_sent else None
+        )
         assert snap.server_id is not None
         sj = self.remote.update(snap.server_id, fields, send_audio)
         self.summary.updated += 1
-        audio_on_server = snap.audio_file if (send_audio or snap.audio_sent == snap.audio_file) else snap.audio_sent
+        audio_on_server = (
+            snap.audio_file
+            if (send_audio or snap.audio_sent == snap.audio_file)
+            else snap.audio_sent
+        )
         self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server))
 
     def _push_delete(self, snap: Job) -> None:
@@ -281,7 +313,9 @@ class _Pass:
 
         self._record(apply)
 
-    def _apply_synced(self, view: _Overlay, snap: Job, sj: ServerJob, audio_on_server: str | None) -> tuple[list[Job], list[str]]:
+    def _apply_synced(
+        self, view: _Overlay, snap: Job, sj: ServerJob, audio_on_server: str | None
+    ) -> tuple[list[Job], list[str]]:
         cur = view.get(snap.local_id)
         if cur is None:
             return [], []
@@ -294,7 +328,11 @@ class _Pass:
         cur.audio_sent = audio_on_server
         cur.last_sync_attempt_at = stamp
         if cur.rev == snap.rev and cur.sync_status == snap.sync_status:
-            if sj.text == snap.text and sj.metadata == snap.metadata and audio_on_server == snap.audio_file:
+            if (
+                sj.text == snap.text
+                and sj.metadata == snap.metadata
+                and audio_on_server == snap.audio_file
+            ):
                 cur.sync_status = SYNCED
                 cur.retry_count = 0
                 cur.last_error = None
@@ -360,7 +398,11 @@ class _Pass:
         seen: set[str] = set()
         new_etag: str | None = None
         complete = False
-        self._index = {j.server_id: j.local_id for j in self.store.refresh().values() if j.server_id is not None}
+        self._index = {
+            j.server_id: j.local_id
+            for j in self.store.refresh().values()
+            if j.server_id is not None
+        }
         try:
             for page, listing_etag in self.remote.list_pages(etag):
                 new_etag = listing_etag
@@ -426,7 +468,11 @@ class _Pass:
             if view.has_server_id(sj.id):
                 return [], []
             wanted = sj.local_id.lower() if sj.local_id else None
-            local_id = wanted if wanted and is_uuid(wanted) and view.get(wanted) is None else new_local_id()
+            local_id = (
+                wanted
+                if wanted and is_uuid(wanted) and view.get(wanted) is None
+                else new_local_id()
+            )
             stamp = rfc3339(self.now())
             job = Job(
                 local_id=local_id,
@@ -451,7 +497,11 @@ class _Pass:
         missing = {lid: sid for lid, sid in begin_synced.items() if sid not in seen}
         if not missing:
             return True
-        if len(begin_synced) >= 2 and len(missing) == len(begin_synced) and not self.policy.force_delete:
+        if (
+            len(begin_synced) >= 2
+            and len(missing) == len(begin_synced)
+            and not self.policy.force_delete
+        ):
             self.summary.deletion_guard = True
             self.summary.ok = False
             self.summary.message = (
@@ -536,9 +586,20 @@ def run_pass(
     pull_state: dict[str, Any] | None = None,
 ) -> PassSummary:
     """Run one pass. `pull_state` (the listing's ETag) is read and updated in place."""
-    run = _Pass(store, remote, policy, now, rng or random.Random(), should_stop, progress, pull_state if pull_state is not None else {})
+    run = _Pass(
+        store,
+        remote,
+        policy,
+        now,
+        rng or random.Random(),
+        should_stop,
+        progress,
+        pull_state if pull_state is not None else {},
+    )
     jobs = store.refresh()
-    begin_synced = {j.local_id: j.server_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id}
+    begin_synced = {
+        j.local_id: j.server_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id
+    }
     try:
         run.push()
         if not run.should_stop():

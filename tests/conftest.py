@@ -65,7 +65,16 @@ class Cli:
         self.env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("JOBSYNCD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")
+            if not k.startswith("JOBSYNCD_")
+            and k
+            not in (
+                "NOTIFY_SOCKET",
+                "WATCHDOG_USEC",
+                "WATCHDOG_PID",
+                "JOURNAL_STREAM",
+                "CREDENTIALS_DIRECTORY",
+                "STATE_DIRECTORY",
+            )
         }
         self.env.update(
             {
@@ -78,13 +87,22 @@ class Cli:
             }
         )
 
-    def __call__(self, *args: str, check: bool | int = False, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, check: bool | int = False, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [self.binary, *args], env=self.env, capture_output=True, text=True, input=input, timeout=timeout
+            [self.binary, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
         )
         if check is not False:
             want = 0 if check is True else check
-            assert proc.returncode == want, f"jobsyncd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            assert proc.returncode == want, (
+                f"jobsyncd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def json(self, *args: str) -> object:
@@ -115,7 +133,13 @@ def fault_server() -> Iterator[FaultServer]:
 class RefServer:
     """The reference server as a real process on a free loopback port."""
 
-    def __init__(self, binary: str, workdir: Path, token_file: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        token_file: Path | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.token_file = token_file
@@ -125,12 +149,24 @@ class RefServer:
         self.port = 0
 
     def start(self, port: int = 0) -> RefServer:
-        args = [self.binary, "--host", "127.0.0.1", "--port", str(port), "--db", str(self.workdir / "server.db"), "--audio-dir", str(self.workdir / "server-audio")]
+        args = [
+            self.binary,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--db",
+            str(self.workdir / "server.db"),
+            "--audio-dir",
+            str(self.workdir / "server-audio"),
+        ]
         if self.token_file:
             args += ["--token-file", str(self.token_file)]
         args += list(self.extra)
         self.log = open(self.workdir / "server.log", "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 15
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:
@@ -179,7 +215,9 @@ class RefServer:
             params = {"limit": 5000}
             if cursor:
                 params["cursor"] = cursor
-            page = requests.get(self.url + "/api/v1/jobs", params=params, headers=headers, timeout=10).json()
+            page = requests.get(
+                self.url + "/api/v1/jobs", params=params, headers=headers, timeout=10
+            ).json()
             out += page["jobs"]
             cursor = page["next_cursor"]
             if not cursor:
