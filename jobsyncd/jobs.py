@@ -112,6 +112,8 @@ def update_job(
             job.rev += 1
             job.updated_at = rfc3339(utc_now())
             if job.sync_status in (ERROR, FAILED, SYNCED):
+                if job.error_kind == "gone":
+                    _forget_server_copy(job)  # the server lost it: the next pass creates it again
                 job.sync_status = PENDING
                 job.retry_count = 0
                 job.next_attempt_at = None
@@ -150,17 +152,20 @@ def delete_job(store: Store, ref: str) -> Job:
         return job
 
 
+def _forget_server_copy(job: Job) -> None:
+    job.server_id = None
+    job.base = None
+    job.create_sent = False
+    job.audio_sent = None
+
+
 def _put_back(job: Job) -> None:
     if job.error_kind == "delete":
         job.sync_status = PENDING_DELETION
     else:
         job.sync_status = PENDING
         if job.error_kind == "gone":
-            # The server lost it: the next pass creates it again (a fresh POST).
-            job.server_id = None
-            job.base = None
-            job.create_sent = False
-            job.audio_sent = None
+            _forget_server_copy(job)  # the server lost it: the next pass creates it again
             job.error_kind = None
     job.retry_count = 0
     job.next_attempt_at = None

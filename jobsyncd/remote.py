@@ -118,13 +118,15 @@ class ServerJob:
 def _timestamp_or_none(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) > 64:
         return None
-    from .model import parse_rfc3339
+    from .model import parse_rfc3339, rfc3339
 
     try:
-        parse_rfc3339(value)
+        moment = parse_rfc3339(value)
     except ValueError:
         return None
-    return value
+    if moment.tzinfo is None:
+        return None
+    return rfc3339(moment)  # stored as our own RFC 3339 UTC form, ending in Z
 
 
 def parse_server_job(obj: Any) -> ServerJob:

@@ -41,6 +41,7 @@ from .remote import (
     RemoteError,
     ServerJob,
     TLSFailure,
+    Transient,
 )
 from .store import Store
 
@@ -263,6 +264,8 @@ class _Pass:
 
     def _push_create(self, snap: Job) -> None:
         sj = self.remote.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
+        if sj.local_id is not None and sj.local_id.lower() != snap.local_id:
+            raise Transient(f"POST /jobs: the server answered with another job ({sj.local_id[:64]!r})")
         self.summary.created += 1
         audio_on_server = snap.audio_file
         if sj.audio is None:
