@@ -42,12 +42,14 @@ def _suffix(name: str) -> str:
 def open_user_audio(src: str) -> int:
     """Open the user's audio file for reading, or raise a usage error (exit 2)."""
     try:
-        fd = os.open(src, os.O_RDONLY | _O_CLOEXEC)
+        # O_NONBLOCK: a FIFO with no writer must not hang the command; cleared for reading.
+        fd = os.open(src, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise UsageProblem(f"cannot read audio file {src}: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UsageProblem(f"audio file {src} is not a regular file")
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -262,9 +262,9 @@ def read_token(
 ) -> tuple[str | None, list[str]]:
     """The bearer token and any warnings. Never logged or printed by any caller."""
     warnings: list[str] = []
-    token = environ.get("JOBSYNCD_TOKEN") or None
+    token = (environ.get("JOBSYNCD_TOKEN") or "").strip()
     if token:
-        return token.strip() or None, warnings
+        return token, warnings
     candidates = []
     creds = environ.get("CREDENTIALS_DIRECTORY")
     if creds and os.path.exists(os.path.join(creds, "jobsyncd-token")):

@@ -158,8 +158,7 @@ class Daemon:
             except BaseException as exc:  # reported by the main loop
                 result = exc
             finally:
-                self.store.jobs = {}
-                self.store._loaded = False
+                self.store.unload()
             self.worker_result = result
             try:
                 os.write(self.pipe_w, b"p")
@@ -246,8 +245,7 @@ class Daemon:
             self._bind_socket()
             self._install_signals()
             self.store.load()  # readable before we say READY
-            self.store.jobs = {}
-            self.store._loaded = False
+            self.store.unload()
             self._reschedule()
             log.info(
                 f"started (pid {os.getpid()}, data dir {self.data_dir}, server {self.settings.server_url}, interval {self.interval:g} s)"

@@ -27,6 +27,9 @@ from .model import STATUSES, Job
 STORE_NAME = "jobs.jsonl"
 LOCK_NAME = "jobs.lock"
 TMP_NAME = "jobs.jsonl.tmp"
+# Left by a reader that found unreadable lines, so that the next write of any process (even a
+# CLI command that never folds the store) rewrites the store without them.
+REPAIR_NAME = "jobs.jsonl.repair"
 MIN_PREFIX = 6
 LOCK_TIMEOUT_SECONDS = 30.0
 # Compact automatically when dead records outweigh live ones, once the file has this many lines.
@@ -183,11 +186,14 @@ class Store:
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, STORE_NAME)
         self.tmp_path = os.path.join(data_dir, TMP_NAME)
+        self.repair_marker = os.path.join(data_dir, REPAIR_NAME)
         self.warn = warn
         self.lock = FileLock(os.path.join(data_dir, LOCK_NAME))
         self.jobs: dict[str, Job] = {}
         self._loaded = False
-        self._ino: int | None = None
+        # The file as last read, held open: while we hold it its inode cannot be reused, so a
+        # compaction by another process (a new inode at the path) is always noticed.
+        self._held_fd: int | None = None
         self._offset = 0  # end of the last complete line folded
         self._lines = 0  # records in the file (live and dead)
         self._needs_repair = False  # torn tail or corrupt lines: the next write compacts
@@ -207,16 +213,7 @@ class Store:
                 return b"", -1
             raise
         try:
-            ino = os.fstat(fd).st_ino
-            if start:
-                os.lseek(fd, start, os.SEEK_SET)
-            chunks = []
-            while True:
-                chunk = os.read(fd, 1 << 22)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks), ino
+            return _read_from(fd, start), os.fstat(fd).st_ino
         finally:
             os.close(fd)
 
@@ -263,6 +260,7 @@ class Store:
                     count += 1
                     continue
                 bad = True
+                self._mark_for_repair()
                 if is_last and number == len(chunk) - 1:
                     self._warn_once(
                         f"lastbad:{line[:64]!r}",
@@ -272,6 +270,14 @@ class Store:
                 else:
                     self._set_aside(line)
         return count, end, bad
+
+    def _mark_for_repair(self) -> None:
+        if os.path.lexists(self.repair_marker):
+            return
+        try:
+            os.close(open_nofollow(self.repair_marker, os.O_WRONLY | os.O_CREAT))
+        except (OSError, JobsyncdError):
+            pass  # best effort: a loaded store repairs at its next write anyway
 
     def _set_aside(self, line: bytes) -> None:
         import hashlib
@@ -315,14 +321,35 @@ class Store:
     def load(self) -> dict[str, Job]:
         """Fold the whole store into `self.jobs` (under the lock)."""
         with self.lock:
-            data, ino = self._read_bytes()
+            self._release_held()
+            try:
+                fd = open_nofollow(self.path, os.O_RDONLY)
+            except JobsyncdError:
+                if os.path.lexists(self.path):
+                    raise
+                fd = None
+            data = _read_from(fd, 0) if fd is not None else b""
             self.jobs = {}
             count, end, bad = self._parse(data, 0)
             del data
-            self._ino, self._offset, self._lines = ino, end, count
+            self._held_fd, self._offset, self._lines = fd, end, count
             self._needs_repair = bad
             self._loaded = True
+            if not bad and os.path.lexists(self.repair_marker):
+                _unlink_quietly(self.repair_marker)
         return self.jobs
+
+    def unload(self) -> None:
+        """Forget the folded jobs (a long-lived process between passes)."""
+        with self.lock:
+            self._release_held()
+            self.jobs = {}
+            self._loaded = False
+
+    def _release_held(self) -> None:
+        if self._held_fd is not None:
+            os.close(self._held_fd)
+            self._held_fd = None
 
     def refresh(self) -> dict[str, Job]:
         """Bring `self.jobs` up to date with what other processes appended since the last look."""
@@ -333,11 +360,14 @@ class Store:
                 st = os.stat(self.path, follow_symlinks=False)
             except FileNotFoundError:
                 return self.load()
-            if st.st_ino != self._ino or st.st_size < self._offset:
+            if self._held_fd is None:
+                return self.load()
+            held = os.fstat(self._held_fd)
+            if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino) or st.st_size < self._offset:
                 return self.load()  # compacted or replaced: read it whole
             if st.st_size == self._offset:
                 return self.jobs
-            data, _ = self._read_bytes(self._offset)
+            data = _read_from(self._held_fd, self._offset)
             count, end, bad = self._parse(data, self._offset)
             self._offset += end
             self._lines += count
@@ -432,6 +462,8 @@ class Store:
             return
         blob = b"".join(encode_record(r) for r in records)
         with self.lock:
+            if not self._loaded and os.path.lexists(self.repair_marker):
+                self.load()  # a reader found unreadable lines: this write drops them
             if self._loaded:
                 self.refresh()
                 if self._needs_repair:
@@ -443,7 +475,6 @@ class Store:
                 self._fold(records)
                 self._offset += len(blob)
                 self._lines += len(records)
-                self._ino = os.stat(self.path).st_ino
                 if self._lines > 2 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
                     self._rewrite()
 
@@ -465,12 +496,33 @@ class Store:
                 self._warn_once(f"repaired:{good}", f"{self.path}: repaired a torn last line")
                 if self._loaded:
                     self._offset = min(self._offset, good)
+                size = good
+            if size:
+                self._cut_unreadable_last_line(fd, size)
             _write_all(fd, blob)
             os.fsync(fd)
         except OSError as exc:
             raise JobsyncdError(f"cannot write {self.path}: {exc.strerror}") from None
         finally:
             os.close(fd)
+
+    def _cut_unreadable_last_line(self, fd: int, size: int) -> None:
+        back = min(size, 1 << 16)
+        tail = os.pread(fd, back, size - back)
+        start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+        if start == 0 and back < size:
+            return  # a last line longer than 64 KiB: left to a reader's check
+        line = tail[start:-1]
+        try:
+            ok = _valid_record(json.loads(line)) if line.strip() else True
+        except ValueError:
+            ok = False
+        if not ok:
+            self._set_aside(line)
+            os.ftruncate(fd, size - back + start)
+            self._warn_once(f"cut:{size}", f"{self.path}: repaired an unreadable last line")
+            if self._loaded:
+                self._offset = min(self._offset, size - back + start)
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the store with only live records. Returns (lines before, lines after)."""
@@ -500,10 +552,33 @@ class Store:
             raise SymlinkRefused(self.path)
         os.replace(self.tmp_path, self.path)
         fsync_dir(self.data_dir)
-        self._ino = os.stat(self.path).st_ino
+        if self._loaded:
+            self._release_held()
+            self._held_fd = open_nofollow(self.path, os.O_RDONLY)
+        if os.path.lexists(self.repair_marker):
+            _unlink_quietly(self.repair_marker)
         self._offset = len(blob)
         self._lines = len(self.jobs)
         self._needs_repair = False
+
+
+def _read_from(fd: int, start: int) -> bytes:
+    chunks = []
+    offset = start
+    while True:
+        chunk = os.pread(fd, 1 << 22, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, blob: bytes) -> None:
