@@ -265,7 +265,9 @@ class _Pass:
     def _push_create(self, snap: Job) -> None:
         sj = self.remote.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
         if sj.local_id is not None and sj.local_id.lower() != snap.local_id:
-            raise Transient(f"POST /jobs: the server answered with another job ({sj.local_id[:64]!r})")
+            raise Transient(
+                f"POST /jobs: the server answered with another job ({sj.local_id[:64]!r})"
+            )
         self.summary.created += 1
         audio_on_server = snap.audio_file
         if sj.audio is None:
@@ -275,7 +277,7 @@ class _Pass:
             _file_sha256(snap.audio_file),
         ):
             audio_on_server = None  # an earlier POST whose answer was lost carried other audio
-        self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server))
+        self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server, created=True))
 
     def _push_update(self, snap: Job) -> None:
         base = snap.base or {}
@@ -295,7 +297,9 @@ class _Pass:
             if (send_audio or snap.audio_sent == snap.audio_file)
             else snap.audio_sent
         )
-        self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server))
+        self._record(
+            lambda view: self._apply_synced(view, snap, sj, audio_on_server, created=False)
+        )
 
     def _push_delete(self, snap: Job) -> None:
         server_id = snap.server_id
@@ -317,7 +321,12 @@ class _Pass:
         self._record(apply)
 
     def _apply_synced(
-        self, view: _Overlay, snap: Job, sj: ServerJob, audio_on_server: str | None
+        self,
+        view: _Overlay,
+        snap: Job,
+        sj: ServerJob,
+        audio_on_server: str | None,
+        created: bool,
     ) -> tuple[list[Job], list[str]]:
         cur = view.get(snap.local_id)
         if cur is None:
@@ -331,9 +340,13 @@ class _Pass:
         cur.audio_sent = audio_on_server
         cur.last_sync_attempt_at = stamp
         if cur.rev == snap.rev and cur.sync_status == snap.sync_status:
+            if not created:
+                # A PATCH carried what changed here; whatever else the server holds (another
+                # client's edit of a field we did not send) wins, as for any synced job.
+                cur.text, cur.metadata = sj.text, sj.metadata
             if (
-                sj.text == snap.text
-                and sj.metadata == snap.metadata
+                sj.text == cur.text
+                and sj.metadata == cur.metadata
                 and audio_on_server == snap.audio_file
             ):
                 cur.sync_status = SYNCED
