@@ -263,7 +263,11 @@ class Daemon:
         while not self.stop_requested:
             if self.reload_requested:
                 self._reload()
-            if self.worker is not None and not self.worker.is_alive():
+            # The worker sets its result just before it ends: finish on that, not on
+            # is_alive(), which may still be true when its wake-up byte has been read.
+            if self.worker is not None and (
+                self.worker_result is not None or not self.worker.is_alive()
+            ):
                 self._finish_pass()
             self.scheduler.run_pending()
             now = time.monotonic()
