@@ -423,7 +423,10 @@ class _Pass:
             for page, listing_etag in self.remote.list_pages(etag):
                 new_etag = listing_etag
                 self._apply_page(page, seen)
-            complete = True
+                if self.should_stop():  # also the daemon's proof of progress for its watchdog
+                    break
+            else:
+                complete = True
         except NotModified:
             return
         except RemoteError as exc:

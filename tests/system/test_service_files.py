@@ -292,3 +292,12 @@ def test_sync_plist_is_a_one_shot_every_five_minutes() -> None:
     plist = load_plist("org.jobsyncd.sync.plist")
     assert plist["StartInterval"] == 300
     assert "KeepAlive" not in plist
+
+
+def test_the_readme_shows_a_crontab_line_for_the_one_shot() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```crontab", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 1
+    fields = lines[0].split(None, 5)
+    assert len(fields) == 6 and fields[5].startswith("jobsyncd sync")
