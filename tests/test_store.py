@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import poll
+from helpers import poll
 
 from jobsyncd.errors import JobsyncdError, NoSuchJob, SymlinkRefused
 from jobsyncd.model import Job, new_local_id, rfc3339, utc_now

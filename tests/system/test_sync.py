@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import poll
+from helpers import poll
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Cli
+from helpers import Cli
 from faultserver import FaultProxy, FaultServer
 
 pytestmark = pytest.mark.timeout(60)
