@@ -7,7 +7,6 @@ our own `audio/` folder, whatever path a record or a server names.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -61,7 +60,10 @@ def import_copy(data_dir: str, src_fd: int, src_name: str, local_id: str) -> str
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         while True:
-            chunk = os.read(src_fd, 1 << 20)
+            try:
+                chunk = os.read(src_fd, 1 << 20)
+            except OSError as exc:
+                raise UsageProblem(f"cannot read audio file {src_name}: {exc.strerror}") from None
             if not chunk:
                 break
             view = memoryview(chunk)
@@ -71,11 +73,11 @@ def import_copy(data_dir: str, src_fd: int, src_name: str, local_id: str) -> str
     except OSError as exc:
         os.close(fd)
         _unlink_quietly(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
-            raise JobsyncdError(
-                f"cannot copy the audio file into {folder}: {exc.strerror}"
-            ) from None
-        raise UsageProblem(f"cannot read audio file {src_name}: {exc.strerror}") from None
+        raise JobsyncdError(f"cannot copy the audio file into {folder}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
     os.close(fd)
     os.rename(tmp, final)
     fsync_dir(folder)

@@ -86,16 +86,13 @@ class Daemon:
             pid = _read_pid(self.data_dir)
             holder = f"pid {pid}" if pid else "another process"
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
-        pid_path = os.path.join(self.data_dir, DAEMON_PID_NAME)
-        from .store import open_nofollow
+        from .state import write_file_atomically
 
-        tmp = pid_path + ".tmp"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        os.replace(tmp, pid_path)
+        try:
+            write_file_atomically(self.data_dir, DAEMON_PID_NAME, f"{os.getpid()}\n".encode())
+        except BaseException:
+            lock.release()
+            raise
         return lock
 
     def _bind_socket(self) -> None:

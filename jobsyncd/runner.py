@@ -15,6 +15,7 @@ from typing import Any
 
 from . import log
 from .config import Settings, check_server_url, read_token
+from .errors import JobsyncdError
 from .model import rfc3339, utc_now
 from .state import (
     read_backoff_until,
@@ -88,10 +89,14 @@ def execute_pass(
             remote.close()
             if progress is not None:
                 progress.close()
-        if summary.retry_after is not None:
-            write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
-        if pull_state != before:
-            write_pull_state(settings.data_dir, pull_state)
+        try:
+            if summary.retry_after is not None:
+                write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
+            if pull_state != before:
+                write_pull_state(settings.data_dir, pull_state)
+        except JobsyncdError as exc:
+            # The pass itself is recorded in the store; these files only save requests.
+            log.warning(str(exc))
     record = {"started_at": rfc3339(started), "finished_at": rfc3339(utc_now()), **summary.public()}
     try:
         write_last_pass(settings.data_dir, record)

@@ -11,7 +11,8 @@ import os
 import secrets
 from typing import Any
 
-from .store import fsync_dir, open_nofollow
+from .errors import JobsyncdError, SymlinkRefused
+from .store import _write_all, fsync_dir, open_nofollow
 
 LAST_PASS_NAME = "last_pass.json"
 BACKOFF_NAME = "backoff.json"
@@ -31,24 +32,38 @@ def _read_json(data_dir: str, name: str) -> Any:
         return None
 
 
-def _write_json(data_dir: str, name: str, value: Any, durable: bool = False) -> None:
+def write_file_atomically(data_dir: str, name: str, content: bytes, durable: bool = False) -> None:
+    """Write `name` in the data dir whole (temporary file + rename), never through a symlink.
+
+    Raises JobsyncdError naming the file; no temporary file is left behind.
+    """
     path = os.path.join(data_dir, name)
+    if os.path.islink(path):
+        raise SymlinkRefused(path)
     tmp = os.path.join(data_dir, f".{name}.{secrets.token_hex(4)}.tmp")
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        os.write(fd, json.dumps(value, separators=(",", ":")).encode())
+        try:
+            _write_all(fd, content)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
         if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    if os.path.islink(path):
-        os.unlink(tmp)
-        from .errors import SymlinkRefused
+            fsync_dir(data_dir)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise JobsyncdError(f"cannot write {path}: {exc.strerror}") from None
 
-        raise SymlinkRefused(path)
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(data_dir)
+
+def _write_json(data_dir: str, name: str, value: Any, durable: bool = False) -> None:
+    write_file_atomically(
+        data_dir, name, json.dumps(value, separators=(",", ":")).encode(), durable
+    )
 
 
 def read_last_pass(data_dir: str) -> dict[str, Any] | None:

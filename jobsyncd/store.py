@@ -108,11 +108,12 @@ def prepare_data_dir(path: str) -> str:
         try:
             os.chmod(path, 0o700)
         except OSError as exc:
-            raise JobsyncdError(
-                f"cannot make the data dir {path} private: {exc.strerror}"
-            ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise JobsyncdError(f"the data dir {path} cannot be written")
+            if exc.errno != errno.EROFS:  # a read-only mount: reading it is still fine
+                raise JobsyncdError(
+                    f"cannot make the data dir {path} private: {exc.strerror}"
+                ) from None
+    # A data dir that cannot be written still serves reads (list, show, status); a write
+    # fails then with one line naming the file.
     return path
 
 
@@ -139,7 +140,10 @@ class FileLock:
             self._depth += 1
             return
         try:
-            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+            fd = self._open()
+            if fd is None:  # a read-only file system: nobody can be writing, no lock needed
+                self._depth = 1
+                return
             deadline = time.monotonic() + self.timeout
             delay = 0.001
             while True:
@@ -162,6 +166,20 @@ class FileLock:
             raise
         self._fd = fd
         self._depth = 1
+
+    def _open(self) -> int | None:
+        try:
+            return open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+        except JobsyncdError:
+            try:
+                read_only = os.statvfs(os.path.dirname(self.path)).f_flag & os.ST_RDONLY
+            except OSError:
+                read_only = False
+            if not read_only:
+                raise
+            if os.path.lexists(self.path):
+                return open_nofollow(self.path, os.O_RDONLY)  # flock works on a read-only fd
+            return None
 
     def release(self) -> None:
         self._depth -= 1

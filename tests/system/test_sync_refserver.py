@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import Cli
 from faultserver import FaultProxy, FaultServer
+from helpers import Cli
 
 pytestmark = pytest.mark.timeout(60)
 

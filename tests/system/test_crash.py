@@ -1,0 +1,428 @@
+"""Crash consistency: `jobsyncd` processes SIGKILLed at random instants never lose or duplicate a job.
+
+A seeded harness (random.Random(JOBSYNCD_CRASH_SEED)) starts `create`, `update`, `delete`,
+`compact`, `sync` and `daemon --interval 1` against the reference server and SIGKILLs them at random
+instants, tracking the ground truth: a create that exited 0 printed a local_id that must never be
+lost, a delete that exited 0 must be gone everywhere after the next normal pass, an update that
+exited 0 decides the text (a killed one may or may not have). After every kill the store must
+load and hold every job it should; every few kills a normal `jobsyncd sync` (retried until it
+exits 0) must leave the local store and the server holding exactly the same jobs, each once.
+
+CI runs about 60 kills; a long run: JOBSYNCD_CRASH_KILLS=500 JOBSYNCD_CRASH_SEED=7 pytest -s ...
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from jobsyncd.model import Job, new_local_id
+from jobsyncd.store import STORE_NAME, TMP_NAME, Store, prepare_data_dir
+
+KILLS = int(os.environ.get("JOBSYNCD_CRASH_KILLS", "60"))
+SEED = int(os.environ.get("JOBSYNCD_CRASH_SEED", "20240611"))
+FULL_CHECK_EVERY_KILLS = 3
+MAX_LIVE_JOBS = 30  # keeps passes short: deletes get likelier as the store grows
+
+
+@dataclasses.dataclass
+class Truth:
+    """What we know of one job that must not be lost."""
+
+    texts: set[str]  # the texts it may hold (an update killed midway may or may not have landed)
+    delete: str | None = None  # None, "maybe" (delete killed) or "acked" (delete exited 0)
+
+
+@dataclasses.dataclass
+class Outcome:
+    rc: int | None  # None when we killed it
+    stdout: str
+    stderr: str
+
+
+class Harness:
+    def __init__(self, cli, server, rng: random.Random, workdir: Path) -> None:
+        self.cli = cli
+        self.server = server
+        self.rng = rng
+        self.workdir = workdir
+        self.known: dict[str, Truth] = {}
+        self.maybe_created: set[str] = set()  # texts of creates killed midway
+        self.kills = 0
+        self.by_kind: collections.Counter[str] = collections.Counter()
+        self.kills_since_check = 0
+        self.full_checks = 0
+        self.counter = 0
+        self.log: list[str] = []
+        self.daemon_logs: list[Path] = []
+
+    # ---- running and killing ----------------------------------------------------------------
+    def start(self, *args: str) -> subprocess.Popen:
+        return self.cli.popen(
+            "--server", self.server.url, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def kill_after(self, proc: subprocess.Popen, delay: float, kind: str) -> bool:
+        """SIGKILL `proc` after `delay` seconds unless it has exited; True if the kill hit it."""
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            pass
+        hit = proc.poll() is None
+        if hit:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if hit:
+            self.kills += 1
+            self.kills_since_check += 1
+            self.by_kind[kind] += 1
+        return hit
+
+    def run_killed(self, args: tuple[str, ...], max_delay: float) -> Outcome:
+        proc = self.start(*args)
+        try:
+            hit = self.kill_after(proc, self.rng.uniform(0.0, max_delay), args[0])
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        rc = None if hit else proc.returncode
+        self.log.append(f"{args[0]} {'killed' if hit else f'-> {rc}'}")
+        if rc is not None:
+            assert "Traceback" not in err, f"jobsyncd {' '.join(args)}:\n{err}"
+        return Outcome(rc, out, err)
+
+    def next_text(self, kind: str) -> str:
+        self.counter += 1
+        return f"{kind}-{self.counter}-{self.rng.randrange(10**9)}"
+
+    def live(self) -> list[str]:
+        return sorted(lid for lid, t in self.known.items() if t.delete is None)
+
+    # ---- the operations -----------------------------------------------------------------------
+    def op_create(self, max_delay: float = 0.12) -> None:
+        text = self.next_text("c")
+        out = self.run_killed(("create", "--text", text), max_delay)
+        if out.rc is None:
+            self.maybe_created.add(text)
+            return
+        assert out.rc == 0, out.stderr
+        local_id = out.stdout.strip()
+        assert local_id not in self.known
+        self.known[local_id] = Truth({text})
+
+    def op_update(self, max_delay: float = 0.12) -> None:
+        live = self.live()
+        if not live:
+            return self.op_create(max_delay)
+        local_id = self.rng.choice(live)
+        text = self.next_text("u")
+        out = self.run_killed(("update", local_id, "--text", text), max_delay)
+        truth = self.known[local_id]
+        if out.rc is None:
+            truth.texts.add(text)
+            return
+        assert out.rc == 0, f"update of a live job {local_id} -> {out.rc}: {out.stderr}"
+        truth.texts = {text}
+
+    def op_delete(self, max_delay: float = 0.12) -> None:
+        live = self.live()
+        if not live:
+            return self.op_create(max_delay)
+        local_id = self.rng.choice(live)
+        out = self.run_killed(("delete", local_id), max_delay)
+        if out.rc is None:
+            self.known[local_id].delete = "maybe"
+            return
+        assert out.rc == 0, f"delete of a live job {local_id} -> {out.rc}: {out.stderr}"
+        assert out.stdout.strip() == local_id
+        self.known[local_id].delete = "acked"
+
+    def op_compact(self, max_delay: float = 0.12) -> None:
+        out = self.run_killed(("compact",), max_delay)
+        if out.rc is not None:
+            assert out.rc == 0, out.stderr
+
+    def op_local(self, max_delay: float = 0.12) -> None:
+        n = len(self.live())
+        weights = [3, 2, 1 + 3 * (n >= MAX_LIVE_JOBS // 2) + 6 * (n >= MAX_LIVE_JOBS), 0.5]
+        ops = [self.op_create, self.op_update, self.op_delete, self.op_compact]
+        self.rng.choices(ops, weights)[0](max_delay)
+
+    def op_sync(self) -> None:
+        out = self.run_killed(("sync",), 0.5)
+        if out.rc is not None:
+            assert out.rc == 0, out.stderr
+
+    def op_daemon(self) -> None:
+        """A daemon runs passes (at start, every second, on wake-ups) while CLI commands change
+        the store under it; then it is SIGKILLed at a random instant."""
+        log_path = self.workdir / f"daemon-{len(self.daemon_logs)}.log"
+        self.daemon_logs.append(log_path)
+        with open(log_path, "w") as log:
+            proc = self.cli.popen(
+                "--server",
+                self.server.url,
+                "daemon",
+                "--interval",
+                "1",
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        try:
+            deadline = time.monotonic() + self.rng.uniform(0.1, 2.0)
+            for _ in range(self.rng.randrange(4)):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(self.rng.uniform(0.0, 0.3))
+                # Some of these complete and wake the daemon; some are killed themselves.
+                self.op_local(max_delay=self.rng.choice([0.12, 1.0]))
+            self.kill_after(proc, max(0.0, deadline - time.monotonic()), "daemon")
+            self.log.append("daemon killed")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    def round(self) -> None:
+        kind = self.rng.choices(["local", "sync", "daemon"], [6, 2, 1])[0]
+        if kind == "local":
+            self.op_local()
+        elif kind == "sync":
+            if not self.live() or self.rng.random() < 0.5:
+                self.op_local(max_delay=1.0)  # something for the pass to push
+            self.op_sync()
+        else:
+            self.op_daemon()
+
+    # ---- checks -------------------------------------------------------------------------------
+    def local_jobs(self) -> dict[str, dict]:
+        proc = self.cli("list", "--json")
+        assert proc.returncode == 0, f"the store does not load after a kill:\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr, proc.stderr
+        jobs = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        ids = [j["local_id"] for j in jobs]
+        assert len(ids) == len(set(ids)), f"a local_id is listed twice: {ids}"
+        sids = [j["server_id"] for j in jobs if j["server_id"] is not None]
+        dup = [s for s, c in collections.Counter(sids).items() if c > 1]
+        assert not dup, f"several local jobs share the server_ids {dup}"
+        return {j["local_id"]: j for j in jobs}
+
+    def check_store(self) -> dict[str, dict]:
+        """After a kill: the store loads and holds every job that must not be lost."""
+        local = self.local_jobs()
+        for local_id, truth in self.known.items():
+            if truth.delete is not None:
+                continue
+            assert local_id in local, f"job {local_id} was lost locally after: {self.log[-12:]}"
+            assert local[local_id]["text"] in truth.texts, (local[local_id], truth)
+            assert local[local_id]["sync_status"] != "pending_deletion", (
+                f"job {local_id} is being deleted but nobody deleted it: {local[local_id]}"
+            )
+        for local_id, job in local.items():
+            if local_id in self.known:
+                continue
+            # Only a create killed midway can have left a job we were not told about.
+            assert job["text"] in self.maybe_created, f"a job appeared from nowhere: {job}"
+            self.maybe_created.discard(job["text"])
+            self.known[local_id] = Truth({job["text"]})
+            if job["sync_status"] == "pending_deletion":
+                self.known[local_id].delete = "maybe"
+        return local
+
+    def normal_sync(self) -> None:
+        """A normal pass (no daemon runs now), retried until it exits 0."""
+        for _ in range(5):
+            proc = self.cli("--server", self.server.url, "sync", "--json")
+            assert "Traceback" not in proc.stderr, proc.stderr
+            if proc.returncode == 0:
+                return
+            last = proc
+        raise AssertionError(
+            f"jobsyncd sync never exited 0 after: {self.log[-12:]}\n"
+            f"{last.returncode}: {last.stdout}{last.stderr}"
+        )
+
+    def check_after_sync(self) -> None:
+        self.normal_sync()
+        local = self.check_store()
+        remote = self.server.jobs()
+        counts = collections.Counter(j["local_id"] for j in remote)
+        dup = {lid: c for lid, c in counts.items() if c > 1}
+        assert not dup, f"local_ids on the server more than once: {dup}"
+        remote_by_lid = {j["local_id"]: j for j in remote}
+        not_synced = [j for j in local.values() if j["sync_status"] != "synced"]
+        assert not not_synced, f"jobs not synced after an ok pass: {not_synced}"
+        only_local = sorted(set(local) - set(remote_by_lid))
+        only_remote = sorted(set(remote_by_lid) - set(local))
+        assert not only_local and not only_remote, (
+            f"after an ok pass the store and the server disagree: only here {only_local}, "
+            f"only on the server {only_remote}; after {self.log[-12:]}"
+        )
+        for local_id in list(self.known):
+            truth = self.known[local_id]
+            if truth.delete == "acked":
+                assert local_id not in remote_by_lid, (
+                    f"job {local_id} was deleted (exit 0) but is still on the server"
+                )
+                assert local_id not in local
+                del self.known[local_id]
+            elif local_id not in local:
+                assert truth.delete == "maybe", f"job {local_id} was lost: {truth}"
+                del self.known[local_id]
+            else:
+                text = remote_by_lid[local_id]["text"]
+                assert text in truth.texts, (
+                    f"job {local_id} holds {text!r} on the server, expected one of {truth.texts}"
+                )
+                assert local[local_id]["server_id"] == remote_by_lid[local_id]["id"]
+                self.known[local_id] = Truth({text})  # a delete killed before it wrote: live
+        self.maybe_created.clear()  # every killed create has shown up by now or never will
+        self.full_checks += 1
+        self.kills_since_check = 0
+
+    def check_daemon_logs(self) -> None:
+        for path in self.daemon_logs:
+            text = path.read_text()
+            assert "Traceback" not in text, f"{path}:\n{text}"
+
+
+@pytest.mark.timeout(90 + 4 * KILLS)
+def test_random_sigkills_never_lose_or_duplicate_a_job(cli, ref_server, tmp_path, capsys):
+    rng = random.Random(SEED)
+    h = Harness(cli, ref_server, rng, tmp_path)
+    start = time.monotonic()
+    try:
+        for _ in range(20 * KILLS):  # bounded: most rounds deliver a kill
+            if h.kills >= KILLS:
+                break
+            before = h.kills
+            h.round()
+            if h.kills > before:
+                h.check_store()
+                if h.kills_since_check >= FULL_CHECK_EVERY_KILLS:
+                    h.check_after_sync()
+        h.check_after_sync()
+        h.check_daemon_logs()
+    except AssertionError as exc:
+        raise AssertionError(
+            f"seed {SEED}, after {h.kills} kills (replay: JOBSYNCD_CRASH_SEED={SEED} "
+            f"JOBSYNCD_CRASH_KILLS={KILLS}): {exc}"
+        ) from None
+    assert h.kills >= KILLS, f"only {h.kills} kills were delivered"
+    line = (
+        f"crash harness: {h.kills} kills survived, jobs lost: 0, duplicates: 0 "
+        f"(seed {SEED}, {h.full_checks} full checks, {len(h.known)} jobs at the end, "
+        f"{time.monotonic() - start:.1f} s; killed: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(h.by_kind.items()))
+        + ")"
+    )
+    (tmp_path / "crash-summary.txt").write_text(line + "\n")
+    with capsys.disabled():
+        print("\n" + line)
+
+
+# ---- compaction killed at random instants ----------------------------------------------------
+
+COMPACT_JOBS = 20_000
+COMPACT_KILLS = int(os.environ.get("JOBSYNCD_COMPACT_KILLS", "8"))
+
+
+def _store_lines(data_dir: Path) -> int:
+    with open(data_dir / STORE_NAME, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+@pytest.mark.timeout(120 + 10 * COMPACT_KILLS)
+def test_compact_killed_at_random_instants_leaves_every_job_loadable(cli, tmp_path, capsys):
+    rng = random.Random(SEED + 1)
+    data_dir = str(cli.data_dir)
+    old = os.umask(0o077)
+    try:
+        prepare_data_dir(data_dir)
+    finally:
+        os.umask(old)
+    store = Store(data_dir)
+    expected: dict[str, str] = {}
+    jobs = []
+    for i in range(COMPACT_JOBS):
+        job = Job(local_id=new_local_id(), text=f"job {i}", metadata={"i": i})
+        jobs.append(job)
+        expected[job.local_id] = job.text
+    store.append(jobs)
+    doomed = [new_local_id() for _ in range(500)]
+    store.append([Job(local_id=lid, text="doomed") for lid in doomed])
+    store.append(purge=doomed)
+    ids = sorted(expected)
+
+    def add_dead_records(round_no: int) -> None:
+        """Supersede some records so that every compaction has real work to do."""
+        batch = []
+        for lid in rng.sample(ids, 2000):
+            text = f"edit {round_no} of {lid[:8]}"
+            batch.append(Job(local_id=lid, text=text, metadata={"round": round_no}))
+            expected[lid] = text
+        Store(data_dir).append(batch)
+
+    def check_loadable() -> None:
+        proc = cli("list", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        got = {}
+        for line in proc.stdout.splitlines():
+            job = json.loads(line)
+            got[job["local_id"]] = job["text"]
+        assert len(got) == len(expected), f"{len(got)} jobs load, {len(expected)} expected"
+        assert got == expected, "a job lost or reverted by a killed compaction"
+
+    t0 = time.monotonic()
+    done = cli("compact", timeout=60)
+    duration = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert _store_lines(cli.data_dir) == COMPACT_JOBS
+    check_loadable()
+
+    kills = 0
+    for round_no in range(4 * COMPACT_KILLS):
+        if kills >= COMPACT_KILLS:
+            break
+        add_dead_records(round_no)
+        proc = cli.popen("compact", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            try:
+                proc.wait(rng.uniform(0.0, duration * 1.1))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        check_loadable()
+        # An ordinary create still works and repairs anything a kill left behind.
+        created = cli("create", "--text", f"after kill {round_no}")
+        assert created.returncode == 0, created.stderr
+        expected[created.stdout.strip()] = f"after kill {round_no}"
+        ids.append(created.stdout.strip())
+    assert kills >= COMPACT_KILLS // 2, f"only {kills} compactions were caught running"
+
+    final = cli("compact", timeout=60)
+    assert final.returncode == 0, final.stderr
+    assert not (cli.data_dir / TMP_NAME).exists(), "a crashed compaction's temporary file stays"
+    assert _store_lines(cli.data_dir) == len(expected)
+    check_loadable()
+    with capsys.disabled():
+        print(
+            f"\ncompact harness: {kills} kills of `jobsyncd compact` on {COMPACT_JOBS} jobs survived"
+        )
