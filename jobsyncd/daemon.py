@@ -65,6 +65,7 @@ class Daemon:
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
         self.passes = 0
+        self.worker_counts: dict[str, int] = {}
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -155,6 +156,10 @@ class Daemon:
             except BaseException as exc:  # reported by the main loop
                 result = exc
             finally:
+                counts: dict[str, int] = {}
+                for job in self.store.jobs.values():
+                    counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
+                self.worker_counts = counts
                 self.store.unload()
             self.worker_result = result
             try:
@@ -181,7 +186,8 @@ class Daemon:
             elif result.message and not result.ok:
                 log.warning(result.message)
             log.info(line)
-            self.notifier.status(f"{line} at {time.strftime('%H:%M:%S')}")
+            held = ", ".join(f"{n} {status}" for status, n in sorted(self.worker_counts.items()))
+            self.notifier.status(f"{line} at {time.strftime('%H:%M:%S')}; jobs: {held or 'none'}")
             if result.again:
                 self.pass_requested = True
         else:
