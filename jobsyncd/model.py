@@ -200,9 +200,13 @@ def parse_rfc3339(text: str) -> _dt.datetime:
 def parse_meta_value(raw: str) -> Any:
     """`--meta KEY=VALUE`: VALUE as JSON when it parses, else the string itself."""
     try:
-        return json.loads(raw)
-    except ValueError:
+        return json.loads(raw, parse_constant=_not_json)
+    except (ValueError, RecursionError):
         return raw
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity are not JSON: taken as the string itself
 
 
 def parse_meta(pair: str) -> tuple[str, Any]:

@@ -156,6 +156,11 @@ def parse_server_job(obj: Any) -> ServerJob:
         or not (audio is None or isinstance(audio, dict))
     ):
         raise Transient(f"the server answered junk for job {sid[:64]!r}")
+    try:
+        # Lone surrogates (a "\ud800" escape) cannot be stored as UTF-8: junk, not a crash later.
+        json.dumps([sid, text, metadata, status, local_id], ensure_ascii=False).encode()
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise Transient(f"the server answered junk for job {sid[:64]!r}") from None
     return ServerJob(
         id=sid,
         local_id=local_id,
@@ -186,7 +191,6 @@ class Remote:
         self.session = requests.Session()
         self.session.auth = BearerAuth(token)
         self.session.headers["User-Agent"] = "jobsyncd"
-        self.session.max_redirects = 0
         if not verify_tls:
             self.session.verify = False
             import warnings
@@ -280,8 +284,11 @@ class Remote:
             raise Transient(f"{method} {path}: server error {status}{_server_message(body)}")
         if 300 <= status < 400:
             where = response.headers.get("Location", "?")
-            raise Permanent(
-                f"{method} {path}: the server redirects to {where[:200]}; fix server_url"
+            # Not the JSON answer expected (a captive portal, a moved server): an error that is
+            # retried, never followed, with the place named so that server_url can be fixed.
+            raise Transient(
+                f"{method} {path}: the server redirects to {where[:200]} (status {status}); "
+                "redirects are not followed: check server_url"
             )
         if 400 <= status:
             raise Permanent(
@@ -295,8 +302,8 @@ class Remote:
                 f"{method} {path}: the server answered {ctype or 'no content type'}, not JSON"
             )
         try:
-            return json.loads(body)
-        except ValueError:
+            return json.loads(body, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
             raise Transient(f"{method} {path}: the server answered junk, not JSON") from None
 
     def _job_call(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> ServerJob:
@@ -397,6 +404,10 @@ class Remote:
                 raise Transient("GET /jobs: the server answered a bad or repeated cursor")
             seen_cursors.add(cursor)
             first = False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity would make our own output invalid
 
 
 def _quote(server_id: str) -> str:

@@ -194,12 +194,21 @@ class SyncMachine(RuleBasedStateMachine):
 
     @rule(pick=picks)
     def retry(self, pick):
-        lid = self.choose([lid for lid, j in self.local().items() if j.sync_status == "failed"], pick)
+        lid = self.choose(
+            [lid for lid, j in self.local().items() if j.sync_status == "failed"], pick
+        )
         if lid is None:
             return
         job = retry_job(self.store, lid)
         assert job.sync_status in ("pending", "pending_deletion")
         assert job.retry_count == 0
+
+    @rule()
+    def compact(self):
+        before = {lid: j.public() for lid, j in self.local().items()}
+        self.store.compact()
+        after = {lid: j.public() for lid, j in Store(self.dir, warn=silent).load().items()}
+        assert after == before, "compaction changed the jobs"
 
     @rule()
     def sync(self):
