@@ -23,7 +23,7 @@ import requests.auth
 import urllib3.exceptions
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
-MAX_PAGE_ANSWER_BYTES = 256 << 20
+MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
 MAX_TEXT_CHARS = 16 << 20
 BACKOFF_DEFAULT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 3600.0
