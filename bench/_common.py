@@ -51,6 +51,18 @@ def timed(
     return times
 
 
+def peak_mib(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Peak resident memory of one run of `cmd` alone (measured by a wrapper process)."""
+    measure = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", measure, *cmd], env=env, capture_output=True, text=True
+    )
+    return int(out.stdout.strip()) / 1024
+
+
 def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1000
 

@@ -19,7 +19,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
-    floor = median_ms(timed([sys.executable, "-c", "import click"], runs=args.runs))
+    floor_cmd = [sys.executable, "-c", "import click"]
+    floor_runs = timed(floor_cmd, runs=args.runs)
+    floor = median_ms(floor_runs)
     print(f"floor (python -c 'import click'): {floor:.1f} ms")
     for size in (1_000, 100_000):
         with tempfile.TemporaryDirectory() as tmp:
@@ -31,6 +33,9 @@ def main() -> None:
             show_prefix = median_ms(timed([JOBSYNCD, "show", target[:8]], env, args.runs))
             update = median_ms(timed([JOBSYNCD, "update", target, "--meta", "k=1"], env, args.runs))
             lst = median_ms(timed([JOBSYNCD, "list", "--json"], env, max(3, args.runs // 3)))
+            # The floor again, so a change of load during the run shows up in both figures.
+            floor_runs += timed(floor_cmd, runs=args.runs)
+            floor = median_ms(floor_runs)
             print(
                 f"{size:>7} jobs: create {create:6.1f} ms ({create / floor:.2f}x)  show {show:6.1f} ms ({show / floor:.2f}x)  "
                 f"show by prefix {show_prefix:6.1f} ms ({show_prefix / floor:.2f}x)  update {update:6.1f} ms ({update / floor:.2f}x)  "

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
-from _common import JOBSYNCD, Server, build_store, clean_env, median_ms, timed
+from _common import JOBSYNCD, Server, build_store, clean_env, median_ms, peak_mib, timed
 
 
 def main() -> None:
@@ -95,20 +94,21 @@ def main() -> None:
             data = os.path.join(tmp, "data")
             build_store(data, args.big, synced_ids=ids)
             env = clean_env(data, JOBSYNCD_SERVER_URL=server.url)
-            first = timed([JOBSYNCD, "sync"], env, runs=1)[0]
-            print(f"first pass over {args.big} synced jobs (full listing): {first:.2f} s")
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            first_peak = peak_mib([JOBSYNCD, "sync"], env)
+            print(
+                f"first pass over {args.big} synced jobs (a full listing): peak memory {first_peak:.0f} MiB"
+            )
             time.sleep(0.2)
             listed = server.list_requests
-            times = timed([JOBSYNCD, "-v", "sync"], env, runs=5)
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            times = timed([JOBSYNCD, "sync"], env, runs=5)
             time.sleep(0.2)
             per_pass = (server.list_requests - listed) / 5
             print(
-                f"no-change pass over {args.big} synced jobs (whole process, median): {median_ms(times):.0f} ms, {per_pass:g} listing request(s) per pass"
+                f"no-change pass over {args.big} synced jobs (whole process, median): {median_ms(times):.0f} ms, "
+                f"{per_pass:g} listing request(s) per pass"
             )
             print(
-                f"peak memory of a pass with {args.big} jobs: {max(peak, before) / 1024:.0f} MiB (max RSS of the child processes so far)"
+                f"peak memory of a no-change pass with {args.big} jobs: {peak_mib([JOBSYNCD, 'sync'], env):.0f} MiB"
             )
         finally:
             server.stop()

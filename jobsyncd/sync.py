@@ -632,6 +632,7 @@ def run_pass(
         summary.message = str(stop)
         return summary
     summary = run.summary
+    store.compact_if_worth_it()  # a pass that wrote many outcomes leaves many dead records
     if summary.errors or summary.failed:
         summary.ok = False
     if run.should_stop():
