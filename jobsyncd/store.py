@@ -224,21 +224,33 @@ class Store:
             yield self
 
     # ---- reading -------------------------------------------------------------------------
-    def _read_bytes(self, start: int = 0) -> tuple[bytes, int]:
-        try:
-            fd = open_nofollow(self.path, os.O_RDONLY)
-        except JobsyncdError:
-            if not os.path.lexists(self.path):
-                return b"", -1
-            raise
-        try:
-            return _read_from(fd, start), os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
+    def _read_and_parse(self, fd: int, start: int) -> tuple[int, int, bool]:
+        """Fold the file from `start` on, read in blocks so that a large store is never held in
+        memory whole; returns (records folded, length of the complete lines, any line bad)."""
+        block_size = 4 << 20
+        total, bad, pending = 0, False, b""
+        offset = start
+        current = os.pread(fd, block_size, offset)
+        while current:
+            offset += len(current)
+            following = os.pread(fd, block_size, offset)
+            data = pending + current if pending else current
+            base = offset - len(data)
+            if following:
+                cut = data.rfind(b"\n") + 1
+                count, _, was_bad = self._parse(data[:cut], base, final=False)
+                pending = data[cut:]
+            else:
+                count, end, was_bad = self._parse(data, base, final=True)
+                pending = data[end:]
+            total += count
+            bad = bad or was_bad
+            current = following
+        return total, offset - len(pending) - start, bad
 
-    def _parse(self, data: bytes, base_offset: int) -> tuple[int, int, bool]:
+    def _parse(self, data: bytes, base_offset: int, final: bool = True) -> tuple[int, int, bool]:
         """Fold the records in `data`; returns (records folded, length of its complete lines,
-        whether any line was bad)."""
+        whether any line was bad). `final`: `data` runs to the end of the file."""
         end = data.rfind(b"\n") + 1
         bad = False
         if data[end:].strip():
@@ -257,7 +269,7 @@ class Store:
             if cut <= pos:
                 cut = data.find(b"\n", pos, end) + 1
             chunk = [ln for ln in data[pos:cut].split(b"\n") if ln.strip()]
-            is_last = cut >= end
+            is_last = final and cut >= end
             pos = cut
             if not chunk:
                 continue
@@ -347,16 +359,41 @@ class Store:
                 if os.path.lexists(self.path):
                     raise
                 fd = None
-            data = _read_from(fd, 0) if fd is not None else b""
             self.jobs = {}
-            count, end, bad = self._parse(data, 0)
-            del data
+            count, end, bad = self._read_and_parse(fd, 0) if fd is not None else (0, 0, False)
             self._held_fd, self._offset, self._lines = fd, end, count
             self._needs_repair = bad
             self._loaded = True
             if not bad and os.path.lexists(self.repair_marker):
                 _unlink_quietly(self.repair_marker)
         return self.jobs
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def may_hold_due_jobs(self) -> bool:
+        """False only when no line of the store names a status that needs a push (pending,
+        pending_deletion, error): a byte search, without folding anything. Conservative: a
+        stale line of a job synced since, or such text inside metadata, answers True."""
+        with self.lock:
+            try:
+                fd = open_nofollow(self.path, os.O_RDONLY)
+            except JobsyncdError:
+                if os.path.lexists(self.path):
+                    raise
+                return False
+            try:
+                size = os.fstat(fd).st_size
+                if not size:
+                    return False
+                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+                    return any(
+                        data.find(needle) != -1
+                        for needle in (b'"sync_status":"pending', b'"sync_status":"error"')
+                    )
+            finally:
+                os.close(fd)
 
     def unload(self) -> None:
         """Forget the folded jobs (a long-lived process between passes)."""
@@ -386,8 +423,7 @@ class Store:
                 return self.load()  # compacted or replaced: read it whole
             if st.st_size == self._offset:
                 return self.jobs
-            data = _read_from(self._held_fd, self._offset)
-            count, end, bad = self._parse(data, self._offset)
+            count, end, bad = self._read_and_parse(self._held_fd, self._offset)
             self._offset += end
             self._lines += count
             self._needs_repair = self._needs_repair or bad
@@ -605,18 +641,6 @@ class Store:
         self._offset = len(blob)
         self._lines = len(self.jobs)
         self._needs_repair = False
-
-
-def _read_from(fd: int, start: int) -> bytes:
-    chunks = []
-    offset = start
-    while True:
-        chunk = os.pread(fd, 1 << 22, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -164,6 +164,7 @@ class _Pass:
         self.progress = progress
         self.pull_state = pull_state
         self.summary = PassSummary()
+        self.purged_audio: dict[str, str] = {}  # audio copies to remove once their records are gone
         self.outcomes: list[Callable[[dict[str, Job]], tuple[list[Job], list[str]]]] = []
         self.last_flush = time.monotonic()
 
@@ -202,11 +203,8 @@ class _Pass:
                 log.warning(problem)
             del self.purged_audio[local_id]
 
-    purged_audio: dict[str, str]
-
     # ---- push ------------------------------------------------------------------------------------
     def push(self) -> None:
-        self.purged_audio = {}
         now = self.now()
         jobs = self.store.refresh()
         due = [j for j in jobs.values() if _is_due(j, now)]
@@ -409,18 +407,21 @@ class _Pass:
         self._record(apply)
 
     # ---- pull ------------------------------------------------------------------------------------
-    def pull(self, begin_synced: dict[str, str]) -> None:
+    def pull(self, begin_synced: dict[str, str] | None) -> None:
         etag = self.pull_state.get("etag")
         seen: set[str] = set()
         new_etag: str | None = None
         complete = False
-        self._index = {
-            j.server_id: j.local_id
-            for j in self.store.refresh().values()
-            if j.server_id is not None
-        }
+        self._index: dict[str, str] | None = None
         try:
             for page, listing_etag in self.remote.list_pages(etag):
+                if self._index is None:  # the listing changed: now the store is needed
+                    jobs = self.store.refresh()
+                    if begin_synced is None:
+                        begin_synced = _synced_ids(jobs)
+                    self._index = {
+                        j.server_id: j.local_id for j in jobs.values() if j.server_id is not None
+                    }
                 new_etag = listing_etag
                 self._apply_page(page, seen)
                 if self.should_stop():  # also the daemon's proof of progress for its watchdog
@@ -441,7 +442,7 @@ class _Pass:
         finally:
             self.flush()
         try:
-            settled = complete and self._detect_server_deletions(begin_synced, seen)
+            settled = complete and self._detect_server_deletions(begin_synced or {}, seen)
         finally:
             self.flush()
         if settled and new_etag:
@@ -451,7 +452,7 @@ class _Pass:
 
     def _apply_page(self, page: list[ServerJob], seen: set[str]) -> None:
         jobs = self.store.refresh()
-        by_server_id = self._index
+        by_server_id = self._index or {}
         for sj in page:
             if sj.id in seen:
                 continue
@@ -615,12 +616,13 @@ def run_pass(
         progress,
         pull_state if pull_state is not None else {},
     )
-    jobs = store.refresh()
-    begin_synced = {
-        j.local_id: j.server_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id
-    }
+    # A store not folded yet in which no line names a status that needs a push: skip the push
+    # and fold the store only if the listing changed. A no-change pass then reads no job at all.
+    lazy = not store.loaded and not store.may_hold_due_jobs()
+    begin_synced = None if lazy else _synced_ids(store.refresh())
     try:
-        run.push()
+        if not lazy:
+            run.push()
         if not run.should_stop():
             run.pull(begin_synced)
     except _StopPass as stop:
@@ -638,6 +640,12 @@ def run_pass(
     if run.should_stop():
         summary.ok = False
     return summary
+
+
+def _synced_ids(jobs: dict[str, Job]) -> dict[str, str]:
+    return {
+        j.local_id: j.server_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id
+    }
 
 
 def count_due(store: Store, now: _dt.datetime | None = None) -> int:
