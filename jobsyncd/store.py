@@ -373,9 +373,10 @@ class Store:
         return self._loaded
 
     def may_hold_due_jobs(self) -> bool:
-        """False only when no line of the store names a status that needs a push (pending,
-        pending_deletion, error): a byte search, without folding anything. Conservative: a
-        stale line of a job synced since, or such text inside metadata, answers True."""
+        """False only when no job's latest line names a status that needs a push (pending,
+        pending_deletion, error), found by byte search without folding the store. Lines of jobs
+        synced since are checked against the job's last line, up to a few dozen; beyond that,
+        or when a status is named inside metadata, it answers True (fold and see)."""
         with self.lock:
             try:
                 fd = open_nofollow(self.path, os.O_RDONLY)
@@ -388,10 +389,7 @@ class Store:
                 if not size:
                     return False
                 with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                    return any(
-                        data.find(needle) != -1
-                        for needle in (b'"sync_status":"pending', b'"sync_status":"error"')
-                    )
+                    return _may_hold_due_jobs(data)
             finally:
                 os.close(fd)
 
@@ -602,7 +600,9 @@ class Store:
             if not self._loaded:
                 return
             self.refresh()
-            if self._lines > 2 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
+            # A lower bar than after an append: the pass has folded the store already, and a
+            # store without stale lines lets the next no-change pass skip folding it.
+            if 4 * self._lines > 5 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
                 self._rewrite()
 
     def compact(self) -> tuple[int, int]:
@@ -641,6 +641,39 @@ class Store:
         self._offset = len(blob)
         self._lines = len(self.jobs)
         self._needs_repair = False
+
+
+_DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
+_MAX_STALE_CHECKS = 64
+
+
+def _line_at(data: Any, pos: int) -> tuple[int, int]:
+    start = data.rfind(b"\n", 0, pos) + 1
+    end = data.find(b"\n", pos)
+    return start, (len(data) if end == -1 else end)
+
+
+def _may_hold_due_jobs(data: Any) -> bool:
+    checked: set[bytes] = set()
+    for needle in _DUE_NEEDLES:
+        pos = data.find(needle)
+        while pos != -1:
+            start, end = _line_at(data, pos)
+            head = data[start : start + 50]  # {"local_id":"<36 characters>"
+            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
+                return True
+            if head not in checked:
+                if len(checked) >= _MAX_STALE_CHECKS:
+                    return True
+                checked.add(head)
+                last = data.rfind(b"\n" + head) + 1
+                last = max(last, start)
+                last_end = _line_at(data, last)[1]
+                line = data[last:last_end]
+                if any(n in line for n in _DUE_NEEDLES):
+                    return True
+            pos = data.find(needle, end)
+    return False
 
 
 def _unlink_quietly(path: str) -> None:

@@ -774,3 +774,35 @@ def test_a_process_killed_in_the_middle_of_a_compaction_loses_no_job(data_dir):
     Store(str(data_dir)).compact()
     assert set(fresh_jobs(data_dir)) == expected | {extra.local_id}
     assert not (data_dir / TMP_NAME).exists()
+
+
+# ---- the no-change pass's quick look -----------------------------------------------------------
+
+
+def test_a_store_of_synced_jobs_holds_no_due_jobs_even_with_stale_pending_lines(data_dir):
+    store, _ = make_store(data_dir)
+    jobs = [job(f"j{i}") for i in range(5)]
+    store.append(jobs)  # pending lines
+    for j in jobs:
+        j.sync_status = "synced"
+        j.server_id = f"s-{j.local_id[:8]}"
+    store.append(jobs)  # each superseded by a synced line
+    assert Store(str(data_dir)).may_hold_due_jobs() is False
+
+
+@pytest.mark.parametrize("status", ["pending", "pending_deletion", "error"])
+def test_a_job_whose_last_line_needs_a_push_is_seen_without_folding(data_dir, status):
+    store, _ = make_store(data_dir)
+    done = job("done", sync_status="synced", server_id="s1")
+    due = job("due", sync_status="synced", server_id="s2")
+    store.append([done, due])
+    due.sync_status = status
+    store.append([due])
+    assert Store(str(data_dir)).may_hold_due_jobs() is True
+
+
+def test_an_empty_or_missing_store_holds_no_due_jobs(data_dir):
+    prepare_data_dir(str(data_dir))
+    assert Store(str(data_dir)).may_hold_due_jobs() is False
+    (data_dir / STORE_NAME).write_bytes(b"")
+    assert Store(str(data_dir)).may_hold_due_jobs() is False
