@@ -1,46 +1,67 @@
 """Local command speed: `create`, `show`, `update`, `list --json` against the floor.
 
-The floor is the same virtual environment's `python -c "import click"`, measured in the same run
-(this machine is noisy). Targets (issue 2): create within 1.3x the floor at 1,000 and 100,000
-jobs; show/update within 2x at 100,000; list --json of 100,000 under 1.5 s.
+The floor is the same virtual environment's `python -c "import click"`. This machine is noisy
+(2 shared cores), so each command's runs alternate with runs of the floor, and each ratio is
+the median of the command over the median of the floor runs made alongside it.
+Targets (issue 2): create within 1.3x the floor at 1,000 and 100,000 jobs; show/update within
+2x at 100,000; list --json of 100,000 under 1.5 s.
 Run: .venv/bin/python bench/bench_cli.py [--runs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 
-from _common import JOBSYNCD, build_store, clean_env, median_ms, timed
+from _common import JOBSYNCD, build_store, clean_env
+
+FLOOR = [sys.executable, "-c", "import click"]
+
+
+def _once(cmd: list[str], env: dict[str, str] | None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {proc.stderr.decode()}")
+    return took
+
+
+def paired(cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, float]:
+    """(median ms of cmd, median ms of the floor runs alternated with it)."""
+    mine, floor = [], []
+    for _ in range(runs):
+        floor.append(_once(FLOOR, None))
+        mine.append(_once(cmd, env))
+    return statistics.median(mine) * 1000, statistics.median(floor) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
-    floor_cmd = [sys.executable, "-c", "import click"]
-    floor_runs = timed(floor_cmd, runs=args.runs)
-    floor = median_ms(floor_runs)
-    print(f"floor (python -c 'import click'): {floor:.1f} ms")
     for size in (1_000, 100_000):
         with tempfile.TemporaryDirectory() as tmp:
             ids = build_store(tmp + "/data", size)
             env = clean_env(tmp + "/data")
             target = ids[size // 2]
-            create = median_ms(timed([JOBSYNCD, "create", "--text", "bench"], env, args.runs))
-            show = median_ms(timed([JOBSYNCD, "show", target], env, args.runs))
-            show_prefix = median_ms(timed([JOBSYNCD, "show", target[:8]], env, args.runs))
-            update = median_ms(timed([JOBSYNCD, "update", target, "--meta", "k=1"], env, args.runs))
-            lst = median_ms(timed([JOBSYNCD, "list", "--json"], env, max(3, args.runs // 3)))
-            # The floor again, so a change of load during the run shows up in both figures.
-            floor_runs += timed(floor_cmd, runs=args.runs)
-            floor = median_ms(floor_runs)
-            print(
-                f"{size:>7} jobs: create {create:6.1f} ms ({create / floor:.2f}x)  show {show:6.1f} ms ({show / floor:.2f}x)  "
-                f"show by prefix {show_prefix:6.1f} ms ({show_prefix / floor:.2f}x)  update {update:6.1f} ms ({update / floor:.2f}x)  "
-                f"list --json {lst:7.1f} ms"
-            )
+            parts = []
+            for name, cmd in (
+                ("create", [JOBSYNCD, "create", "--text", "bench"]),
+                ("show", [JOBSYNCD, "show", target]),
+                ("show by prefix", [JOBSYNCD, "show", target[:8]]),
+                ("update", [JOBSYNCD, "update", target, "--meta", "k=1"]),
+            ):
+                ms, floor = paired(cmd, env, args.runs)
+                parts.append(f"{name} {ms:.1f} ms ({ms / floor:.2f}x of {floor:.1f})")
+            runs = max(3, args.runs // 4)
+            lst = statistics.median(_once([JOBSYNCD, "list", "--json"], env) for _ in range(runs)) * 1000
+            parts.append(f"list --json {lst:.0f} ms")
+            print(f"{size:>7} jobs: " + "; ".join(parts))
 
 
 if __name__ == "__main__":
