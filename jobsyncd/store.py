@@ -377,19 +377,30 @@ class Store:
         pending_deletion, error), found by byte search without folding the store. Lines of jobs
         synced since are checked against the job's last line, up to a few dozen; beyond that,
         or when a status is named inside metadata, it answers True (fold and see)."""
+        with self.mapped() as data:
+            return data is not None and _may_hold_due_jobs(data)
+
+    @contextmanager
+    def mapped(self) -> Iterator[Any]:
+        """The store file mapped read-only, under the lock (None when missing or empty).
+
+        Searched in place, without a copy: bytes.find's fast search over the page cache finds a
+        job's lines among 100,000 in a few milliseconds."""
         with self.lock:
             try:
                 fd = open_nofollow(self.path, os.O_RDONLY)
             except JobsyncdError:
                 if os.path.lexists(self.path):
                     raise
-                return False
+                yield None
+                return
             try:
                 size = os.fstat(fd).st_size
                 if not size:
-                    return False
+                    yield None
+                    return
                 with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                    return _may_hold_due_jobs(data)
+                    yield data
             finally:
                 os.close(fd)
 
@@ -433,23 +444,10 @@ class Store:
         ref_b = ref.encode()
         if b'"' in ref_b or b"\\" in ref_b or b"\n" in ref_b:
             raise NoSuchJob(f"no job matches {ref!r}")
-        with self.lock:
-            try:
-                fd = open_nofollow(self.path, os.O_RDONLY)
-            except JobsyncdError:
-                if os.path.lexists(self.path):
-                    raise
-                raise NoSuchJob(f"no job matches {ref!r}") from None
-            try:
-                size = os.fstat(fd).st_size
-                if not size:
-                    raise NoSuchJob(f"no job matches {ref!r}")
-                # Searched in place (no copy of a large store): bytes.find's fast search over
-                # the page cache finds a job's lines among 100,000 in a few milliseconds.
-                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                    return self._find_in(data, ref)
-            finally:
-                os.close(fd)
+        with self.mapped() as data:
+            if data is None:
+                raise NoSuchJob(f"no job matches {ref!r}")
+            return self._find_in(data, ref)
 
     def _find_in(self, data: Any, ref: str) -> Job:
         job = self._fold_one(data, ref.lower())
