@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except click.UsageError as exc:
         message = exc.format_message()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `jobsyncd`: not the whole help
+            message = "give a command, e.g. `jobsyncd status`"
         if exc.ctx is not None and exc.ctx.command_path:
             message = f"{message} (see '{exc.ctx.command_path} --help')"
         log.error(message.replace("\n", " "))

@@ -605,3 +605,9 @@ def test_a_symlink_planted_at_the_audio_folder_is_refused(cli, tmp_path):
     assert str(cli.data_dir / "audio") in one_error_line(proc)
     assert list(elsewhere.iterdir()) == []
     assert len(cli.jobs()) == 1
+
+
+def test_no_command_at_all_is_a_one_line_usage_error(cli):
+    proc = cli()
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("jobsyncd: error:") and proc.stderr.count("\n") == 1
