@@ -110,7 +110,9 @@ def default_data_dir(environ: Mapping[str, str] = os.environ) -> str:
     return _user_dir("data", environ)
 
 
-def _coerce(key: str, value: Any, origin: str) -> Any:
+def _coerce(key: str, value: Any, origin: str, from_text: bool = False) -> Any:
+    """`value` as the key's type. Only environment values (`from_text`) are read from strings:
+    in the TOML file, `verify_tls = "no"` is a string where a boolean belongs, an error."""
     kind = KEYS[key]
     if kind == "str":
         if isinstance(value, str):
@@ -118,14 +120,14 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     elif kind == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str):
+        if isinstance(value, str) and from_text:
             low = value.strip().lower()
             if low in ("true", "1", "yes"):
                 return True
             if low in ("false", "0", "no"):
                 return False
     elif kind in ("number", "int"):
-        if isinstance(value, str):
+        if isinstance(value, str) and from_text:
             try:
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
@@ -208,7 +210,7 @@ def load_settings(
     for key in KEYS:
         env_value = environ.get("JOBSYNCD_" + key.upper())
         if env_value is not None and env_value != "":
-            values[key] = _coerce(key, env_value, "JOBSYNCD_" + key.upper())
+            values[key] = _coerce(key, env_value, "JOBSYNCD_" + key.upper(), from_text=True)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, "--" + key.replace("_", "-"))
@@ -226,7 +228,7 @@ def is_loopback_host(host: str) -> bool:
     import ipaddress
 
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -264,11 +266,12 @@ def read_token(
     warnings: list[str] = []
     token = (environ.get("JOBSYNCD_TOKEN") or "").strip()
     if token:
-        return token, warnings
+        return _usable_token(token, "JOBSYNCD_TOKEN"), warnings
     candidates = []
     creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and os.path.exists(os.path.join(creds, "jobsyncd-token")):
-        candidates.append(os.path.join(creds, "jobsyncd-token"))
+    from_systemd = bool(creds and os.path.exists(os.path.join(creds, "jobsyncd-token")))
+    if from_systemd:
+        candidates.append(os.path.join(creds or "", "jobsyncd-token"))
     elif settings.token_file:
         candidates.append(settings.token_file)
     for path in candidates:
@@ -279,9 +282,19 @@ def read_token(
             raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"token file {path} is not UTF-8 text") from None
-        if group_or_other_can_read(path) and not creds:
+        if group_or_other_can_read(path) and not from_systemd:
             warnings.append(f"token file {path} can be read by group or others (chmod 600 it)")
         if not token:
             raise ConfigError(f"token file {path} is empty")
-        return token, warnings
+        return _usable_token(token, f"token file {path}"), warnings
     return None, warnings
+
+
+def _usable_token(token: str, origin: str) -> str:
+    """A bearer token is one run of visible ASCII characters; say so without echoing it."""
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"the token from {origin} holds spaces, line breaks or characters a bearer token "
+            "cannot have (a token file holds the token alone)"
+        )
+    return token

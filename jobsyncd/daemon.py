@@ -30,7 +30,13 @@ from .store import Store
 from .sync import PassSummary
 from .wakeup import DAEMON_LOCK_NAME, DAEMON_PID_NAME, SOCKET_NAME
 
-STOP_GRACE_SECONDS = 3.0  # how long a stopping daemon waits for a pass to finish its request
+STOP_GRACE_SECONDS = 3.0
+
+
+def remote_requests_in_flight() -> int:
+    from .remote import requests_in_flight  # imported by the pass already; costs nothing here
+
+    return requests_in_flight()  # how long a stopping daemon waits for a pass to finish its request
 
 
 def _release_memory() -> None:
@@ -65,7 +71,7 @@ class Daemon:
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
         self.passes = 0
-        self.worker_counts: dict[str, int] = {}
+        self.worker_counts: dict[str, int] | None = None
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -156,9 +162,11 @@ class Daemon:
             except BaseException as exc:  # reported by the main loop
                 result = exc
             finally:
-                counts: dict[str, int] = {}
-                for job in self.store.jobs.values():
-                    counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
+                counts: dict[str, int] | None = None
+                if self.store.loaded:  # a no-change pass never folds the store
+                    counts = {}
+                    for job in self.store.jobs.values():
+                        counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
                 self.worker_counts = counts
                 self.store.unload()
             self.worker_result = result
@@ -183,11 +191,14 @@ class Daemon:
                 log.error(
                     f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)"
                 )
-            elif result.message and not result.ok:
+            elif result.message and not result.ok and not result.message_logged:
                 log.warning(result.message)
             log.info(line)
-            held = ", ".join(f"{n} {status}" for status, n in sorted(self.worker_counts.items()))
-            self.notifier.status(f"{line} at {time.strftime('%H:%M:%S')}; jobs: {held or 'none'}")
+            status = f"{line} at {time.strftime('%H:%M:%S')}"
+            if self.worker_counts is not None:
+                held = ", ".join(f"{n} {s}" for s, n in sorted(self.worker_counts.items()))
+                status += f"; jobs: {held or 'none'}"
+            self.notifier.status(status)
             if result.again:
                 self.pass_requested = True
         else:
@@ -285,7 +296,11 @@ class Daemon:
                 if now >= next_ping:
                     # A pass that made no progress for a whole watchdog period is stuck: stop
                     # pinging, so that systemd restarts us.
-                    if self.worker is None or now - self.heartbeat < 2 * watchdog:
+                    if (
+                        self.worker is None
+                        or now - self.heartbeat < 2 * watchdog
+                        or remote_requests_in_flight()
+                    ):
                         self.notifier.watchdog()
                     else:
                         log.error(

@@ -83,9 +83,19 @@ def update_job(
 ) -> tuple[Job, bool]:
     """Apply the changes; returns the job and whether anything changed."""
     src_fd = audio.open_user_audio(audio_src) if audio_src else None
+    copy = None
+    committed = False
     try:
+        if src_fd is not None:
+            # Copied before the store lock is taken: a large file must not hold up the daemon
+            # or other commands. Dropped again below if the update does not go ahead.
+            first = store.find(ref)
+            if not (first.audio_file and _same_content(first.audio_file, audio_src or "")):
+                copy = audio.import_copy(store.data_dir, src_fd, audio_src or "", first.local_id)
         with store.locked():
             job = store.find(ref)
+            if copy is not None and not os.path.basename(copy).startswith(job.local_id):
+                raise JobsyncdError(f"{ref!r} changed meaning during the update; try again")
             if _is_delete(job):
                 raise JobsyncdError(
                     f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
@@ -96,12 +106,6 @@ def update_job(
             for key in unset_meta:
                 metadata.pop(key, None)
             new_text = job.text if text is None else text
-            copy = None
-            if src_fd is not None and not (
-                job.audio_file and _same_content(job.audio_file, audio_src or "")
-            ):
-                os.lseek(src_fd, 0, os.SEEK_SET)
-                copy = audio.import_copy(store.data_dir, src_fd, audio_src or "", job.local_id)
             if new_text == job.text and metadata == job.metadata and copy is None:
                 return job, False
             old_audio = job.audio_file
@@ -118,11 +122,8 @@ def update_job(
                 job.retry_count = 0
                 job.next_attempt_at = None
                 job.error_kind = None
-            try:
-                store.append([job])
-            except BaseException:
-                audio.remove_managed(store.data_dir, copy)
-                raise
+            store.append([job])
+            committed = True
             # The old copy goes once the new one is in place, unless the server still needs it
             # for nothing: a PATCH only ever sends the current file.
             if copy is not None and old_audio:
@@ -133,6 +134,8 @@ def update_job(
                     log.warning(problem)
             return job, True
     finally:
+        if copy is not None and not committed:
+            audio.remove_managed(store.data_dir, copy)
         if src_fd is not None:
             os.close(src_fd)
 

@@ -226,9 +226,20 @@ def parse_rfc3339(text: str) -> _dt.datetime:
 def parse_meta_value(raw: str) -> Any:
     """`--meta KEY=VALUE`: VALUE as JSON when it parses, else the string itself."""
     try:
-        return json.loads(raw, parse_constant=_not_json)
+        value = json.loads(raw, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return raw
+    return value if _finite(value) else raw  # 1e400 parses as infinity: not JSON either
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value - value == 0.0  # false for inf and nan
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _not_json(name: str) -> Any:

@@ -9,6 +9,7 @@ token travels in an AuthBase so that requests never swaps it for ~/.netrc creden
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import os
 import re
@@ -28,6 +29,15 @@ MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in pr
 MAX_TEXT_CHARS = 16 << 20
 BACKOFF_DEFAULT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 3600.0
+
+
+_in_flight = 0  # requests under way in this process (the daemon's watchdog reads it)
+
+
+def requests_in_flight() -> int:
+    """How many requests are under way: each is bounded by its socket timeouts, so a pass
+    inside one is waiting on the network, not stuck."""
+    return _in_flight
 
 
 class RemoteError(Exception):
@@ -202,13 +212,18 @@ class Remote:
             import warnings
 
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-        elif ca_bundle:
-            self.session.verify = ca_bundle
         else:
             bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
             self.session.verify = bundle or True
         # No retries inside urllib3: the pass decides what is retried, and when.
-        adapter = requests.adapters.HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=2)
+        adapter: requests.adapters.HTTPAdapter
+        if verify_tls and ca_bundle:
+            adapter = _ExtraCAAdapter(_context_with_extra_ca(bundle, ca_bundle))
+            self.session.verify = True
+        else:
+            adapter = requests.adapters.HTTPAdapter(
+                max_retries=0, pool_connections=1, pool_maxsize=2
+            )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -225,6 +240,16 @@ class Remote:
         **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
         url = self.api_base + path
+        global _in_flight
+        _in_flight += 1
+        try:
+            return self._send_and_read(method, path, url, max_bytes, **kwargs)
+        finally:
+            _in_flight -= 1
+
+    def _send_and_read(
+        self, method: str, path: str, url: str, max_bytes: int, **kwargs: Any
+    ) -> tuple[requests.Response, bytes]:
         try:
             response = self.session.request(
                 method,
@@ -246,6 +271,11 @@ class Remote:
             raise Transient(f"{method} {path}: connection broken: {_reason(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise Transient(f"{method} {path}: {_reason(exc)}") from None
+        except (ValueError, http.client.HTTPException) as exc:
+            # http.client's own checks: their text may quote a header (the token): not shown.
+            raise Transient(
+                f"{method} {path}: the request could not be sent ({type(exc).__name__})"
+            ) from None
         try:
             body = self._read_body(response, max_bytes, method, path)
         finally:
@@ -413,6 +443,40 @@ class Remote:
                 raise Transient("GET /jobs: the server answered a bad or repeated cursor")
             seen_cursors.add(cursor)
             first = False
+
+
+class _ExtraCAAdapter(requests.adapters.HTTPAdapter):
+    """Verifies with the default CAs *and* the configured `ca_bundle` (an extra CA file, not a
+    replacement: requests' own `verify=path` would drop the default CAs)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+
+    def build_connection_pool_key_attributes(
+        self, request: Any, verify: Any, cert: Any = None
+    ) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        if verify is not False:
+            pool_kwargs["ssl_context"] = self._context
+        return host_params, pool_kwargs
+
+
+def _context_with_extra_ca(default_bundle: str | None, extra: str) -> Any:
+    import ssl
+
+    from requests.utils import DEFAULT_CA_BUNDLE_PATH
+
+    context = ssl.create_default_context(cafile=default_bundle or DEFAULT_CA_BUNDLE_PATH)
+    try:
+        context.load_verify_locations(cafile=extra)
+    except (OSError, ssl.SSLError) as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(f"cannot use ca_bundle {extra}: {exc}") from None
+    return context
 
 
 def _refuse_constant(name: str) -> Any:

@@ -165,7 +165,9 @@ def run_sync_command(settings: Settings, store: Store, as_json: bool, force_dele
         log.warning(message)
     from .wakeup import daemon_pid, request_sync
 
-    pid = daemon_pid(settings.data_dir)
+    # --force-delete is never handed over: the daemon's own passes keep the deletion guard, so
+    # the forced pass runs here, between the daemon's passes (they share the sync lock).
+    pid = None if force_delete else daemon_pid(settings.data_dir)
     if pid is not None and request_sync(settings.data_dir):
         summary = PassSummary(handed_to_daemon=pid or None)
         if as_json:

@@ -79,6 +79,7 @@ class PassSummary:
     retry_after: float | None = dataclasses.field(default=None, repr=False)
     message: str | None = dataclasses.field(default=None, repr=False)
     again: bool = dataclasses.field(default=False, repr=False)
+    message_logged: bool = dataclasses.field(default=False, repr=False)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -118,7 +119,7 @@ def _stop_for(exc: RemoteError) -> _StopPass | None:
 
 def _is_due(job: Job, now: _dt.datetime) -> bool:
     status = job.sync_status
-    if status in (PENDING, PENDING_DELETION) and not job.next_attempt_at:
+    if status == PENDING or (status == PENDING_DELETION and not job.next_attempt_at):
         return True
     if status in (ERROR, PENDING_DELETION):
         if not job.next_attempt_at:
@@ -165,6 +166,9 @@ class _Pass:
         self.pull_state = pull_state
         self.summary = PassSummary()
         self.purged_audio: dict[str, str] = {}  # audio copies to remove once their records are gone
+        # Marked create_sent by this pass but not POSTed, or surely not stored: unmarked at the
+        # end, so that a delete of a job that never reached the server just drops it.
+        self.unsent: set[str] = set()
         self.outcomes: list[Callable[[dict[str, Job]], tuple[list[Job], list[str]]]] = []
         self.last_flush = time.monotonic()
 
@@ -211,17 +215,34 @@ class _Pass:
         due.sort(key=lambda j: (j.created_at, j.local_id))
         if not due:
             return
-        for first in range(0, len(due), FLUSH_EVERY_JOBS):
-            batch = [j.copy() for j in due[first : first + FLUSH_EVERY_JOBS]]
-            self._mark_create_sent(batch)
-            for done, snap in enumerate(batch, first + 1):
-                if self.should_stop():
-                    self.flush()
-                    return
-                self.push_one(snap)
-                if self.progress is not None:
-                    self.progress(done)
-        self.flush()
+        try:
+            for first in range(0, len(due), FLUSH_EVERY_JOBS):
+                batch = [j.copy() for j in due[first : first + FLUSH_EVERY_JOBS]]
+                self._mark_create_sent(batch)
+                for done, snap in enumerate(batch, first + 1):
+                    if self.should_stop():
+                        return
+                    self.push_one(snap)
+                    if self.progress is not None:
+                        self.progress(done)
+        finally:
+            self.flush()
+            self._unmark_unsent()
+
+    def _unmark_unsent(self) -> None:
+        if not self.unsent:
+            return
+        with self.store.locked():
+            current = self.store.refresh()
+            unmarked = []
+            for local_id in self.unsent:
+                cur = current.get(local_id)
+                if cur is not None and cur.server_id is None and cur.create_sent:
+                    cur = cur.copy()
+                    cur.create_sent = False
+                    unmarked.append(cur)
+            self.store.append(unmarked)
+        self.unsent.clear()
 
     def _mark_create_sent(self, batch: list[Job]) -> None:
         """Before any POST, record durably (one write per batch) that it may reach the server:
@@ -243,6 +264,7 @@ class _Pass:
                     cur = cur.copy()
                     cur.create_sent = True
                     marked.append(cur)
+                    self.unsent.add(snap.local_id)
                 snap.create_sent = True
             self.store.append(marked)
 
@@ -255,6 +277,8 @@ class _Pass:
             else:
                 self._push_update(snap)
         except RemoteError as exc:
+            if not isinstance(exc, (Offline, TLSFailure, AuthRefused, BackOff, Permanent, Gone)):
+                self.unsent.discard(snap.local_id)  # it may have been stored: keep create_sent
             stop = _stop_for(exc)
             if stop is not None:
                 raise stop from None
@@ -262,6 +286,7 @@ class _Pass:
 
     def _push_create(self, snap: Job) -> None:
         sj = self.remote.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
+        self.unsent.discard(snap.local_id)
         if sj.local_id is not None and sj.local_id.lower() != snap.local_id:
             raise Transient(
                 f"POST /jobs: the server answered with another job ({sj.local_id[:64]!r})"
@@ -304,7 +329,8 @@ class _Pass:
         if server_id is None and snap.create_sent:
             # Its create may have reached the server (answer lost): the idempotent POST finds
             # the server copy (or makes one) so that it can be deleted.
-            server_id = self.remote.create(snap.local_id, snap.text, snap.metadata, None).id
+            # An empty body: the server answers a repeat with the stored job whatever we send.
+            server_id = self.remote.create(snap.local_id, "", {}, None).id
         if server_id is not None:
             self.remote.delete(server_id)
             self.summary.deleted_remote += 1
@@ -356,6 +382,9 @@ class _Pass:
                 # The server holds another version (an earlier POST whose answer was lost):
                 # ours is newer, so it stays pending and the next pass PATCHes the difference.
                 cur.sync_status = PENDING
+                cur.retry_count = 0
+                cur.next_attempt_at = None
+                cur.error_kind = None
                 self.summary.again = True
         else:
             self.summary.again = True  # changed while in flight: pushed by the next pass
@@ -363,13 +392,16 @@ class _Pass:
 
     def _failure(self, snap: Job, exc: RemoteError) -> None:
         deleting = snap.sync_status == PENDING_DELETION
-        gone = isinstance(exc, Gone) and not deleting
-        permanent = isinstance(exc, Permanent) or gone
+        # A 404 on PATCH: the server lost the job. On POST: the URL is wrong (another 4xx).
+        gone = isinstance(exc, Gone) and not deleting and snap.server_id is not None
+        permanent = isinstance(exc, (Permanent, Gone))
         if permanent:
             self.summary.failed += 1
         else:
             self.summary.errors += 1
         message = str(exc)
+        if isinstance(exc, Gone) and not gone:
+            message += "; check server_url"
         if gone:
             message = "the job is gone on the server (404); `jobsyncd retry` creates it again"
         log.warning(f"job {snap.local_id}: {message}")
@@ -437,6 +469,7 @@ class _Pass:
             self.summary.ok = False
             self.summary.message = f"the server listing failed part-way: {exc}"
             log.warning(f"{self.summary.message}; no job is removed in this pass")
+            self.summary.message_logged = True
             self.pull_state.pop("etag", None)
             return
         finally:
@@ -529,6 +562,7 @@ class _Pass:
                 "removed. Run `jobsyncd sync --force-delete` if the server really was emptied"
             )
             log.warning(self.summary.message)
+            self.summary.message_logged = True
             return False
         settled = True
         for local_id, server_id in missing.items():
