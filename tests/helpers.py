@@ -29,7 +29,12 @@ def _bin(name: str) -> str:
     return found
 
 
-def poll(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+def poll(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> object:
     """Return predicate()'s first truthy value, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -37,7 +42,7 @@ def poll(predicate: Callable[[], object], timeout: float = 10.0, interval: float
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what} not met within {timeout} s")
         time.sleep(interval)
 
 

@@ -23,24 +23,14 @@ from pathlib import Path
 
 import pytest
 from faultserver import FaultServer
+from helpers import poll
 
 WAKE_DEADLINE = 3.0  # "within 1 s" in the contract; slack for a noisy machine
 PASS_LINE = re.compile(r"jobsyncd: pass (ok|not ok|skipped)")
 STARTED_LINE = re.compile(r"jobsyncd: started \(pid (\d+)")
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> object:
-    """predicate()'s first truthy value, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
+wait_until = poll  # the shared deadline-bounded poll (tests/helpers.py)
 
 
 def listings(srv: FaultServer) -> int:

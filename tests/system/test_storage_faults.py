@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import poll
 
 import jobsyncd.store as store_mod
 from jobsyncd.errors import JobsyncdError
@@ -468,15 +469,7 @@ def test_a_symlink_planted_in_the_data_dir_is_refused_and_its_target_untouched(
 # ---- stale lock files --------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.05)
+_wait_for = poll  # the shared deadline-bounded poll (tests/helpers.py)
 
 
 def _status(cli) -> dict:
