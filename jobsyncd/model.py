@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import operator
 import os
+import sys
 from enum import Enum
 from typing import Any
 
@@ -78,7 +79,11 @@ class Job:
     """One job. A plain slotted class rather than a dataclass: `dataclasses` imports `inspect`,
     and generating the class costs more start-up time than all of `jobsyncd create` may add."""
 
-    __slots__ = FIELD_NAMES
+    # `base` lives in `_base`; a record's "=" (the same as its text and metadata, the usual case
+    # for a synced job) is kept as a (text, metadata) tuple of the very objects loaded, a third
+    # of the size of a dict: 100,000 jobs hold ~16 MiB less. Reassigning text or metadata later
+    # leaves the tuple as it was, as a base must.
+    __slots__ = tuple("_base" if n == "base" else n for n in FIELD_NAMES)
 
     local_id: str
     server_id: str | None
@@ -93,7 +98,7 @@ class Job:
     created_at: str
     updated_at: str
     rev: int
-    base: dict[str, Any] | None
+    _base: dict[str, Any] | tuple[str, dict[str, Any]] | None
     create_sent: bool
     audio_sent: str | None
     error_kind: str | None
@@ -109,6 +114,17 @@ class Job:
                 setattr(self, name, fields[name])
             else:
                 setattr(self, name, default() if default is dict else default)
+
+    @property
+    def base(self) -> dict[str, Any] | None:
+        base = self._base
+        if type(base) is tuple:
+            return {"text": base[0], "metadata": base[1]}
+        return base  # type: ignore[return-value]
+
+    @base.setter
+    def base(self, value: dict[str, Any] | None) -> None:
+        self._base = value
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Job) and self.record() == other.record()
@@ -154,11 +170,11 @@ class Job:
 
     def copy(self) -> Job:
         job = Job.__new__(Job)
-        for name in FIELD_NAMES:
+        for name in Job.__slots__:
             setattr(job, name, getattr(self, name))
         job.metadata = json.loads(json.dumps(self.metadata))
-        if self.base is not None:
-            job.base = json.loads(json.dumps(self.base))
+        if self._base is not None:
+            job._base = json.loads(json.dumps(self.base))
         return job
 
 
@@ -168,18 +184,25 @@ _public_values = operator.attrgetter(*PUBLIC_KEYS)
 def _make_from_record() -> Any:
     # Straight-line attribute stores, generated once: folding 100,000 records this way is
     # several times faster than a setattr loop, and slots keep each job small in memory.
+    # The few values that repeat across jobs (statuses) are interned: one string, not 100,000.
     lines = [
-        "def from_record(rec, new=Job.__new__, Job=Job):",
+        "def from_record(rec, new=Job.__new__, Job=Job, intern=intern, str=str):",
         "    j = new(Job)",
         "    get = rec.get",
     ]
+    interned = ("sync_status", "server_status", "error_kind")
     for name, default in _FIELDS:
         value = "{}" if default is dict else repr(default)
-        lines.append(f"    j.{name} = get({name!r}, {value})")
-    lines.append("    if j.base == '=':")
-    lines.append("        j.base = {'text': j.text, 'metadata': j.metadata}")
+        slot = "_base" if name == "base" else name
+        if name in interned:
+            lines.append(f"    v = get({name!r}, {value})")
+            lines.append(f"    j.{slot} = intern(v) if type(v) is str else v")
+        else:
+            lines.append(f"    j.{slot} = get({name!r}, {value})")
+    lines.append("    if j._base == '=':")
+    lines.append("        j._base = (j.text, j.metadata)")
     lines.append("    return j")
-    namespace: dict[str, Any] = {"Job": Job}
+    namespace: dict[str, Any] = {"Job": Job, "intern": sys.intern}
     exec("\n".join(lines), namespace)  # noqa: S102 - code built from our own constants
     return namespace["from_record"]
 
