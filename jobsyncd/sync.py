@@ -441,7 +441,10 @@ class _Pass:
     # ---- pull ------------------------------------------------------------------------------------
     def pull(self, begin_synced: dict[str, str] | None) -> None:
         etag = self.pull_state.get("etag")
-        seen: set[str] = set()
+        # server_id -> local_id of the jobs synced when the pass began and not listed (yet):
+        # shrinks page by page, rather than a set of every listed id growing to the whole listing.
+        unlisted: dict[str, str] = {}
+        self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
         new_etag: str | None = None
         complete = False
         self._index: dict[str, str] | None = None
@@ -451,11 +454,12 @@ class _Pass:
                     jobs = self.store.refresh()
                     if begin_synced is None:
                         begin_synced = _synced_ids(jobs)
+                    unlisted = {sid: lid for lid, sid in begin_synced.items()}
                     self._index = {
                         j.server_id: j.local_id for j in jobs.values() if j.server_id is not None
                     }
                 new_etag = listing_etag
-                self._apply_page(page, seen)
+                self._apply_page(page, unlisted)
                 if self.should_stop():  # also the daemon's proof of progress for its watchdog
                     break
             else:
@@ -475,7 +479,9 @@ class _Pass:
         finally:
             self.flush()
         try:
-            settled = complete and self._detect_server_deletions(begin_synced or {}, seen)
+            missing = {lid: sid for sid, lid in unlisted.items()}
+            del unlisted
+            settled = complete and self._detect_server_deletions(begin_synced or {}, missing)
         finally:
             self.flush()
         if settled and new_etag:
@@ -483,13 +489,11 @@ class _Pass:
         else:
             self.pull_state.pop("etag", None)
 
-    def _apply_page(self, page: list[ServerJob], seen: set[str]) -> None:
+    def _apply_page(self, page: list[ServerJob], unlisted: dict[str, str]) -> None:
         jobs = self.store.refresh()
         by_server_id = self._index or {}
         for sj in page:
-            if sj.id in seen:
-                continue
-            seen.add(sj.id)
+            unlisted.pop(sj.id, None)
             local_id = by_server_id.get(sj.id)
             if local_id is not None:
                 cur = jobs.get(local_id)
@@ -500,6 +504,9 @@ class _Pass:
                 mine = jobs[sj.local_id.lower()]
                 if mine.server_id is None:
                     continue  # our own create whose answer was lost: the push links it
+            if sj.id in self._added:
+                continue
+            self._added.add(sj.id)
             self._record(self._add_from_server(sj))
 
     def _take_server_copy(self, local_id: str, rev: int, sj: ServerJob):
@@ -545,9 +552,12 @@ class _Pass:
 
         return apply
 
-    def _detect_server_deletions(self, begin_synced: dict[str, str], seen: set[str]) -> bool:
-        """Returns True when the pull is fully settled (the ETag may be trusted next time)."""
-        missing = {lid: sid for lid, sid in begin_synced.items() if sid not in seen}
+    def _detect_server_deletions(
+        self, begin_synced: dict[str, str], missing: dict[str, str]
+    ) -> bool:
+        """`missing`: local_id -> server_id of the jobs synced when the pass began that a
+        complete listing lacks. Returns True when the pull is fully settled (the ETag may be
+        trusted next time)."""
         if not missing:
             return True
         if (
