@@ -91,6 +91,39 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+ORPHAN_GRACE_SECONDS = 3600.0
+
+
+def sweep_orphans(
+    data_dir: str, referenced: set[str], now: float, grace: float = ORPHAN_GRACE_SECONDS
+) -> tuple[int, list[str]]:
+    """Remove copies in audio/ that no job names and that are older than `grace` seconds (a
+    crash between copying a file and saving its job leaves one). The grace keeps a `create`
+    or `update` in progress safe. Returns (files removed, problems)."""
+    folder = audio_dir(data_dir, create=False)
+    removed, problems = 0, []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0, []
+    keep = {os.path.realpath(p) for p in referenced}
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or now - st.st_mtime < grace:
+            continue
+        if os.path.realpath(os.path.join(folder, entry.name)) in keep:
+            continue
+        problem = remove_managed(data_dir, os.path.join(folder, entry.name))
+        if problem:
+            problems.append(problem)
+        else:
+            removed += 1
+    return removed, problems
+
+
 def remove_managed(data_dir: str, path: str | None) -> str | None:
     """Delete a managed copy. Returns None when done (or nothing to do), else why it was not.
 

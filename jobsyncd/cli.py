@@ -295,9 +295,19 @@ def status(app: App, as_json) -> None:
 @pass_app
 def compact(app: App) -> None:
     """Rewrite the store to hold only live records (safe while a daemon runs)."""
-    before, after = app.store.compact()
+    import time
+
+    from .audio import sweep_orphans
+
+    with app.store.locked():
+        before, after = app.store.compact()
+        referenced = {j.audio_file for j in app.store.jobs.values() if j.audio_file}
+        removed, problems = sweep_orphans(app.store.data_dir, referenced, time.time())
+    for problem in problems:
+        log.warning(problem)
     log.info(f"compacted {app.store.path}: {before} records -> {after}")
-    click.echo(f"{before} -> {after} records")
+    extra = f"; removed {removed} audio file(s) no job names" if removed else ""
+    click.echo(f"{before} -> {after} records{extra}")
 
 
 @cli.command()

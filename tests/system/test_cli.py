@@ -611,3 +611,25 @@ def test_no_command_at_all_is_a_one_line_usage_error(cli):
     proc = cli()
     assert proc.returncode == 2
     assert proc.stderr.startswith("jobsyncd: error:") and proc.stderr.count("\n") == 1
+
+
+def test_compact_removes_old_audio_copies_no_job_names_and_keeps_the_rest(cli, tmp_path):
+    src = tmp_path / "a.wav"
+    src.write_bytes(b"RIFFsound")
+    local_id = run(cli, "create", "--audio", str(src)).stdout.strip()
+    audio = cli.data_dir / "audio"
+    kept = next(audio.iterdir())
+    old_orphan = audio / "0000-left-by-a-crash.wav"
+    new_orphan = audio / "1111-a-create-in-progress.wav"
+    for orphan in (old_orphan, new_orphan):
+        orphan.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(old_orphan, (two_hours_ago, two_hours_ago))
+    os.utime(kept, (two_hours_ago, two_hours_ago))
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(b"not ours")
+    proc = run(cli, "compact")
+    assert "removed 1 audio file" in proc.stdout
+    assert kept.exists() and new_orphan.exists() and not old_orphan.exists()
+    assert outside.exists() and src.exists()
+    assert json.loads(run(cli, "show", local_id, "--json").stdout)["audio_file"] == str(kept)
