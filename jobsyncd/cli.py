@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__, log
-from .errors import ConfigError, JobsyncdError, UsageProblem
+from .errors import JobsyncdError, UsageProblem
 from .model import STATUSES, Job, parse_meta
 
 _state = {"verbose": 0}
@@ -391,6 +391,3 @@ def main(argv: list[str] | None = None) -> None:
         log.error(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)")
         code = 1
     sys.exit(code or 0)
-
-
-__all__ = ["cli", "main", "ConfigError"]

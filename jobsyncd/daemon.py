@@ -70,7 +70,6 @@ class Daemon:
         self.pipe_r, self.pipe_w = os.pipe()
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
-        self.passes = 0
         self.worker_counts: dict[str, int] | None = None
 
     # ---- start-up -------------------------------------------------------------------------
@@ -183,7 +182,6 @@ class Daemon:
         self.worker.join()
         self.worker = None
         result, self.worker_result = self.worker_result, None
-        self.passes += 1
         _release_memory()
         if isinstance(result, PassSummary):
             line = describe(result)
