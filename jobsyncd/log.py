@@ -15,12 +15,14 @@ ERROR, WARNING, INFO, DEBUG = 3, 4, 6, 7  # syslog priorities, as journald reads
 _LABEL = {ERROR: "error: ", WARNING: "warning: ", INFO: "", DEBUG: "debug: "}
 
 level = WARNING
+per_job = False  # -v: one line per job a pass touches, in the daemon's log too
 timestamps = False
 journal = False
 
 
 def configure(verbose: int = 0, quiet: bool = False, daemon: bool = False) -> None:
-    global level, timestamps, journal
+    global level, timestamps, journal, per_job
+    per_job = verbose >= 1 and not quiet
     level = ERROR if quiet else {0: WARNING, 1: INFO}.get(verbose, DEBUG)
     if daemon and not quiet:
         level = max(level, INFO)  # the daemon logs one line per start, stop, reload and pass
@@ -56,3 +58,9 @@ def info(message: str) -> None:
 
 def debug(message: str) -> None:
     emit(DEBUG, message)
+
+
+def job_line(action: str, local_id: str, detail: str = "") -> None:
+    """`-v`: one line per job a pass pushes, pulls or removes (contract section 2)."""
+    if per_job:
+        emit(INFO, f"{action} {local_id}{': ' + detail if detail else ''}")

@@ -235,15 +235,38 @@ def utc_now() -> _dt.datetime:
 
 
 def rfc3339(moment: _dt.datetime) -> str:
-    """RFC 3339 UTC with a `Z`, millisecond precision: 2026-11-23T18:02:29.123Z."""
-    moment = moment.astimezone(_dt.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with a `Z`, millisecond precision, four-digit year: 2026-11-23T18:02:29.123Z.
+
+    Formatted by hand: `strftime("%Y")` writes the year 1 as "1" on glibc (contract 6.9)."""
+    m = moment.astimezone(_dt.timezone.utc)
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+        f"{m.microsecond // 1000:03d}Z"
+    )
+
+
+MIN_YEAR, MAX_YEAR = 1970, 9999
 
 
 def parse_rfc3339(text: str) -> _dt.datetime:
-    if text.endswith("Z"):
+    """An aware UTC datetime; ValueError for anything that is not RFC 3339 with a zone in the
+    years 1970-9999 (a server's `0001-01-01T00:00:00+01:00` would overflow on conversion)."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValueError("not a timestamp")
+    if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    return _dt.datetime.fromisoformat(text)
+    moment = _dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp without a zone: {text!r}")
+    if not MIN_YEAR <= moment.year <= MAX_YEAR:
+        raise ValueError(f"timestamp outside the years {MIN_YEAR}-{MAX_YEAR}: {text!r}")
+    try:
+        moment = moment.astimezone(_dt.timezone.utc)
+    except OverflowError:
+        raise ValueError(f"timestamp out of range: {text!r}") from None
+    if not MIN_YEAR <= moment.year <= MAX_YEAR:
+        raise ValueError(f"timestamp outside the years {MIN_YEAR}-{MAX_YEAR}: {text!r}")
+    return moment
 
 
 def parse_meta_value(raw: str) -> Any:

@@ -362,11 +362,45 @@ class Store:
             self.jobs = {}
             count, end, bad = self._read_and_parse(fd, 0) if fd is not None else (0, 0, False)
             self._held_fd, self._offset, self._lines = fd, end, count
-            self._needs_repair = bad
+            self._needs_repair = bad or self._enforce_one_binding()
             self._loaded = True
             if not bad and os.path.lexists(self.repair_marker):
                 _unlink_quietly(self.repair_marker)
         return self.jobs
+
+    def _enforce_one_binding(self) -> bool:
+        """The store's invariant (contract 6.3/6.4): one server_id never belongs to two local
+        jobs. A store that breaks it (written by jobsyncd before 0.2, which could pull a job
+        re-created on the server as a second local job) is repaired in memory, with a warning,
+        and rewritten by the next write: the binding stays with the job holding a local change
+        other than a deletion (else the oldest; a deletion of a duplicate must never delete the
+        other's server copy); a `synced` duplicate is a mere copy of the server job and goes; any
+        other loses its server_id (a pending one is then created anew, a deletion just drops).
+        Returns whether anything was repaired."""
+        first: dict[str, Job] = {}
+        groups: dict[str, list[Job]] = {}
+        for job in self.jobs.values():
+            sid = job.server_id
+            if sid is None:
+                continue
+            held = first.setdefault(sid, job)
+            if held is not job:
+                groups.setdefault(sid, [held]).append(job)
+        for sid, group in groups.items():
+            group.sort(key=_keeper_order)
+            keeper, others = group[0], group[1:]
+            for job in others:
+                if job.sync_status == "synced":
+                    del self.jobs[job.local_id]
+                else:
+                    job.server_id, job.base, job.create_sent, job.audio_sent = None, None, False, None
+            self.warn(
+                f"{self.path}: server id {sid[:64]!r} was bound to {len(group)} local jobs; it "
+                f"stays with {keeper.local_id}, and "
+                + ", ".join(j.local_id for j in others)
+                + " no longer hold it (a synced copy is dropped)"
+            )
+        return bool(groups)
 
     @property
     def loaded(self) -> bool:
@@ -672,6 +706,11 @@ def _may_hold_due_jobs(data: Any) -> bool:
                     return True
             pos = data.find(needle, end)
     return False
+
+
+def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
+    deleting = job.sync_status == "pending_deletion"
+    return (deleting, job.sync_status == "synced", job.created_at, job.local_id)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -60,6 +60,8 @@ class Policy:
     max_retries: int = 5
     backoff_base_seconds: float = 15.0
     force_delete: bool = False
+    # --reupload: synced jobs a complete listing lacks go back to pending, to be created again
+    reupload: bool = False
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class PassSummary:
     deleted_remote: int = 0
     deleted_locally: int = 0
     pulled: int = 0
+    reuploaded: int = 0
     errors: int = 0
     failed: int = 0
     skipped: str | None = None
@@ -89,6 +92,7 @@ class PassSummary:
             "deleted_remote": self.deleted_remote,
             "deleted_locally": self.deleted_locally,
             "pulled": self.pulled,
+            "reuploaded": self.reuploaded,
             "errors": self.errors,
             "failed": self.failed,
             "skipped": self.skipped,
@@ -117,7 +121,15 @@ def _stop_for(exc: RemoteError) -> _StopPass | None:
     return None
 
 
-def _is_due(job: Job, now: _dt.datetime) -> bool:
+def longest_backoff(policy: Policy) -> float:
+    """The furthest a job's next attempt can legitimately be: base * 2^(max_retries-1) (6.9)."""
+    return policy.backoff_base_seconds * (2 ** min(max(policy.max_retries - 1, 0), 30))
+
+
+def _is_due(job: Job, now: _dt.datetime, max_wait: float | None = None) -> bool:
+    """Whether a pass pushes `job` now. A next attempt further away than `max_wait` seconds was
+    recorded under a clock that was ahead (or by hand): it counts as over at once (6.9), so a
+    clock set back never strands a job."""
     status = job.sync_status
     if status == PENDING or (status == PENDING_DELETION and not job.next_attempt_at):
         return True
@@ -125,9 +137,10 @@ def _is_due(job: Job, now: _dt.datetime) -> bool:
         if not job.next_attempt_at:
             return True
         try:
-            return parse_rfc3339(job.next_attempt_at) <= now
-        except ValueError:
+            wait = (parse_rfc3339(job.next_attempt_at) - now).total_seconds()
+        except (ValueError, OverflowError):
             return True
+        return wait <= 0 or (max_wait is not None and wait > max_wait)
     return False
 
 
@@ -169,11 +182,20 @@ class _Pass:
         # Marked create_sent by this pass but not POSTed, or surely not stored: unmarked at the
         # end, so that a delete of a job that never reached the server just drops it.
         self.unsent: set[str] = set()
-        self.outcomes: list[Callable[[dict[str, Job]], tuple[list[Job], list[str]]]] = []
+        self.outcomes: list[Callable[[_Overlay], tuple[list[Job], list[str]]]] = []
         self.last_flush = time.monotonic()
+        self._holders: dict[str, str] | None = None  # server_id -> local_id, built when needed
+
+    def _holder_of(self, server_id: str) -> str | None:
+        """The local job bound to `server_id` (the store as read, plus this pass's bindings)."""
+        if self._holders is None:
+            self._holders = {
+                j.server_id: j.local_id for j in self.store.jobs.values() if j.server_id is not None
+            }
+        return self._holders.get(server_id)
 
     # ---- writing outcomes ---------------------------------------------------------------------
-    def _record(self, apply: Callable[[dict[str, Job]], tuple[list[Job], list[str]]]) -> None:
+    def _record(self, apply: Callable[[_Overlay], tuple[list[Job], list[str]]]) -> None:
         self.outcomes.append(apply)
         if (
             len(self.outcomes) >= FLUSH_EVERY_JOBS
@@ -211,7 +233,8 @@ class _Pass:
     def push(self) -> None:
         now = self.now()
         jobs = self.store.refresh()
-        due = [j for j in jobs.values() if _is_due(j, now)]
+        max_wait = longest_backoff(self.policy)
+        due = [j for j in jobs.values() if _is_due(j, now, max_wait)]
         due.sort(key=lambda j: (j.created_at, j.local_id))
         if not due:
             return
@@ -291,7 +314,18 @@ class _Pass:
             raise Transient(
                 f"POST /jobs: the server answered with another job ({sj.local_id[:64]!r})"
             )
+        holder = self._holder_of(sj.id)
+        if holder is not None and holder != snap.local_id:
+            # One server_id never belongs to two local jobs (6.3): binding it here as well would
+            # let a delete of either job remove the other's server copy.
+            raise Transient(
+                f"POST /jobs: the server answered with job {sj.id[:64]!r}, which belongs to local "
+                f"job {holder}"
+            )
+        if self._holders is not None:
+            self._holders[sj.id] = snap.local_id
         self.summary.created += 1
+        log.job_line("created", snap.local_id)
         audio_on_server = snap.audio_file
         if sj.audio is None:
             audio_on_server = None
@@ -315,6 +349,7 @@ class _Pass:
         assert snap.server_id is not None
         sj = self.remote.update(snap.server_id, fields, send_audio)
         self.summary.updated += 1
+        log.job_line("updated", snap.local_id, ", ".join([*sorted(fields), *(["audio"] if send_audio else [])]))
         audio_on_server = (
             snap.audio_file
             if (send_audio or snap.audio_sent == snap.audio_file)
@@ -330,10 +365,16 @@ class _Pass:
             # Its create may have reached the server (answer lost): the idempotent POST finds
             # the server copy (or makes one) so that it can be deleted.
             # An empty body: the server answers a repeat with the stored job whatever we send.
-            server_id = self.remote.create(snap.local_id, "", {}, None).id
+            try:
+                server_id = self.remote.create(snap.local_id, "", {}, None).id
+            except Transient as exc:
+                server_id = _usable_id_in(exc)  # an invalid answer naming the copy still names it
+                if server_id is None:
+                    raise
         if server_id is not None:
             self.remote.delete(server_id)
             self.summary.deleted_remote += 1
+        log.job_line("deleted", snap.local_id)
 
         def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
             cur = view.get(snap.local_id)
@@ -405,6 +446,16 @@ class _Pass:
         if gone:
             message = "the job is gone on the server (404); `jobsyncd retry` creates it again"
         log.warning(f"job {snap.local_id}: {message}")
+        log.job_line("failed" if permanent else "error", snap.local_id)
+        # An invalid answer to a create may still name the server copy by a valid id: record it
+        # (6.4), so that a later update or delete reaches that copy instead of making another.
+        bind_id = _usable_id_in(exc) if snap.server_id is None and not deleting else None
+        if bind_id is not None:
+            holder = self._holder_of(bind_id)
+            if holder is not None and holder != snap.local_id:
+                bind_id = None
+            elif self._holders is not None:
+                self._holders[bind_id] = snap.local_id
 
         def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
             cur = view.get(snap.local_id)
@@ -414,6 +465,9 @@ class _Pass:
             now = self.now()
             cur.last_sync_attempt_at = rfc3339(now)
             cur.last_error = message
+            if bind_id is not None and cur.server_id is None:
+                cur.server_id = bind_id
+                cur.create_sent = True
             if deleting:
                 cur.error_kind = "delete"
             elif gone:
@@ -445,6 +499,10 @@ class _Pass:
         # shrinks page by page, rather than a set of every listed id growing to the whole listing.
         unlisted: dict[str, str] = {}
         self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
+        self._invalid_seen = False  # an invalid job object was skipped: nothing is removed
+        # server_id -> (local_id, old server_id, server job): listed under a local job's
+        # local_id while that job is bound to another server id
+        self._rebinds: dict[str, tuple[str, str, ServerJob]] = {}
         new_etag: str | None = None
         complete = False
         self._index: dict[str, str] | None = None
@@ -479,9 +537,17 @@ class _Pass:
         finally:
             self.flush()
         try:
+            if complete and self._rebinds:
+                self._settle_rebinds()
             missing = {lid: sid for sid, lid in unlisted.items()}
             del unlisted
-            settled = complete and self._detect_server_deletions(begin_synced or {}, missing)
+            if complete and self._invalid_seen:
+                log.warning("the listing held invalid job objects: no job is removed in this pass")
+            settled = (
+                complete
+                and not self._invalid_seen
+                and self._detect_server_deletions(begin_synced or {}, missing)
+            )
         finally:
             self.flush()
         if settled and new_etag:
@@ -489,27 +555,114 @@ class _Pass:
         else:
             self.pull_state.pop("etag", None)
 
-    def _apply_page(self, page: list[ServerJob], unlisted: dict[str, str]) -> None:
+    def _apply_page(self, page: list[Any], unlisted: dict[str, str]) -> None:
+        """Match each server job to a local job by `local_id` first, then by `server_id` (6.4):
+        a job deleted and created again on the server under the same local_id is the same job,
+        rebound to its new server id, never a second local job."""
         jobs = self.store.refresh()
         by_server_id = self._index or {}
         for sj in page:
+            if not isinstance(sj, ServerJob):
+                self._skip_invalid(sj, unlisted)
+                continue
             unlisted.pop(sj.id, None)
+            mine = jobs.get(sj.local_id.lower()) if sj.local_id else None
+            if mine is not None and mine.server_id != sj.id:
+                if mine.server_id is None:
+                    continue  # our own create whose answer was lost: the push links it
+                holder = by_server_id.get(sj.id)
+                if holder is not None and holder != mine.local_id:
+                    log.warning(
+                        f"server job {sj.id[:64]!r} names local job {mine.local_id} but is bound "
+                        f"to local job {holder}; left as it is"
+                    )
+                    continue
+                # Decided once the listing is complete: rebound if its old server copy is gone (a
+                # restore), else it is another job that happens to carry our local_id.
+                self._rebinds[sj.id] = (mine.local_id, mine.server_id, sj)
+                unlisted.pop(mine.server_id, None)
+                continue
             local_id = by_server_id.get(sj.id)
             if local_id is not None:
                 cur = jobs.get(local_id)
                 if cur is not None and cur.sync_status == SYNCED and _differs(cur, sj):
                     self._record(self._take_server_copy(local_id, cur.rev, sj))
                 continue
-            if sj.local_id is not None and sj.local_id.lower() in jobs:
-                mine = jobs[sj.local_id.lower()]
-                if mine.server_id is None:
-                    continue  # our own create whose answer was lost: the push links it
             if sj.id in self._added:
                 continue
             self._added.add(sj.id)
             self._record(self._add_from_server(sj))
 
-    def _take_server_copy(self, local_id: str, rev: int, sj: ServerJob):
+    def _settle_rebinds(self) -> None:
+        """A server job listed under a local job's local_id while that job is bound to another
+        server id: if the old copy is gone (GET 404), the server deleted and re-created the job
+        (a restore) and the local job is rebound to it (6.4); if the old copy is still there,
+        the listed one is another job that happens to carry our local_id, added as new."""
+        for new_id, (local_id, old_id, sj) in self._rebinds.items():
+            if self.should_stop():
+                return
+            try:
+                self.remote.get(old_id)
+            except Gone:
+                self._record(self._rebind(local_id, old_id, sj))
+                continue
+            except RemoteError as exc:
+                stop = _stop_for(exc)
+                if stop is not None:
+                    raise stop from None
+                self.summary.ok = False
+                log.warning(f"job {local_id}: could not check its server copy: {exc}")
+                continue
+            if new_id not in self._added:
+                self._added.add(new_id)
+                self._record(self._add_from_server(sj))
+
+    def _skip_invalid(self, item: Any, unlisted: dict[str, str]) -> None:
+        """An invalid job object in a listing: skipped with a warning, the rest of the page
+        applies, the pass is not ok and removes nothing (6.4)."""
+        server_id = getattr(item, "id", None)
+        reason = getattr(item, "reason", "invalid")
+        if isinstance(server_id, str):
+            unlisted.pop(server_id, None)
+            name = f"job {server_id[:64]!r}"
+        else:
+            name = "a job without a usable id"
+        log.warning(f"the server listing holds an invalid job object ({name}: {reason}); skipped")
+        self.summary.ok = False
+        self._invalid_seen = True
+
+    def _rebind(self, local_id: str, old_server_id: str, sj: ServerJob) -> Outcome:
+        def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
+            cur = view.get(local_id)
+            if cur is None or cur.server_id != old_server_id:
+                return [], []
+            cur = cur.copy()
+            cur.server_id = sj.id
+            cur.create_sent = True
+            cur.base = {"text": sj.text, "metadata": sj.metadata}  # a PATCH sends what differs
+            if cur.audio_file and sj.audio and sj.audio.get("sha256") == _file_sha256(cur.audio_file):
+                cur.audio_sent = cur.audio_file
+            else:
+                cur.audio_sent = None
+            if cur.sync_status == SYNCED:
+                cur.text, cur.metadata, cur.server_status = sj.text, sj.metadata, sj.status
+                cur.updated_at = sj.updated_at or rfc3339(self.now())
+                cur.audio_sent = cur.audio_file  # server wins; audio is never downloaded
+            elif cur.sync_status == FAILED and cur.error_kind == "gone":
+                # It failed because the server lost it; the server has it again: push the edit.
+                cur.sync_status = PENDING
+                cur.retry_count = 0
+                cur.last_error = None
+                cur.error_kind = None
+                cur.next_attempt_at = None
+            cur.server_status = sj.status
+            self.summary.pulled += 1
+            log.job_line("pulled", local_id, f"rebound to server id {sj.id[:64]}")
+            return [cur], []
+
+        return apply
+
+    def _take_server_copy(self, local_id: str, rev: int, sj: ServerJob) -> Outcome:
         def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
             cur = view.get(local_id)
             if cur is None or cur.sync_status != SYNCED or cur.rev != rev or not _differs(cur, sj):
@@ -519,11 +672,12 @@ class _Pass:
             cur.base = {"text": sj.text, "metadata": sj.metadata}
             cur.updated_at = sj.updated_at or rfc3339(self.now())
             self.summary.pulled += 1
+            log.job_line("pulled", local_id)
             return [cur], []
 
         return apply
 
-    def _add_from_server(self, sj: ServerJob):
+    def _add_from_server(self, sj: ServerJob) -> Outcome:
         def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
             if view.has_server_id(sj.id):
                 return [], []
@@ -548,6 +702,7 @@ class _Pass:
                 create_sent=True,
             )
             self.summary.pulled += 1
+            log.job_line("pulled", local_id)
             return [job], []
 
         return apply
@@ -560,6 +715,9 @@ class _Pass:
         trusted next time)."""
         if not missing:
             return True
+        if self.policy.reupload:
+            self._reupload(missing)
+            return False
         if (
             len(begin_synced) >= 2
             and len(missing) == len(begin_synced)
@@ -569,7 +727,9 @@ class _Pass:
             self.summary.ok = False
             self.summary.message = (
                 f"the server listing holds none of the {len(begin_synced)} synced jobs; nothing was "
-                "removed. Run `jobsyncd sync --force-delete` if the server really was emptied"
+                "removed. Run `jobsyncd sync --reupload` if the server was restored from a backup "
+                "(they are created again), or `jobsyncd sync --force-delete` if it really was "
+                "emptied (they are removed here too)"
             )
             log.warning(self.summary.message)
             self.summary.message_logged = True
@@ -596,21 +756,51 @@ class _Pass:
             settled = False  # the listing and the job disagree: list again next time
         return settled
 
-    def _take_server_copy_any_rev(self, local_id: str, sj: ServerJob):
+    def _reupload(self, missing: dict[str, str]) -> None:
+        """--reupload: the synced jobs a complete listing lacks go back to `pending` without a
+        server_id; the next pass creates them again by local_id (idempotent: a job the server
+        does hold under that local_id is answered, not duplicated). No confirming GET: sending a
+        job the server still has costs one request and changes nothing."""
+        for local_id, server_id in missing.items():
+            self._record(self._back_to_pending(local_id, server_id))
+        self.flush()
+        if self.summary.reuploaded:
+            log.warning(
+                f"{self.summary.reuploaded} synced jobs the server no longer has went back to "
+                "pending; the next pass creates them again"
+            )
+
+    def _back_to_pending(self, local_id: str, server_id: str) -> Outcome:
+        def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
+            cur = view.get(local_id)
+            if cur is None or cur.sync_status != SYNCED or cur.server_id != server_id:
+                return [], []  # changed locally meanwhile: it goes its own way
+            cur = lifecycle_reuploaded(cur)
+            self.summary.reuploaded += 1
+            log.job_line("reuploaded", local_id)
+            return [cur], []
+
+        return apply
+
+    def _take_server_copy_any_rev(self, local_id: str, sj: ServerJob) -> Outcome:
         jobs = self.store.jobs
         cur = jobs.get(local_id)
         return self._take_server_copy(local_id, cur.rev if cur else -1, sj)
 
-    def _purge_deleted_on_server(self, local_id: str, server_id: str):
+    def _purge_deleted_on_server(self, local_id: str, server_id: str) -> Outcome:
         def apply(view: _Overlay) -> tuple[list[Job], list[str]]:
             cur = view.get(local_id)
             if cur is None or cur.sync_status != SYNCED or cur.server_id != server_id:
                 return [], []  # changed locally meanwhile: a local change is never dropped
             self.purged_audio[local_id] = cur.audio_file or ""
             self.summary.deleted_locally += 1
+            log.job_line("removed", local_id)
             return [], [local_id]
 
         return apply
+
+
+Outcome = Callable[["_Overlay"], tuple[list[Job], list[str]]]
 
 
 class _Overlay:
@@ -633,6 +823,29 @@ class _Overlay:
         if server_id in self._sids:
             return True
         return any(j.server_id == server_id for j in self.changed.values())
+
+
+def lifecycle_reuploaded(job: Job) -> Job:
+    """A synced job the server lost, to be created again: pending, no server copy known."""
+    job = job.copy()
+    job.sync_status = PENDING
+    job.server_id = None
+    job.base = None
+    job.create_sent = False
+    job.audio_sent = None
+    job.retry_count = 0
+    job.last_error = None
+    job.error_kind = None
+    job.next_attempt_at = None
+    job.server_status = None
+    return job
+
+
+def _usable_id_in(exc: BaseException) -> str | None:
+    """The valid server id an invalid job object in an answer carried (remote's
+    InvalidJobObject.server_id), else None."""
+    server_id = getattr(exc, "server_id", None)
+    return server_id if isinstance(server_id, str) and server_id else None
 
 
 def _differs(job: Job, sj: ServerJob) -> bool:
@@ -692,6 +905,7 @@ def _synced_ids(jobs: dict[str, Job]) -> dict[str, str]:
     }
 
 
-def count_due(store: Store, now: _dt.datetime | None = None) -> int:
+def count_due(store: Store, now: _dt.datetime | None = None, policy: Policy | None = None) -> int:
     now = now or utc_now()
-    return sum(1 for j in store.refresh().values() if _is_due(j, now))
+    max_wait = longest_backoff(policy) if policy is not None else None
+    return sum(1 for j in store.refresh().values() if _is_due(j, now, max_wait))

@@ -98,6 +98,7 @@ ZERO = {
     "deleted_remote": 0,
     "deleted_locally": 0,
     "pulled": 0,
+    "reuploaded": 0,
     "errors": 0,
     "failed": 0,
 }
