@@ -126,6 +126,21 @@ def longest_backoff(policy: Policy) -> float:
     return policy.backoff_base_seconds * (2 ** min(max(policy.max_retries - 1, 0), 30))
 
 
+def changed_fields(job: Job) -> tuple[dict[str, Any], str | None]:
+    """What a PATCH of `job` carries: the fields changed since the last sync (`metadata` whole),
+    and the audio file to send when the audio changed (else None)."""
+    base = job.base or {}
+    fields: dict[str, Any] = {}
+    if job.text != base.get("text"):
+        fields["text"] = job.text
+    if job.metadata != base.get("metadata"):
+        fields["metadata"] = job.metadata
+    send_audio = job.audio_file if job.audio_file and job.audio_file != job.audio_sent else None
+    if job.audio_file is None and job.audio_sent is not None:
+        fields["audio"] = None  # `update --no-audio`: the server removes its copy
+    return fields, send_audio
+
+
 def _is_due(job: Job, now: _dt.datetime, max_wait: float | None = None) -> bool:
     """Whether a pass pushes `job` now. A next attempt further away than `max_wait` seconds was
     recorded under a clock that was ahead (or by hand): it counts as over at once (6.9), so a
@@ -337,22 +352,14 @@ class _Pass:
         self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server, created=True))
 
     def _push_update(self, snap: Job) -> None:
-        base = snap.base or {}
-        fields: dict[str, Any] = {}
-        if snap.text != base.get("text"):
-            fields["text"] = snap.text
-        if snap.metadata != base.get("metadata"):
-            fields["metadata"] = snap.metadata
-        send_audio = (
-            snap.audio_file if snap.audio_file and snap.audio_file != snap.audio_sent else None
-        )
+        fields, send_audio = changed_fields(snap)
         assert snap.server_id is not None
         sj = self.remote.update(snap.server_id, fields, send_audio)
         self.summary.updated += 1
         log.job_line("updated", snap.local_id, ", ".join([*sorted(fields), *(["audio"] if send_audio else [])]))
         audio_on_server = (
             snap.audio_file
-            if (send_audio or snap.audio_sent == snap.audio_file)
+            if (send_audio or snap.audio_sent == snap.audio_file or "audio" in fields)
             else snap.audio_sent
         )
         self._record(
