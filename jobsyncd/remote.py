@@ -24,6 +24,8 @@ import requests.auth
 import requests.utils
 import urllib3.exceptions
 
+from .api import FeedGone, FeedNotOffered, FeedPage, Tombstone
+
 MAX_JOB_ANSWER_BYTES = 4 << 20
 MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
 MAX_TEXT_CHARS = 16 << 20
@@ -182,6 +184,22 @@ def parse_server_job(obj: Any) -> ServerJob:
         created_at=_timestamp_or_none(obj.get("created_at")),
         updated_at=_timestamp_or_none(obj.get("updated_at")),
     )
+
+
+def _server_job_or_invalid(obj: Any) -> Any:
+    try:
+        return parse_server_job(obj)
+    except Transient as exc:
+        sid = obj.get("id") if isinstance(obj, dict) else None
+        return _Invalid(sid if isinstance(sid, str) else None, str(exc))
+
+
+@dataclass(frozen=True)
+class _Invalid:
+    """Stand-in for an invalid job object until the HTTP layer's InvalidJob lands."""
+
+    id: str | None
+    reason: str
 
 
 class Remote:
@@ -443,6 +461,52 @@ class Remote:
                 raise Transient("GET /jobs: the server answered a bad or repeated cursor")
             seen_cursors.add(cursor)
             first = False
+
+
+    def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
+        """One answer of the change feed (contract 6.7): FeedNotOffered on 404/405, FeedGone
+        on 410 (with its reason), the RemoteError kinds otherwise."""
+        params: dict[str, Any] = {"limit": limit}
+        if since is not None:
+            params["since"] = since
+        if wait:
+            params["wait"] = f"{wait:g}"
+        response, body = self._send("GET", "/changes", params=params, max_bytes=MAX_PAGE_ANSWER_BYTES)
+        status = response.status_code
+        if status in (404, 405):
+            raise FeedNotOffered()
+        if status == 410:
+            try:
+                reason = json.loads(body).get("reason")
+            except (ValueError, AttributeError, RecursionError):
+                reason = None
+            raise FeedGone(reason if isinstance(reason, str) else "diverged")
+        self._check_status(response, body, "GET", "/changes")
+        if status != 200:
+            raise Transient(f"GET /changes: unexpected answer {status}")
+        page = self._json(response, body, "GET", "/changes")
+        if (
+            not isinstance(page, dict)
+            or not isinstance(page.get("changes"), list)
+            or not isinstance(page.get("next"), str)
+            or not page["next"]
+            or len(page["next"]) > 4096
+            or not isinstance(page.get("more"), bool)
+        ):
+            raise Transient("GET /changes: the server answered junk, not a page of changes")
+        return FeedPage([_feed_item(c) for c in page["changes"]], page["next"], page["more"])
+
+
+def _feed_item(obj: Any) -> Any:
+    """A tombstone, a ServerJob, or an InvalidJob (skipped by the pass with a warning)."""
+    if isinstance(obj, dict) and obj.get("deleted") is True:
+        sid = obj.get("id")
+        if isinstance(sid, int) and not isinstance(sid, bool):
+            sid = str(sid)
+        local_id = obj.get("local_id")
+        if isinstance(sid, str) and sid and len(sid) <= 256:
+            return Tombstone(sid, local_id if isinstance(local_id, str) else None)
+    return _server_job_or_invalid(obj)
 
 
 class _ExtraCAAdapter(requests.adapters.HTTPAdapter):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import audio, log
+from .api import FeedGone, FeedNotOffered, Tombstone
 from .model import (
     Job,
     SyncStatus,
@@ -50,6 +51,10 @@ SYNCED = SyncStatus.SYNCED.value
 PENDING_DELETION = SyncStatus.PENDING_DELETION.value
 ERROR = SyncStatus.ERROR.value
 FAILED = SyncStatus.FAILED.value
+
+FEED_PAGE_LIMIT = 500
+FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loops is cut off
+FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after a day
 
 FLUSH_EVERY_JOBS = 200
 FLUSH_EVERY_SECONDS = 1.0
@@ -501,28 +506,197 @@ class _Pass:
 
     # ---- pull ------------------------------------------------------------------------------------
     def pull(self, begin_synced: dict[str, str] | None) -> None:
-        etag = self.pull_state.get("etag")
-        # server_id -> local_id of the jobs synced when the pass began and not listed (yet):
-        # shrinks page by page, rather than a set of every listed id growing to the whole listing.
-        unlisted: dict[str, str] = {}
+        """The change feed when the server offers it (6.7), else the whole listing (6.4)."""
+        if self._feed_wanted():
+            try:
+                self.pull_feed(begin_synced)
+                return
+            except FeedNotOffered:
+                self.pull_state["feed"] = {"offered": False, "checked_at": time.time()}
+                self.pull_state.pop("checkpoint", None)
+                log.info("the server offers no change feed: listing mode (asked again in a day)")
+        self.pull_listing(begin_synced)
+
+    def _feed_wanted(self) -> bool:
+        if not hasattr(self.remote, "changes"):
+            return False
+        feed = self.pull_state.get("feed")
+        if not isinstance(feed, dict) or feed.get("offered") is not False:
+            return True
+        checked, now = feed.get("checked_at"), time.time()
+        # Asked again after a day; a check recorded in the future (a clock set back) is stale.
+        return not isinstance(checked, (int, float)) or not now - FEED_PROBE_SECONDS < checked <= now
+
+    def pull_feed(self, begin_synced: dict[str, str] | None) -> None:
+        checkpoint = self.pull_state.get("checkpoint")
+        try:
+            self._read_feed(checkpoint if isinstance(checkpoint, str) else None, begin_synced, None)
+        except FeedGone as gone:
+            self.pull_state.pop("checkpoint", None)
+            log.warning(
+                f"the change feed cannot serve this agent's checkpoint ({gone.reason}): one full "
+                "resync"
+                + (
+                    "; the server's history is not the one this agent saw (restored from a "
+                    "backup?): nothing is removed, jobs it lost are created again"
+                    if gone.reason == "diverged"
+                    else ""
+                )
+            )
+            self._read_feed(None, begin_synced, gone.reason)
+
+    def _read_feed(
+        self, since: str | None, begin_synced: dict[str, str] | None, resync: str | None
+    ) -> None:
+        """Read the feed from `since` to its end, applying jobs as they come; tombstones and
+        rebinds are applied after the read (a job deleted and created again under the same
+        local_id is rebound by its newer change, never removed by the old id's tombstone). The
+        checkpoint is stored only after everything before it is applied (a crash replays)."""
+        self._start_pull()
+        unlisted: dict[str, str] = {}  # resync: synced when the pass began, not seen live yet
+        tombstones: dict[str, str | None] = {}
+        complete = False
+        try:
+            stalls = 0
+            while True:
+                page = self.remote.changes(since, FEED_PAGE_LIMIT, 0)
+                if page.items and self._index is None:
+                    begin_synced = self._index_store(begin_synced)
+                    if resync:
+                        unlisted = {sid: lid for lid, sid in begin_synced.items()}
+                live = []
+                for item in page.items:
+                    if isinstance(item, Tombstone):
+                        tombstones[item.id] = item.local_id
+                    else:
+                        tombstones.pop(getattr(item, "id", None) or "", None)
+                        live.append(item)
+                if live:
+                    self._apply_page(live, unlisted)
+                stalls = stalls + 1 if (page.more and (not page.items or page.next == since)) else 0
+                since = page.next
+                if not page.more:
+                    complete = True
+                    break
+                if stalls >= FEED_MAX_STALLS:
+                    self.summary.ok = False
+                    log.warning("the change feed keeps answering `more` without changes; stopped")
+                    break
+                if self.should_stop():
+                    break
+        except (RemoteError, FeedNotOffered) as exc:
+            if isinstance(exc, FeedNotOffered) and since is None and not resync:
+                raise
+            stop = _stop_for(exc) if isinstance(exc, RemoteError) else None
+            if stop is not None:
+                raise stop from None
+            self.summary.ok = False
+            self.summary.message = f"the change feed failed part-way: {exc}"
+            log.warning(f"{self.summary.message}; it is read again from the last checkpoint")
+            self.summary.message_logged = True
+            return
+        except FeedGone as exc:
+            if resync is None:
+                raise
+            self.summary.ok = False
+            log.warning(f"the change feed failed during a resync: {exc}")
+            return
+        finally:
+            self.flush()
+        self.pull_state["feed"] = {"offered": True, "checked_at": time.time()}
+        if resync and not complete:
+            return  # the next pass gets 410 again and resyncs again: nothing is decided on half
+        settled = self._settle_feed(begin_synced or {}, tombstones, unlisted, resync, complete)
+        if settled:
+            self.pull_state["checkpoint"] = since
+
+    def _settle_feed(
+        self,
+        begin_synced: dict[str, str],
+        tombstones: dict[str, str | None],
+        unlisted: dict[str, str],
+        resync: str | None,
+        complete: bool,
+    ) -> bool:
+        """Rebinds, tombstones, and after a complete resync the jobs the server lacks. Returns
+        whether the checkpoint may be stored."""
+        try:
+            if self._rebinds:
+                self._settle_rebinds(tombstoned=set(tombstones))
+            if resync == "diverged":
+                # Another history: its tombstones may speak of another past; nothing is removed.
+                gone = {lid: sid for sid, lid in unlisted.items()}
+                if gone:
+                    self._reupload(gone)
+                return True
+            if tombstones and not self._apply_tombstones(begin_synced, tombstones):
+                return False
+            if resync == "expired" and complete:
+                missing = {lid: sid for sid, lid in unlisted.items() if sid not in tombstones}
+                self._detect_server_deletions(begin_synced, missing)
+            return True
+        finally:
+            self.flush()
+
+    def _apply_tombstones(
+        self, begin_synced: dict[str, str], tombstones: dict[str, str | None]
+    ) -> bool:
+        """Remove the synced jobs bound to tombstoned ids; False when the deletion guard trips."""
+        index = self._index or {}
+        doomed = {index[sid]: sid for sid in tombstones if sid in index}
+        synced_doomed = {lid: sid for lid, sid in doomed.items() if begin_synced.get(lid) == sid}
+        if self.policy.reupload and synced_doomed:
+            self._reupload(synced_doomed)
+            return True
+        if (
+            len(begin_synced) >= 2
+            and len(synced_doomed) == len(begin_synced)
+            and not self.policy.force_delete
+        ):
+            self.summary.deletion_guard = True
+            self.summary.ok = False
+            self.summary.message = (
+                f"the change feed deletes all {len(begin_synced)} synced jobs; nothing was "
+                "removed. Run `jobsyncd sync --reupload` if the server was restored from a backup "
+                "(they are created again), or `jobsyncd sync --force-delete` if it really was "
+                "emptied (they are removed here too)"
+            )
+            log.warning(self.summary.message)
+            self.summary.message_logged = True
+            return False
+        for local_id, server_id in doomed.items():
+            self._record(self._purge_deleted_on_server(local_id, server_id))
+        return True
+
+    def _start_pull(self) -> None:
         self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
         self._invalid_seen = False  # an invalid job object was skipped: nothing is removed
         # server_id -> (local_id, old server_id, server job): listed under a local job's
         # local_id while that job is bound to another server id
         self._rebinds: dict[str, tuple[str, str, ServerJob]] = {}
+        self._index: dict[str, str] | None = None
+
+    def _index_store(self, begin_synced: dict[str, str] | None) -> dict[str, str]:
+        """Fold the store (the server had something to say) and index it by server_id."""
+        jobs = self.store.refresh()
+        if begin_synced is None:
+            begin_synced = _synced_ids(jobs)
+        self._index = {j.server_id: j.local_id for j in jobs.values() if j.server_id is not None}
+        return begin_synced
+
+    def pull_listing(self, begin_synced: dict[str, str] | None) -> None:
+        etag = self.pull_state.get("etag")
+        # server_id -> local_id of the jobs synced when the pass began and not listed (yet):
+        # shrinks page by page, rather than a set of every listed id growing to the whole listing.
+        unlisted: dict[str, str] = {}
+        self._start_pull()
         new_etag: str | None = None
         complete = False
-        self._index: dict[str, str] | None = None
         try:
             for page, listing_etag in self.remote.list_pages(etag):
                 if self._index is None:  # the listing changed: now the store is needed
-                    jobs = self.store.refresh()
-                    if begin_synced is None:
-                        begin_synced = _synced_ids(jobs)
+                    begin_synced = self._index_store(begin_synced)
                     unlisted = {sid: lid for lid, sid in begin_synced.items()}
-                    self._index = {
-                        j.server_id: j.local_id for j in jobs.values() if j.server_id is not None
-                    }
                 new_etag = listing_etag
                 self._apply_page(page, unlisted)
                 if self.should_stop():  # also the daemon's proof of progress for its watchdog
@@ -600,7 +774,7 @@ class _Pass:
             self._added.add(sj.id)
             self._record(self._add_from_server(sj))
 
-    def _settle_rebinds(self) -> None:
+    def _settle_rebinds(self, tombstoned: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """A server job listed under a local job's local_id while that job is bound to another
         server id: if the old copy is gone (GET 404), the server deleted and re-created the job
         (a restore) and the local job is rebound to it (6.4); if the old copy is still there,
@@ -608,6 +782,9 @@ class _Pass:
         for new_id, (local_id, old_id, sj) in self._rebinds.items():
             if self.should_stop():
                 return
+            if old_id in tombstoned:  # the feed said the old copy is gone: no GET needed
+                self._record(self._rebind(local_id, old_id, sj))
+                continue
             try:
                 self.remote.get(old_id)
             except Gone:

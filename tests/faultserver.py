@@ -587,6 +587,16 @@ class FaultServer:
     def __init__(self, token: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.token = token
         self.listing_limit: int | None = None
+        # The change feed (contract 6.7), off unless a test turns it on: `feed = True`.
+        self.feed = False
+        self.feed_limit: int | None = None  # force small feed pages
+        self.feed_loop = False  # hostile: empty pages with `more` and new checkpoints forever
+        self.history = uuid.uuid4().hex[:12]
+        self.expired_before = 0  # checkpoints older than this answer 410 expired
+        self._change_counter = 0
+        self._changed: dict = {}  # job id -> change number of its latest change
+        self._tombs: dict = {}  # job id -> (local_id, change number)
+        self._change_cond = threading.Condition()
         self._lock = threading.RLock()
         self._closing = threading.Event()
         self._jobs: dict = {}
@@ -753,10 +763,12 @@ class FaultServer:
             if "updated_at" not in fields:
                 job["updated_at"] = _now()
             self._bump()
+            self._touch(job_id)
             return copy.deepcopy(job)
 
     def server_delete(self, job_id: str) -> None:
         with self._lock:
+            self._tomb(job_id, self._jobs[job_id]["local_id"])
             del self._jobs[job_id]
             self._seq.pop(job_id, None)
             self._audio.pop(job_id, None)
@@ -816,6 +828,111 @@ class FaultServer:
     def _bump(self):
         self._version += 1
 
+    def _touch(self, jid: str) -> None:
+        """Record a change of job `jid` in the change feed (under self._lock)."""
+        self._change_counter += 1
+        self._changed[jid] = self._change_counter
+        self._tombs.pop(jid, None)
+        with self._change_cond:
+            self._change_cond.notify_all()
+
+    def _tomb(self, jid: str, local_id) -> None:
+        self._change_counter += 1
+        self._changed.pop(jid, None)
+        self._tombs[jid] = (local_id, self._change_counter)
+        with self._change_cond:
+            self._change_cond.notify_all()
+
+    def new_history(self) -> None:
+        """As `jobsyncd-server new-history` after a restore: every old checkpoint is diverged."""
+        with self._lock:
+            self.history = uuid.uuid4().hex[:12]
+
+    def backup(self) -> dict:
+        """A copy of the whole server state, as a database backup would hold it."""
+        with self._lock:
+            return copy.deepcopy(
+                {
+                    "jobs": self._jobs,
+                    "seq": self._seq,
+                    "audio": self._audio,
+                    "changed": self._changed,
+                    "tombs": self._tombs,
+                    "counter": self._change_counter,
+                }
+            )
+
+    def restore(self, state: dict, new_history: bool = True) -> None:
+        """Roll the server back to `backup()`'s state; `new_history` as the documented restore
+        procedure requires (without it, checkpoints ahead of the restored state still diverge)."""
+        with self._lock:
+            state = copy.deepcopy(state)
+            self._jobs, self._seq, self._audio = state["jobs"], state["seq"], state["audio"]
+            self._changed, self._tombs = state["changed"], state["tombs"]
+            self._change_counter = state["counter"]
+            self._bump()
+            if new_history:
+                self.history = uuid.uuid4().hex[:12]
+
+    def expire_tombstones(self) -> None:
+        """Drop every tombstone; checkpoints from before now answer 410 expired."""
+        with self._lock:
+            self._tombs.clear()
+            self.expired_before = self._change_counter
+
+    def _changes(self, handler, query):
+        handler._read_body()
+        if not self.feed:
+            raise _HTTPError(404, "not found")
+        try:
+            limit = int((query.get("limit") or [DEFAULT_LIMIT])[-1])
+            wait = float((query.get("wait") or [0])[-1])
+        except ValueError:
+            raise _HTTPError(400, "limit and wait must be numbers") from None
+        limit = max(1, min(limit, MAX_LIMIT))
+        if self.feed_limit is not None:
+            limit = self.feed_limit
+        since = (query.get("since") or [""])[-1]
+        deadline = time.monotonic() + min(max(wait, 0.0), 60.0, MAX_WAIT)
+        while True:
+            with self._lock:
+                answer = self._changes_after(since, limit)
+            if (
+                answer[0] != 200
+                or answer[1]["changes"]
+                or time.monotonic() >= deadline
+                or self._closing.is_set()
+            ):
+                return answer
+            with self._change_cond:
+                self._change_cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _changes_after(self, since: str, limit: int):
+        after = 0
+        if since:
+            mm = re.fullmatch(r"([0-9a-f]+)\.(\d+)", since)
+            if not mm or mm.group(1) != self.history or int(mm.group(2)) > self._change_counter:
+                return (410, {"error": "checkpoint from another history", "reason": "diverged"}, {}, None)
+            after = int(mm.group(2))
+            if after < self.expired_before:
+                return (410, {"error": "checkpoint expired", "reason": "expired"}, {}, None)
+        if self.feed_loop:
+            nxt = f"{self.history}.{after}-{next(self._fresh)}"
+            return (200, {"changes": [], "next": nxt, "more": True}, {}, None)
+        items = [(n, jid, None) for jid, n in self._changed.items() if n > after]
+        items += [(n, jid, lid) for jid, (lid, n) in self._tombs.items() if n > after]
+        items.sort(key=lambda t: t[0])
+        chunk = items[:limit]
+        out = []
+        for _n, jid, lid in chunk:
+            if jid in self._jobs:
+                out.append(copy.deepcopy(self._jobs[jid]))
+            else:
+                out.append({"id": jid, "local_id": lid, "deleted": True})
+        last = chunk[-1][0] if chunk else max(after, self._change_counter if not items else after)
+        body = {"changes": out, "next": f"{self.history}.{last}", "more": len(items) > limit}
+        return (200, body, {}, None)
+
     def _check_auth(self, headers):
         if self.token is None:
             return
@@ -850,6 +967,7 @@ class FaultServer:
         self._jobs[jid] = job
         self._seq[jid] = next(self._seq_counter)
         self._bump()
+        self._touch(jid)
         return job
 
     @staticmethod
@@ -914,6 +1032,8 @@ class FaultServer:
             raise _HTTPError(422, "status must be a string")
 
     def _route(self, handler: _Handler, method, path, query, listing_override=None):
+        if path == API_PREFIX + "/changes" and method == "GET":
+            return self._changes(handler, query)
         if path == JOBS_PATH or path == JOBS_PATH + "/":
             if method == "GET":
                 return self._list(handler, query)
@@ -939,6 +1059,7 @@ class FaultServer:
             with self._lock:
                 if jid not in self._jobs:
                     raise _HTTPError(404, "job not found")
+                self._tomb(jid, self._jobs[jid]["local_id"])
                 del self._jobs[jid]
                 self._seq.pop(jid, None)
                 self._audio.pop(jid, None)
@@ -1017,6 +1138,7 @@ class FaultServer:
                 self._audio[jid] = bytes(audio["data"])
             job["updated_at"] = _now()
             self._bump()
+            self._touch(jid)
             return (200, copy.deepcopy(job), {}, None)
 
 
