@@ -529,6 +529,68 @@ class Store:
             raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(live))}")
         raise NoSuchJob(f"no job matches {ref!r}")
 
+    # ---- looking jobs up one by one without folding (a pass that applies a few changes) ---
+    def lookup(self, local_id: str) -> Job | None:
+        """The job `local_id` as the file holds it now, without folding the store."""
+        if self._loaded:
+            return self.refresh().get(local_id)
+        with self.mapped() as data:
+            return None if data is None else self._fold_one(data, local_id)
+
+    def lookup_server_id(self, server_id: str) -> Job | None:
+        """The job bound to `server_id` now (the first found; the store holds one at most)."""
+        if self._loaded:
+            for job in self.refresh().values():
+                if job.server_id == server_id:
+                    return job
+            return None
+        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
+        head = b'{"local_id":"'
+        with self.mapped() as data:
+            if data is None:
+                return None
+            pos = data.find(needle)
+            while pos != -1:
+                start = data.rfind(b"\n", 0, pos) + 1
+                if data[start : start + len(head)] == head and pos == start + len(head) + 36:
+                    found = self._fold_one(data, data[start + len(head) : pos].decode())
+                    if found is not None and found.server_id == server_id:
+                        return found
+                pos = data.find(needle, pos + 1)
+        return None
+
+    def synced_jobs_besides(self, excluded: set[str], enough: int) -> int | None:
+        """How many jobs are `synced` now other than `excluded` local_ids, counted up to
+        `enough`; None when that cannot be told cheaply (then fold and count)."""
+        if self._loaded:
+            return sum(
+                1
+                for j in self.refresh().values()
+                if j.sync_status == "synced" and j.local_id not in excluded
+            )
+        needle = b'"sync_status":"synced"'
+        found: set[bytes] = set()
+        checks = 0
+        with self.mapped() as data:
+            if data is None:
+                return 0
+            pos = data.rfind(needle)  # newest lines first: most likely still current
+            while pos != -1 and len(found) < enough:
+                start, end = _line_at(data, pos)
+                head = data[start : start + 50]
+                if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
+                    return None
+                checks += 1
+                if checks > _MAX_STALE_CHECKS:
+                    return None
+                local_id = head[13:49]
+                if local_id not in found and local_id.decode() not in excluded:
+                    last = max(data.rfind(b"\n" + head) + 1, start)
+                    if needle in data[last : _line_at(data, last)[1]]:
+                        found.add(local_id)
+                pos = data.rfind(needle, 0, start)
+        return len(found)
+
     @staticmethod
     def _fold_one(data: Any, local_id: str) -> Job | None:
         needle = b'{"local_id":' + json.dumps(local_id).encode()

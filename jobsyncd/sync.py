@@ -53,6 +53,7 @@ ERROR = SyncStatus.ERROR.value
 FAILED = SyncStatus.FAILED.value
 
 FEED_PAGE_LIMIT = 500
+SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
 FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loops is cut off
 FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after a day
 
@@ -205,6 +206,10 @@ class _Pass:
         self.outcomes: list[Callable[[_Overlay], tuple[list[Job], list[str]]]] = []
         self.last_flush = time.monotonic()
         self._holders: dict[str, str] | None = None  # server_id -> local_id, built when needed
+        # A pull of a few changes into a store not folded: jobs are looked up one by one in the
+        # file (a few ms each) instead of folding 100,000 of them (most of a second).
+        self.sparse = False
+        self._index: dict[str, str] | None = None
 
     def _holder_of(self, server_id: str) -> str | None:
         """The local job bound to `server_id` (the store as read, plus this pass's bindings)."""
@@ -229,7 +234,7 @@ class _Pass:
             return
         outcomes, self.outcomes = self.outcomes, []
         with self.store.locked():
-            jobs = self.store.refresh()
+            jobs: Any = _StoreLookup(self.store) if self.sparse else self.store.refresh()
             changed: dict[str, Job] = {}
             purged: list[str] = []
             view = _Overlay(jobs, changed, purged)
@@ -560,10 +565,18 @@ class _Pass:
             stalls = 0
             while True:
                 page = self.remote.changes(since, FEED_PAGE_LIMIT, 0)
-                if page.items and self._index is None:
-                    begin_synced = self._index_store(begin_synced)
-                    if resync:
-                        unlisted = {sid: lid for lid, sid in begin_synced.items()}
+                if page.items and self._index is None and not self.sparse:
+                    if (
+                        not resync
+                        and not self.store.loaded
+                        and not page.more
+                        and len(page.items) <= SPARSE_MAX_CHANGES
+                    ):
+                        self.sparse = True
+                    else:
+                        begin_synced = self._index_store(begin_synced)
+                        if resync:
+                            unlisted = {sid: lid for lid, sid in begin_synced.items()}
                 live = []
                 for item in page.items:
                     if isinstance(item, Tombstone):
@@ -642,21 +655,39 @@ class _Pass:
         self, begin_synced: dict[str, str], tombstones: dict[str, str | None]
     ) -> bool:
         """Remove the synced jobs bound to tombstoned ids; False when the deletion guard trips."""
-        index = self._index or {}
-        doomed = {index[sid]: sid for sid in tombstones if sid in index}
-        synced_doomed = {lid: sid for lid, sid in doomed.items() if begin_synced.get(lid) == sid}
+        doomed = {}
+        for sid in tombstones:
+            local_id = self._bound_local_id(sid)
+            if local_id is not None:
+                doomed[local_id] = sid
+        if self.sparse:
+            synced_doomed = {
+                lid: sid
+                for lid, sid in doomed.items()
+                if (job := self.store.lookup(lid)) is not None and job.sync_status == SYNCED
+            }
+            others = self.store.synced_jobs_besides(set(synced_doomed), 1)
+            if others is None:
+                begin_synced = self._index_store(None)
+                others = len(set(begin_synced) - set(synced_doomed))
+            synced_total = len(synced_doomed) + others
+        else:
+            synced_doomed = {
+                lid: sid for lid, sid in doomed.items() if begin_synced.get(lid) == sid
+            }
+            synced_total = len(begin_synced)
         if self.policy.reupload and synced_doomed:
             self._reupload(synced_doomed)
             return True
         if (
-            len(begin_synced) >= 2
-            and len(synced_doomed) == len(begin_synced)
+            synced_total >= 2
+            and len(synced_doomed) == synced_total
             and not self.policy.force_delete
         ):
             self.summary.deletion_guard = True
             self.summary.ok = False
             self.summary.message = (
-                f"the change feed deletes all {len(begin_synced)} synced jobs; nothing was "
+                f"the change feed deletes all {synced_total} synced jobs; nothing was "
                 "removed. Run `jobsyncd sync --reupload` if the server was restored from a backup "
                 "(they are created again), or `jobsyncd sync --force-delete` if it really was "
                 "emptied (they are removed here too)"
@@ -675,6 +706,7 @@ class _Pass:
         # local_id while that job is bound to another server id
         self._rebinds: dict[str, tuple[str, str, ServerJob]] = {}
         self._index: dict[str, str] | None = None
+        self.sparse = False
 
     def _index_store(self, begin_synced: dict[str, str] | None) -> dict[str, str]:
         """Fold the store (the server had something to say) and index it by server_id."""
@@ -740,8 +772,7 @@ class _Pass:
         """Match each server job to a local job by `local_id` first, then by `server_id` (6.4):
         a job deleted and created again on the server under the same local_id is the same job,
         rebound to its new server id, never a second local job."""
-        jobs = self.store.refresh()
-        by_server_id = self._index or {}
+        jobs: Any = _StoreLookup(self.store) if self.sparse else self.store.refresh()
         for sj in page:
             if not isinstance(sj, ServerJob):
                 self._skip_invalid(sj, unlisted)
@@ -751,7 +782,7 @@ class _Pass:
             if mine is not None and mine.server_id != sj.id:
                 if mine.server_id is None:
                     continue  # our own create whose answer was lost: the push links it
-                holder = by_server_id.get(sj.id)
+                holder = self._bound_local_id(sj.id)
                 if holder is not None and holder != mine.local_id:
                     log.warning(
                         f"server job {sj.id[:64]!r} names local job {mine.local_id} but is bound "
@@ -763,7 +794,7 @@ class _Pass:
                 self._rebinds[sj.id] = (mine.local_id, mine.server_id, sj)
                 unlisted.pop(mine.server_id, None)
                 continue
-            local_id = by_server_id.get(sj.id)
+            local_id = self._bound_local_id(sj.id)
             if local_id is not None:
                 cur = jobs.get(local_id)
                 if cur is not None and cur.sync_status == SYNCED and _differs(cur, sj):
@@ -800,6 +831,13 @@ class _Pass:
             if new_id not in self._added:
                 self._added.add(new_id)
                 self._record(self._add_from_server(sj))
+
+    def _bound_local_id(self, server_id: str) -> str | None:
+        """The local job bound to `server_id` as the pull began (sparse: as the file says)."""
+        if self.sparse:
+            job = self.store.lookup_server_id(server_id)
+            return job.local_id if job is not None else None
+        return (self._index or {}).get(server_id)
 
     def _skip_invalid(self, item: Any, unlisted: dict[str, str]) -> None:
         """An invalid job object in a listing: skipped with a warning, the rest of the page
@@ -967,8 +1005,7 @@ class _Pass:
         return apply
 
     def _take_server_copy_any_rev(self, local_id: str, sj: ServerJob) -> Outcome:
-        jobs = self.store.jobs
-        cur = jobs.get(local_id)
+        cur = self.store.lookup(local_id) if self.sparse else self.store.jobs.get(local_id)
         return self._take_server_copy(local_id, cur.rev if cur else -1, sj)
 
     def _purge_deleted_on_server(self, local_id: str, server_id: str) -> Outcome:
@@ -987,6 +1024,22 @@ class _Pass:
 Outcome = Callable[["_Overlay"], tuple[list[Job], list[str]]]
 
 
+class _StoreLookup:
+    """A store not folded, read job by job (store.lookup): for a pull of a few changes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cache: dict[str, Job | None] = {}
+
+    def get(self, local_id: str) -> Job | None:
+        if local_id not in self.cache:
+            self.cache[local_id] = self.store.lookup(local_id)
+        return self.cache[local_id]
+
+    def has_server_id(self, server_id: str) -> bool:
+        return self.store.lookup_server_id(server_id) is not None
+
+
 class _Overlay:
     """The store's jobs as changed by the outcomes applied so far in one flush."""
 
@@ -1002,6 +1055,10 @@ class _Overlay:
         return self.jobs.get(local_id)
 
     def has_server_id(self, server_id: str) -> bool:
+        if isinstance(self.jobs, _StoreLookup):
+            if self.jobs.has_server_id(server_id):
+                return True
+            return any(j.server_id == server_id for j in self.changed.values())
         if self._sids is None:
             self._sids = {j.server_id for j in self.jobs.values() if j.server_id is not None}
         if server_id in self._sids:
