@@ -794,9 +794,10 @@ class _Pass:
                 self._rebinds[sj.id] = (mine.local_id, mine.server_id, sj)
                 unlisted.pop(mine.server_id, None)
                 continue
-            local_id = self._bound_local_id(sj.id)
+            # Usually the job found by local_id is the one bound to this id: no second look-up.
+            local_id = mine.local_id if mine is not None else self._bound_local_id(sj.id)
             if local_id is not None:
-                cur = jobs.get(local_id)
+                cur = mine if mine is not None else jobs.get(local_id)
                 if cur is not None and cur.sync_status == SYNCED and _differs(cur, sj):
                     self._record(self._take_server_copy(local_id, cur.rev, sj))
                 continue
