@@ -13,6 +13,10 @@ contract's promises checked after every step:
   matches its server copy, every server job is known here, and every job deleted here is gone
   from the server.
 
+The machine runs twice: in listing mode, and in feed mode (the fault server's `/changes` on),
+with backups and restores of the server among its steps. In feed mode a restore never costs a
+job: only a job the server deleted (a tombstone) may vanish from a synced agent.
+
 CI runs a bounded number of examples; set JOBSYNCD_HYPOTHESIS_EXAMPLES for a longer search.
 """
 
@@ -83,12 +87,17 @@ def silent(message: str) -> None:
 
 
 class SyncMachine(RuleBasedStateMachine):
+    feed = False
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="jobsyncd-model-")
         os.chmod(self.dir, 0o700)
         self.store = Store(self.dir, warn=silent)
         self.srv = FaultServer()
+        self.srv.feed = self.feed
+        self.backups: list[dict] = []
+        self.deleted_on_server: set[str] = set()  # server ids deleted by a server-side client
         self.remote = Remote(self.srv.url + "/api/v1", timeout=2)
         self.rng = random.Random(0)
         self.pull_state: dict = {}
@@ -122,7 +131,10 @@ class SyncMachine(RuleBasedStateMachine):
         may_vanish = {
             lid
             for lid, job in before.items()
-            if job.sync_status == "synced" and job.server_id not in server_before
+            if job.sync_status == "synced"
+            and job.server_id not in server_before
+            # On the feed only a deletion (a tombstone) removes a job; a restore never does.
+            and (not self.feed or job.server_id in self.deleted_on_server)
         }
         summary = run_pass(
             self.store, self.remote, policy, rng=self.rng, pull_state=self.pull_state
@@ -231,6 +243,21 @@ class SyncMachine(RuleBasedStateMachine):
         sid = self.choose(self.srv.jobs, pick)
         if sid is not None:
             self.srv.server_delete(sid)
+            self.deleted_on_server.add(sid)
+
+    @rule()
+    def server_backup(self):
+        self.backups.append(self.srv.backup())
+
+    @rule(pick=picks)
+    def server_restore(self, pick):
+        """The server rolled back to an earlier backup, with `new-history` as documented."""
+        if not self.backups:
+            return
+        state = self.backups[pick % len(self.backups)]
+        self.srv.restore(state, new_history=True)
+        # Jobs deleted here that the backup still holds come back from it: the admin's doing.
+        self.deleted_here -= {j["local_id"] for j in state["jobs"].values()}
 
     @rule(text=st.one_of(texts, st.none()), metadata=metas, uuid_local_id=st.booleans())
     def server_create(self, text, metadata, uuid_local_id):
@@ -323,9 +350,14 @@ class SyncMachine(RuleBasedStateMachine):
                 assert job.retry_count == 0
 
 
-def test_random_sync_histories_keep_every_promise_of_the_contract():
+class FeedSyncMachine(SyncMachine):
+    feed = True
+
+
+@pytest.mark.parametrize("machine", [SyncMachine, FeedSyncMachine], ids=["listing", "feed"])
+def test_random_sync_histories_keep_every_promise_of_the_contract(machine):
     run_state_machine_as_test(
-        SyncMachine,
+        machine,
         settings=settings(
             max_examples=EXAMPLES,
             stateful_step_count=STEPS,
