@@ -40,3 +40,11 @@ class FeedGone(Exception):
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(message or f"the change feed answered 410 ({reason})")
         self.reason = reason if reason in ("expired", "diverged") else "diverged"
+
+
+class BatchNotOffered(Exception):
+    """404 or 405 on POST /batch: the server has no batch endpoint; requests go one by one."""
+
+
+class BatchTooLarge(Exception):
+    """413 on POST /batch: the server wants smaller batches."""

@@ -24,7 +24,7 @@ import requests.auth
 import requests.utils
 import urllib3.exceptions
 
-from .api import FeedGone, FeedNotOffered, FeedPage, Tombstone
+from .api import BatchNotOffered, BatchTooLarge, FeedGone, FeedNotOffered, FeedPage, Tombstone
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
 MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
@@ -495,6 +495,61 @@ class Remote:
         ):
             raise Transient("GET /changes: the server answered junk, not a page of changes")
         return FeedPage([_feed_item(c) for c in page["changes"]], page["next"], page["more"])
+
+
+    def batch(self, operations: list[dict[str, Any]]) -> list[Any]:
+        """POST /batch (contract 6.3 "Batches"): per operation, the answer its own request would
+        have given: a ServerJob (create, update), None (delete done), or the RemoteError to
+        raise for that job. Only the batch's own status stops the pass (AuthRefused, BackOff,
+        Offline, TLSFailure raised here); a 5xx, a timeout or a broken connection for the whole
+        batch raises Transient (an error for each of its jobs)."""
+        response, body = self._send(
+            "POST", "/batch", json={"operations": operations}, max_bytes=MAX_PAGE_ANSWER_BYTES
+        )
+        status = response.status_code
+        if status in (404, 405):
+            raise BatchNotOffered()
+        if status == 413:
+            raise BatchTooLarge()
+        self._check_status(response, body, "POST", "/batch")
+        if status != 200:
+            raise Transient(f"POST /batch: unexpected answer {status}")
+        answer = self._json(response, body, "POST", "/batch")
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(results, list):
+            raise Transient("POST /batch: the server answered junk, not a list of results")
+        out: list[Any] = []
+        for i, op in enumerate(operations):
+            if i >= len(results):
+                out.append(Transient("POST /batch: the server gave no result for this operation"))
+            else:
+                out.append(_batch_answer(op, results[i]))
+        return out
+
+
+def _batch_answer(op: dict[str, Any], result: Any) -> Any:
+    kind = op.get("op")
+    what = f"POST /batch ({kind})"
+    status = result.get("status") if isinstance(result, dict) else None
+    if not isinstance(status, int) or isinstance(status, bool):
+        return Transient(f"{what}: the server answered junk for this operation")
+    error = result.get("error")
+    message = _server_message(json.dumps({"error": error}).encode()) if error else ""
+    if kind == "delete" and status in (200, 202, 204, 404):
+        return None  # 404 counts as done, as for a DELETE of its own
+    if status in ((200, 201) if kind == "create" else (200,)) and kind != "delete":
+        try:
+            return parse_server_job(result.get("job"))
+        except RemoteError as exc:
+            return exc
+    if status == 404:
+        return Gone(f"{what}: not found on the server (404)")
+    if status in (401, 403, 429, 503) or status >= 500:
+        # Per operation these are errors for its job; only the batch's own status stops a pass.
+        return Transient(f"{what}: the server answered {status}{message}")
+    if 400 <= status:
+        return Permanent(f"{what}: refused by the server ({status}){message}")
+    return Transient(f"{what}: unexpected answer {status}")
 
 
 def _feed_item(obj: Any) -> Any:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import audio, log
-from .api import FeedGone, FeedNotOffered, Tombstone
+from .api import BatchNotOffered, BatchTooLarge, FeedGone, FeedNotOffered, Tombstone
 from .model import (
     Job,
     SyncStatus,
@@ -52,6 +53,8 @@ PENDING_DELETION = SyncStatus.PENDING_DELETION.value
 ERROR = SyncStatus.ERROR.value
 FAILED = SyncStatus.FAILED.value
 
+BATCH_MAX_OPS = 500
+BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
 FEED_PAGE_LIMIT = 500
 SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
 FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loops is cut off
@@ -206,6 +209,9 @@ class _Pass:
         self.outcomes: list[Callable[[_Overlay], tuple[list[Job], list[str]]]] = []
         self.last_flush = time.monotonic()
         self._holders: dict[str, str] | None = None  # server_id -> local_id, built when needed
+        self.via: Any = remote  # what a push talks to: the server, or a batch's answers
+        self.attempted: set[str] = set()  # jobs a batch carried in this pass
+        self.done = 0
         # A pull of a few changes into a store not folded: jobs are looked up one by one in the
         # file (a few ms each) instead of folding 100,000 of them (most of a second).
         self.sparse = False
@@ -263,19 +269,81 @@ class _Pass:
         due.sort(key=lambda j: (j.created_at, j.local_id))
         if not due:
             return
+        singles = due
+        self.done = 0
         try:
-            for first in range(0, len(due), FLUSH_EVERY_JOBS):
-                batch = [j.copy() for j in due[first : first + FLUSH_EVERY_JOBS]]
-                self._mark_create_sent(batch)
-                for done, snap in enumerate(batch, first + 1):
+            if self._batch_wanted():
+                batchable = [j for j in due if _batch_operation(j) is not None]
+                if batchable:
+                    singles = [j for j in due if _batch_operation(j) is None]
+                    singles = self._push_batched(batchable) + singles
+            for first in range(0, len(singles), FLUSH_EVERY_JOBS):
+                chunk = [j.copy() for j in singles[first : first + FLUSH_EVERY_JOBS]]
+                self._mark_create_sent(chunk)
+                for snap in chunk:
                     if self.should_stop():
                         return
                     self.push_one(snap)
-                    if self.progress is not None:
-                        self.progress(done)
+                    self._progressed(1)
         finally:
             self.flush()
             self._unmark_unsent()
+
+    def _progressed(self, jobs: int) -> None:
+        self.done += jobs
+        if self.progress is not None:
+            self.progress(self.done)
+
+    # ---- batches (6.3) ---------------------------------------------------------------------------
+    def _batch_wanted(self) -> bool:
+        if not hasattr(self.remote, "batch"):
+            return False
+        state = self.pull_state.get("batch")
+        if not isinstance(state, dict) or state.get("offered") is not False:
+            return True
+        checked, now = state.get("checked_at"), time.time()
+        return not isinstance(checked, (int, float)) or not now - FEED_PROBE_SECONDS < checked <= now
+
+    def _push_batched(self, batchable: list[Job]) -> list[Job]:
+        """Send the jobs whose push carries no audio in batches of up to BATCH_MAX_OPS (and
+        BATCH_MAX_BYTES); each result is handled as the answer to the job's own request. Returns
+        the jobs left to send one by one (all of them when the server has no batch endpoint)."""
+        for first in range(0, len(batchable), BATCH_MAX_OPS):
+            chunk = [j.copy() for j in batchable[first : first + BATCH_MAX_OPS]]
+            self._mark_create_sent(chunk)
+            for group in _groups_by_size(chunk):
+                if self.should_stop():
+                    return []
+                try:
+                    self._send_batch(group)
+                except BatchNotOffered:
+                    self.pull_state["batch"] = {"offered": False, "checked_at": time.time()}
+                    log.info("the server has no batch endpoint: one request per job")
+                    return [j for j in batchable[first:] if j.local_id not in self.attempted]
+        self.pull_state["batch"] = {"offered": True, "checked_at": time.time()}
+        return []
+
+    def _send_batch(self, group: list[Job]) -> None:
+        ops = [_batch_operation(j) for j in group]
+        try:
+            answers = self.remote.batch(ops)
+        except BatchTooLarge:
+            if len(group) == 1:
+                answers = [Permanent("POST /batch: the server refused the operation as too large")]
+            else:
+                half = len(group) // 2
+                self._send_batch(group[:half])
+                self._send_batch(group[half:])
+                return
+        except RemoteError as exc:
+            stop = _stop_for(exc)
+            if stop is not None:
+                raise stop from None
+            answers = [exc] * len(group)  # the whole batch failed: an error for each job
+        for snap, answer in zip(group, answers, strict=True):
+            self.attempted.add(snap.local_id)
+            self.push_one(snap, _Answered(answer))
+        self._progressed(len(group))
 
     def _unmark_unsent(self) -> None:
         if not self.unsent:
@@ -316,7 +384,9 @@ class _Pass:
                 snap.create_sent = True
             self.store.append(marked)
 
-    def push_one(self, snap: Job) -> None:
+    def push_one(self, snap: Job, via: Any = None) -> None:
+        """Push one job; `via` answers in place of the server (a batch's result for it)."""
+        self.via = via if via is not None else self.remote
         try:
             if snap.sync_status == PENDING_DELETION:
                 self._push_delete(snap)
@@ -333,7 +403,7 @@ class _Pass:
             self._failure(snap, exc)
 
     def _push_create(self, snap: Job) -> None:
-        sj = self.remote.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
+        sj = self.via.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
         self.unsent.discard(snap.local_id)
         if sj.local_id is not None and sj.local_id.lower() != snap.local_id:
             raise Transient(
@@ -364,7 +434,7 @@ class _Pass:
     def _push_update(self, snap: Job) -> None:
         fields, send_audio = changed_fields(snap)
         assert snap.server_id is not None
-        sj = self.remote.update(snap.server_id, fields, send_audio)
+        sj = self.via.update(snap.server_id, fields, send_audio)
         self.summary.updated += 1
         log.job_line("updated", snap.local_id, ", ".join([*sorted(fields), *(["audio"] if send_audio else [])]))
         audio_on_server = (
@@ -383,13 +453,13 @@ class _Pass:
             # the server copy (or makes one) so that it can be deleted.
             # An empty body: the server answers a repeat with the stored job whatever we send.
             try:
-                server_id = self.remote.create(snap.local_id, "", {}, None).id
+                server_id = self.via.create(snap.local_id, "", {}, None).id
             except Transient as exc:
                 server_id = _usable_id_in(exc)  # an invalid answer naming the copy still names it
                 if server_id is None:
                     raise
         if server_id is not None:
-            self.remote.delete(server_id)
+            self.via.delete(server_id)
             self.summary.deleted_remote += 1
         log.job_line("deleted", snap.local_id)
 
@@ -1023,6 +1093,58 @@ class _Pass:
 
 
 Outcome = Callable[["_Overlay"], tuple[list[Job], list[str]]]
+
+
+def _batch_operation(job: Job) -> dict[str, Any] | None:
+    """The job's push as one batch operation, or None when it must go alone (it sends audio,
+    or it is a delete whose create may have reached the server without an answer)."""
+    if job.sync_status == PENDING_DELETION:
+        return {"op": "delete", "id": job.server_id} if job.server_id is not None else None
+    if job.server_id is None:
+        if job.audio_file:
+            return None
+        return {"op": "create", "local_id": job.local_id, "text": job.text, "metadata": job.metadata}
+    fields, send_audio = changed_fields(job)
+    if send_audio is not None:
+        return None
+    return {"op": "update", "id": job.server_id, "fields": fields}
+
+
+def _groups_by_size(jobs: list[Job]) -> Iterator[list[Job]]:
+    """Split a chunk so that each batch body stays under BATCH_MAX_BYTES (an operation too
+    large for one goes alone, and the server answers 413 for it as for its own request)."""
+    group: list[Job] = []
+    size = 0
+    for job in jobs:
+        op_size = len(json.dumps(_batch_operation(job), ensure_ascii=False).encode()) + 1
+        if group and size + op_size > BATCH_MAX_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(job)
+        size += op_size
+    if group:
+        yield group
+
+
+class _Answered:
+    """Stands in for the server in a push: gives the answer a batch already brought."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def _give(self) -> Any:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+    def create(self, *args: Any) -> Any:
+        return self._give()
+
+    def update(self, *args: Any) -> Any:
+        return self._give()
+
+    def delete(self, *args: Any) -> Any:
+        return self._give()
 
 
 class _StoreLookup:

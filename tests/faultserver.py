@@ -597,6 +597,10 @@ class FaultServer:
         self._changed: dict = {}  # job id -> change number of its latest change
         self._tombs: dict = {}  # job id -> (local_id, change number)
         self._change_cond = threading.Condition()
+        # POST /api/v1/batch (contract 6.3), off unless a test turns it on: `batch = True`.
+        self.batch = False
+        self.batch_truncate: int | None = None  # hostile: answer only this many results
+        self.batch_max_ops = 500
         self._lock = threading.RLock()
         self._closing = threading.Event()
         self._jobs: dict = {}
@@ -880,6 +884,76 @@ class FaultServer:
             self._tombs.clear()
             self.expired_before = self._change_counter
 
+    def _batch(self, handler, method):
+        if not self.batch:
+            handler._read_body()
+            raise _HTTPError(404, "not found")
+        if method != "POST":
+            handler._read_body()
+            raise _HTTPError(405, "method not allowed", {"Allow": "POST"})
+        body = handler._read_body()
+        if len(body) > 8 * MAX_JSON_BYTES:
+            raise _HTTPError(413, "batch body too large")
+        try:
+            data = json.loads(body.decode("utf-8"))
+            ops = data["operations"]
+            assert isinstance(ops, list)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+            raise _HTTPError(400, "malformed batch") from None
+        if len(ops) > self.batch_max_ops:
+            raise _HTTPError(413, "too many operations")
+        with self._lock:
+            results = [self._batch_op(op) for op in ops]
+        if self.batch_truncate is not None:
+            results = results[: self.batch_truncate]
+        return (200, {"results": results}, {}, None)
+
+    def _batch_op(self, op) -> dict:
+        def result(status, job=None, error=None):
+            return {"status": status, "job": copy.deepcopy(job), "error": error}
+
+        if not isinstance(op, dict):
+            return result(400, error="operation is not an object")
+        try:
+            if op.get("op") == "create":
+                self._validate(op)
+                local_id = op.get("local_id")
+                if not _is_uuid(local_id):
+                    return result(422, error="local_id is missing or not a UUID")
+                for j in self._jobs.values():
+                    if j["local_id"] == local_id:
+                        return result(200, j)
+                return result(201, self._create(local_id, op.get("text"), op.get("metadata") or {}, None, None))
+            if op.get("op") == "update":
+                fields = op.get("fields") or {}
+                self._validate(fields)
+                job = self._jobs.get(op.get("id"))
+                if job is None:
+                    return result(404, error="job not found")
+                for k in ("text", "metadata", "status"):
+                    if k in fields:
+                        job[k] = copy.deepcopy(fields[k])
+                if "audio" in fields and fields["audio"] is None:
+                    job["audio"] = None
+                    self._audio.pop(job["id"], None)
+                job["updated_at"] = _now()
+                self._bump()
+                self._touch(job["id"])
+                return result(200, job)
+            if op.get("op") == "delete":
+                jid = op.get("id")
+                if jid not in self._jobs:
+                    return result(404, error="job not found")
+                self._tomb(jid, self._jobs[jid]["local_id"])
+                del self._jobs[jid]
+                self._seq.pop(jid, None)
+                self._audio.pop(jid, None)
+                self._bump()
+                return result(204)
+        except _HTTPError as e:
+            return result(e.status, error=e.message)
+        return result(400, error="unknown op")
+
     def _changes(self, handler, query):
         handler._read_body()
         if not self.feed:
@@ -1034,6 +1108,8 @@ class FaultServer:
     def _route(self, handler: _Handler, method, path, query, listing_override=None):
         if path == API_PREFIX + "/changes" and method == "GET":
             return self._changes(handler, query)
+        if path == API_PREFIX + "/batch":
+            return self._batch(handler, method)
         if path == JOBS_PATH or path == JOBS_PATH + "/":
             if method == "GET":
                 return self._list(handler, query)
@@ -1133,6 +1209,9 @@ class FaultServer:
             for k in ("text", "metadata", "status"):
                 if k in fields:
                     job[k] = copy.deepcopy(fields[k])
+            if "audio" in fields and fields["audio"] is None:
+                job["audio"] = None
+                self._audio.pop(jid, None)
             if audio is not None:
                 job["audio"] = self._audio_meta(audio["data"], audio["filename"])
                 self._audio[jid] = bytes(audio["data"])
