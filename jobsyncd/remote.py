@@ -13,7 +13,10 @@ import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +25,11 @@ import requests  # costs ~80 ms of start-up: only the commands that talk to a se
 import requests.adapters
 import requests.auth
 import requests.utils
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
+
+from . import log
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
 MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
@@ -31,13 +38,106 @@ BACKOFF_DEFAULT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 3600.0
 
 
-_in_flight = 0  # requests under way in this process (the daemon's watchdog reads it)
+class RequestInFlight:
+    """One request under way, for the whole-answer limit and the daemon's watchdog.
+
+    The limit runs from the end of sending (when the answer begins to be read) to the last byte
+    of the answer, headers included (contract 6.1). The reaper shuts the socket down when it
+    passes, whatever the server trickles; `expired` then says the answer was cut, not complete.
+    """
+
+    __slots__ = ("started", "limit", "deadline", "expired", "_sock")
+
+    def __init__(self, limit: float) -> None:
+        self.started = time.monotonic()
+        self.limit = limit
+        self.deadline: float | None = None  # set once the request is sent
+        self.expired = False
+        self._sock: Any = None
+
+    def within_limit(self, now: float) -> bool:
+        """True while the request is sending, or its answer is still inside the limit."""
+        return self.deadline is None or now <= self.deadline
+
+    def answer_begins(self, sock: Any) -> None:
+        _reaper.watch(self, sock)
 
 
-def requests_in_flight() -> int:
-    """How many requests are under way: each is bounded by its socket timeouts, so a pass
-    inside one is waiting on the network, not stuck."""
-    return _in_flight
+class _Reaper:
+    """One thread for every request's deadline: it shuts down the socket of an answer that
+    runs past its limit, which wakes the blocked read at once (a timeout per read cannot see a
+    server that sends one byte just before each read would time out)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: set[RequestInFlight] = set()
+        self._in_flight: set[RequestInFlight] = set()
+        self._thread: threading.Thread | None = None
+        self.last_finished: float | None = None  # monotonic end of the last request
+
+    def begin(self, flight: RequestInFlight) -> None:
+        with self._cond:
+            self._in_flight.add(flight)
+
+    def watch(self, flight: RequestInFlight, sock: Any) -> None:
+        with self._cond:
+            flight.deadline = time.monotonic() + flight.limit
+            flight._sock = sock
+            self._watched.add(flight)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="jobsyncd-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def end(self, flight: RequestInFlight) -> None:
+        with self._cond:
+            self._in_flight.discard(flight)
+            self._watched.discard(flight)
+            flight._sock = None
+            self.last_finished = time.monotonic()
+
+    def snapshot(self) -> list[RequestInFlight]:
+        with self._cond:
+            return list(self._in_flight)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for flight in [f for f in self._watched if f.deadline is not None]:
+                    if flight.deadline <= now:  # type: ignore[operator]
+                        flight.expired = True
+                        _shut_down(flight._sock)
+                        self._watched.discard(flight)
+                soonest = min((f.deadline or now for f in self._watched), default=None)
+                self._cond.wait(None if soonest is None else max(soonest - now, 0.0) + 0.001)
+
+
+def _shut_down(sock: Any) -> None:
+    raw = getattr(sock, "socket", sock)  # urllib3's SSLTransport (TLS in TLS) wraps a socket
+    if isinstance(raw, socket.socket):
+        try:
+            # socket.socket's own shutdown, also for an SSLSocket: the blocked read in the
+            # request's thread sees the end of the stream, no TLS state is touched from here.
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+_reaper = _Reaper()
+_current = threading.local()  # the RequestInFlight of this thread's request, for the connection
+
+
+def requests_in_flight() -> list[RequestInFlight]:
+    """The requests under way in this process (the daemon's watchdog reads them)."""
+    return _reaper.snapshot()
+
+
+def last_request_finished() -> float | None:
+    """time.monotonic() when the last request of this process ended, or None."""
+    return _reaper.last_finished
 
 
 class RemoteError(Exception):
@@ -197,6 +297,7 @@ class Remote:
         page_limit: int | None = None,
     ) -> None:
         self.api_base = api_base.rstrip("/")
+        self._api_path = urllib.parse.urlsplit(self.api_base).path  # for -vv lines: no host
         self.timeout = timeout
         self.page_limit = page_limit
         self.session = requests.Session()
@@ -221,9 +322,7 @@ class Remote:
             adapter = _ExtraCAAdapter(_context_with_extra_ca(bundle, ca_bundle))
             self.session.verify = True
         else:
-            adapter = requests.adapters.HTTPAdapter(
-                max_retries=0, pool_connections=1, pool_maxsize=2
-            )
+            adapter = _Adapter()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -239,21 +338,38 @@ class Remote:
         max_bytes: int = MAX_JOB_ANSWER_BYTES,
         **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
-        url = self.api_base + path
-        global _in_flight
-        _in_flight += 1
+        limit = 3 * self.timeout
+        flight = RequestInFlight(limit)
+        _reaper.begin(flight)
+        _current.flight = flight
+        status = "failed"
         try:
-            return self._send_and_read(method, path, url, max_bytes, **kwargs)
+            response, body = self._send_and_read(method, path, max_bytes, **kwargs)
+            if flight.expired:  # the reaper cut it: what was read is not the whole answer
+                raise self._too_slow(method, path, limit)
+            status = str(response.status_code)
+            return response, body
+        except RemoteError as exc:
+            if flight.expired:
+                raise self._too_slow(method, path, limit) from None
+            status = f"failed ({type(exc).__name__})"
+            raise
         finally:
-            _in_flight -= 1
+            _current.flight = None
+            _reaper.end(flight)
+            took = (time.monotonic() - flight.started) * 1000
+            log.debug(f"{method} {self._api_path}{path} {status} {took:.0f} ms")
+
+    def _too_slow(self, method: str, path: str, limit: float) -> Transient:
+        return Transient(f"{method} {path}: the answer took longer than {limit:g} s (read timeout)")
 
     def _send_and_read(
-        self, method: str, path: str, url: str, max_bytes: int, **kwargs: Any
+        self, method: str, path: str, max_bytes: int, **kwargs: Any
     ) -> tuple[requests.Response, bytes]:
         try:
             response = self.session.request(
                 method,
-                url,
+                self.api_base + path,
                 timeout=(self.timeout, self.timeout),
                 allow_redirects=False,
                 stream=True,
@@ -285,7 +401,6 @@ class Remote:
     def _read_body(
         self, response: requests.Response, max_bytes: int, method: str, path: str
     ) -> bytes:
-        deadline = time.monotonic() + 3 * self.timeout
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise Transient(f"{method} {path}: the answer is too large ({declared} bytes)")
@@ -296,10 +411,6 @@ class Remote:
                 size += len(chunk)
                 if size > max_bytes:
                     raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise Transient(
-                        f"{method} {path}: the answer took longer than {3 * self.timeout:g} s"
-                    )
                 chunks.append(chunk)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if isinstance(
@@ -445,13 +556,59 @@ class Remote:
             first = False
 
 
-class _ExtraCAAdapter(requests.adapters.HTTPAdapter):
+class _DeadlineMixin:
+    sock: Any
+
+    def getresponse(self) -> Any:
+        flight = getattr(_current, "flight", None)
+        if flight is not None:
+            flight.answer_begins(self.sock)  # the request is sent: the whole-answer limit runs
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _DeadlineConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _DeadlineConnection
+
+
+class _DeadlineHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_POOL_CLASSES = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """No retries inside urllib3 (the pass decides what is retried, and when); connections
+    whose answers are bound by the whole-answer limit, through a proxy too."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+
+class _ExtraCAAdapter(_Adapter):
     """Verifies with the default CAs *and* the configured `ca_bundle` (an extra CA file, not a
     replacement: requests' own `verify=path` would drop the default CAs)."""
 
     def __init__(self, context: Any) -> None:
         self._context = context
-        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+        super().__init__()
 
     def build_connection_pool_key_attributes(
         self, request: Any, verify: Any, cert: Any = None
