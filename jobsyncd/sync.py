@@ -34,6 +34,7 @@ from .remote import (
     AuthRefused,
     BackOff,
     Gone,
+    InvalidJob,
     NotModified,
     Offline,
     Permanent,
@@ -447,6 +448,7 @@ class _Pass:
         self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
         new_etag: str | None = None
         complete = False
+        invalid_seen = False
         self._index: dict[str, str] | None = None
         try:
             for page, listing_etag in self.remote.list_pages(etag):
@@ -459,11 +461,18 @@ class _Pass:
                         j.server_id: j.local_id for j in jobs.values() if j.server_id is not None
                     }
                 new_etag = listing_etag
-                self._apply_page(page, unlisted)
+                # Minimal handling of invalid job objects (contract 6.4) from wt-http; the lead
+                # reconciles: skipped with a warning, the pass not ok, nothing removed in it.
+                invalid = [j for j in page if isinstance(j, InvalidJob)]
+                for bad in invalid:
+                    log.warning(f"skipped an invalid job {bad.id or '(no id)'}: {bad.reason}")
+                    self.summary.ok = False
+                    invalid_seen = True
+                self._apply_page([j for j in page if not isinstance(j, InvalidJob)], unlisted)
                 if self.should_stop():  # also the daemon's proof of progress for its watchdog
                     break
             else:
-                complete = True
+                complete = not invalid_seen
         except NotModified:
             return
         except RemoteError as exc:
