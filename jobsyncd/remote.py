@@ -309,7 +309,7 @@ def _timestamp(value: str) -> str:
             hour,
             minute,
             min(second, 59),  # a leap second (60) is the last moment of its minute
-            int((fraction[1:] + "00000")[:6]),
+            999_999 if second == 60 else int((fraction[1:] + "00000")[:6]),
             tzinfo=_dt.timezone(offset),
         )
         utc = moment.astimezone(_dt.timezone.utc)

@@ -9,8 +9,10 @@ never shows the token. The servers are raw sockets (tests/hostile.py).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
+import uuid
 
 import pytest
 from faultserver import FaultServer
@@ -146,3 +148,95 @@ def test_a_server_that_echoes_the_token_never_gets_it_shown_stored_or_logged(cli
             seen.append(path.read_bytes().decode("utf-8", "replace"))
     for text in seen:
         assert TOKEN not in text
+
+
+# ---- item 6: a listing that never ends ---------------------------------------------------------
+
+
+def listing_server(first_page: list[dict], endless: bool) -> HostileServer:
+    """Serves `first_page`, then (when `endless`) empty pages with new cursors forever; a GET of
+    one job answers 404, any other request 500."""
+
+    def behave(request: Request, conn: socket.socket, server: HostileServer) -> None:
+        if request.method == "GET" and request.path == "/api/v1/jobs":
+            first = "cursor=" not in request.target
+            jobs = first_page if first else []
+            cursor = uuid.uuid4().hex if endless else None
+            answer(conn, 200, {"jobs": jobs, "next_cursor": cursor})
+        elif request.method == "GET":
+            answer(conn, 404, {"error": "no such job"})
+        else:
+            answer(conn, 500, {"error": "read only"})
+
+    return HostileServer(behave)
+
+
+def test_a_listing_of_empty_pages_without_end_makes_the_pass_incomplete_and_removes_nothing(
+    cli, fault_server
+):
+    ids = [cli("create", "--text", f"job {i}", check=True).stdout.strip() for i in range(3)]
+    run_sync(point(cli, fault_server.url, timeout="5"))
+    first_page = [j for j in fault_server.snapshot() if j["local_id"] == ids[0]]
+    with listing_server(first_page, endless=True) as srv:
+        proc = run_sync(point(cli, srv.url))
+        pages = sum(1 for r in srv.requests if r.path == "/api/v1/jobs")
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] is False and summary["deleted_locally"] == 0
+    assert "listing" in proc.stderr
+    assert pages == 4  # the first page, then three that brought nothing new
+    assert {j["local_id"] for j in cli.jobs()} == set(ids)
+    assert all(j["sync_status"] == "synced" for j in cli.jobs())
+
+
+# ---- items 3 and 4: invalid job objects in a listing -------------------------------------------
+
+
+def test_an_invalid_job_in_a_listing_is_skipped_with_a_warning_and_the_rest_is_pulled(cli):
+    good = {
+        "id": "good-1",
+        "local_id": str(uuid.uuid4()),
+        "text": "fine",
+        "metadata": {},
+        "status": "submitted",
+        "audio": None,
+        "created_at": "2026-11-30T10:00:00Z",
+        "updated_at": "2026-11-30T10:00:00Z",
+    }
+    bad_time = {
+        **good,
+        "id": "bad-time",
+        "local_id": None,
+        "updated_at": "0001-01-01T00:00:00+01:00",
+    }
+    bad_meta = {**good, "id": "bad-meta", "local_id": None, "metadata": {"k": "\ud800"}}
+    with listing_server([bad_time, good, bad_meta], endless=False) as srv:
+        proc = run_sync(point(cli, srv.url))
+    assert proc.returncode == 1, proc.stderr
+    assert "bad-time" in proc.stderr and "bad-meta" in proc.stderr
+    assert "OverflowError" not in proc.stderr
+    (pulled,) = cli.jobs()
+    assert (pulled["server_id"], pulled["text"], pulled["local_id"]) == (
+        "good-1",
+        "fine",
+        good["local_id"],
+    )
+    assert pulled["updated_at"] == "2026-11-30T10:00:00.000Z"
+
+
+# ---- -vv: one line per request -----------------------------------------------------------------
+
+
+def test_vv_logs_one_line_per_request_with_method_path_status_and_time_never_the_token(
+    cli, fault_server
+):
+    cli.env["JOBSYNCD_TOKEN"] = TOKEN
+    fault_server.token = TOKEN
+    cli("create", "--text", "one", "--meta", f"secret={TOKEN}", check=True)
+    proc = run_sync(point(cli, fault_server.url, timeout="5"), "-vv")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("jobsyncd: debug: ")]
+    assert any(re.fullmatch(r"jobsyncd: debug: POST /api/v1/jobs 201 \d+ ms", x) for x in lines)
+    assert any(re.fullmatch(r"jobsyncd: debug: GET /api/v1/jobs 200 \d+ ms", x) for x in lines)
+    assert TOKEN not in proc.stderr
+    assert len([x for x in lines if re.search(r" \d+ ms$", x)]) == len(fault_server.requests)
