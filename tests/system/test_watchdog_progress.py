@@ -11,9 +11,14 @@ import socket
 import time
 
 import pytest
+import test_daemon
 from helpers import poll
 from hostile import HostileServer, Request
-from test_daemon import Datagrams, daemons, notify_socket  # noqa: F401 - fixtures
+from test_daemon import Datagrams
+
+# The daemon tests' fixtures: a daemon started and killed in teardown, a notify socket.
+daemons = test_daemon.daemons
+notify_socket = test_daemon.notify_socket
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,7 +28,10 @@ def pings_between(got: Datagrams, start: float, end: float) -> int:
 
 
 def test_a_wait_for_the_sync_lock_longer_than_a_watchdog_period_stops_the_pings(
-    cli, fault_server, daemons, notify_socket  # noqa: F811
+    cli,
+    fault_server,
+    daemons,
+    notify_socket,
 ):
     path, sock = notify_socket
     cli.env["JOBSYNCD_SERVER_URL"] = fault_server.url
@@ -58,7 +66,9 @@ def slow_but_within_limit(request: Request, conn: socket.socket, server: Hostile
 
 
 def test_a_slow_answer_within_its_whole_answer_limit_keeps_the_pings_going(
-    cli, daemons, notify_socket  # noqa: F811
+    cli,
+    daemons,
+    notify_socket,
 ):
     path, sock = notify_socket
     with HostileServer(slow_but_within_limit) as srv:
