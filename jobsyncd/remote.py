@@ -439,6 +439,11 @@ class Remote:
         self.session = requests.Session()
         self.session.auth = BearerAuth(token)
         self._token = token or None
+        # The token as a server may echo it: as sent, and percent-encoded in a URL it built.
+        self._token_forms: list[str] = []
+        if token:
+            forms = {token, urllib.parse.quote(token, safe=""), urllib.parse.quote_plus(token)}
+            self._token_forms = sorted(forms, key=len, reverse=True)
         self.session.headers["User-Agent"] = "jobsyncd"
         # The environment (proxies, no_proxy, CA bundle) is read once here: with trust_env,
         # requests re-reads all of os.environ on every request, a fifth of a push's client time.
@@ -471,7 +476,9 @@ class Remote:
 
     # ---- the token never leaves in server text --------------------------------------------
     def _redact(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        for form in self._token_forms:
+            text = text.replace(form, "***")
+        return text
 
     @contextlib.contextmanager
     def _redacting(self) -> Iterator[None]:
