@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -42,8 +43,9 @@ Behaviour = Callable[[Request, socket.socket, "HostileServer"], None]
 
 
 class HostileServer:
-    def __init__(self, behave: Behaviour) -> None:
+    def __init__(self, behave: Behaviour, tls: ssl.SSLContext | None = None) -> None:
         self.behave = behave
+        self.tls = tls  # a server-side context: https
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._requests: list[Request] = []
@@ -55,7 +57,7 @@ class HostileServer:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[Request]:
@@ -107,6 +109,12 @@ class HostileServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(10)
+            if self.tls is not None:
+                with self._lock:
+                    self._conns.discard(conn)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                with self._lock:
+                    self._conns.add(conn)
             request = _read_request(conn)
             if request is None:
                 return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import subprocess
 import uuid
 
@@ -240,3 +241,19 @@ def test_vv_logs_one_line_per_request_with_method_path_status_and_time_never_the
     assert any(re.fullmatch(r"jobsyncd: debug: GET /api/v1/jobs 200 \d+ ms", x) for x in lines)
     assert TOKEN not in proc.stderr
     assert len([x for x in lines if re.search(r" \d+ ms$", x)]) == len(fault_server.requests)
+
+
+def test_a_trickled_answer_over_tls_also_ends_the_sync_in_bounded_time(cli, tmp_path):
+    from test_tls import _make_ca_and_server_cert
+
+    ca, cert, key = _make_ca_and_server_cert(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    lid = cli("create", "--text", "slow over tls", check=True).stdout.strip()
+    cli.env["JOBSYNCD_CA_BUNDLE"] = str(ca)
+    with HostileServer(trickle_body_with_length, tls=context) as srv:
+        proc = run_sync(point(cli, srv.url))
+        assert srv.requests, "the request never got through TLS"
+    assert proc.returncode == 1, proc.stderr
+    job = cli.json("show", lid)
+    assert job["sync_status"] == "error" and "longer than 3 s" in job["last_error"], job
