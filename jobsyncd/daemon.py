@@ -8,6 +8,7 @@ loop stays free to answer wake-ups, reloads and the watchdog. Never forks or det
 
 from __future__ import annotations
 
+import datetime as _dt
 import gc
 import os
 import select
@@ -16,6 +17,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import schedule
@@ -33,10 +35,66 @@ from .wakeup import DAEMON_LOCK_NAME, DAEMON_PID_NAME, SOCKET_NAME
 STOP_GRACE_SECONDS = 3.0
 
 
-def remote_requests_in_flight() -> int:
-    from .remote import requests_in_flight  # imported by the pass already; costs nothing here
+CLOCK_STEP_SECONDS = 2.0  # wall and monotonic time drifting apart by more: the clock stepped
 
-    return requests_in_flight()  # how long a stopping daemon waits for a pass to finish its request
+
+class PassSchedule:
+    """A pass every `interval` seconds with the schedule package, which counts in local wall
+    time: a clock set back a day (or a DST change) would hold every pass for that long, one set
+    forward would run a pass at once. Each check compares wall time with the monotonic clock
+    and, when they moved apart by more than CLOCK_STEP_SECONDS, starts the interval again from
+    now: passes neither stall nor flood. The clocks are injectable for tests."""
+
+    def __init__(
+        self,
+        on_due: Callable[[], None],
+        wall: Callable[[], _dt.datetime] = _dt.datetime.now,  # what schedule itself reads
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.on_due = on_due
+        self.wall = wall
+        self.monotonic = monotonic
+        self.scheduler = schedule.Scheduler()
+        self.interval = 0.0
+        self._offset = 0.0
+
+    def _wall_minus_monotonic(self) -> float:
+        return (self.wall() - _EPOCH).total_seconds() - self.monotonic()
+
+    def every(self, interval: float) -> None:
+        self.interval = interval
+        self.scheduler.clear()
+        self.scheduler.every(interval).seconds.do(self.on_due)
+        self._offset = self._wall_minus_monotonic()
+
+    def run_pending(self) -> None:
+        step = self._wall_minus_monotonic() - self._offset
+        if abs(step) > CLOCK_STEP_SECONDS:
+            log.info(f"the wall clock stepped by {step:+.0f} s; passes keep their interval")
+            self.every(self.interval)
+        self.scheduler.run_pending()
+
+    @property
+    def idle_seconds(self) -> float | None:
+        return self.scheduler.idle_seconds
+
+
+_EPOCH = _dt.datetime(1970, 1, 1)
+
+
+def pass_making_progress(
+    now: float, last_progress: float, period: float, in_flight: list[Any]
+) -> bool:
+    """Whether a running pass counts as making progress for the watchdog (contract 5).
+
+    A request within its whole-answer limit is progress, one past it is not; with no request
+    under way, the pass must have moved on (a job done, a request finished) within one
+    watchdog `period`: a wait for a lock longer than that is not progress. `in_flight` holds
+    remote.RequestInFlight records (anything with `within_limit(now)`).
+    """
+    if in_flight:
+        return all(request.within_limit(now) for request in in_flight)
+    return now - last_progress < period
 
 
 def _release_memory() -> None:
@@ -65,12 +123,13 @@ class Daemon:
         self.worker: threading.Thread | None = None
         self.worker_result: PassSummary | BaseException | None = None
         self.heartbeat = time.monotonic()
-        self.scheduler = schedule.Scheduler()
+        self.schedule = PassSchedule(self._scheduled)
         self.sock: socket.socket | None = None
         self.pipe_r, self.pipe_w = os.pipe()
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
         self.worker_counts: dict[str, int] | None = None
+        self._stuck_logged = False
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -138,8 +197,7 @@ class Daemon:
             signal.signal(signum, on_signal)
 
     def _reschedule(self) -> None:
-        self.scheduler.clear()
-        self.scheduler.every(self.interval).seconds.do(self._scheduled)
+        self.schedule.every(self.interval)
 
     def _scheduled(self) -> None:
         self.pass_requested = True
@@ -281,9 +339,9 @@ class Daemon:
                 self.worker_result is not None or not self.worker.is_alive()
             ):
                 self._finish_pass()
-            self.scheduler.run_pending()
+            self.schedule.run_pending()
             now = time.monotonic()
-            wait = min(max(self.scheduler.idle_seconds or 1.0, 0.0), 60.0)
+            wait = min(max(self.schedule.idle_seconds or 1.0, 0.0), 60.0)
             if self.pass_requested and self.worker is None:
                 until = read_backoff_until(self.data_dir)
                 if until is not None and until > time.time():
@@ -292,18 +350,16 @@ class Daemon:
                     self._start_pass()
             if watchdog is not None:
                 if now >= next_ping:
-                    # A pass that made no progress for a whole watchdog period is stuck: stop
-                    # pinging, so that systemd restarts us.
-                    if (
-                        self.worker is None
-                        or now - self.heartbeat < 2 * watchdog
-                        or remote_requests_in_flight()
-                    ):
+                    # Stuck (a request past its whole-answer limit, or no progress for a whole
+                    # watchdog period, a lock wait included): stop pinging, systemd restarts us.
+                    if self.worker is None or self._pass_making_progress(now, 2 * watchdog):
                         self.notifier.watchdog()
-                    else:
+                        self._stuck_logged = False
+                    elif not self._stuck_logged:
                         log.error(
                             "the pass has made no progress for a watchdog period; not pinging the watchdog"
                         )
+                        self._stuck_logged = True
                     next_ping = now + watchdog
                 wait = min(wait, max(next_ping - now, 0.0))
             readable = [self.pipe_r] + ([self.sock] if self.sock is not None else [])
@@ -312,6 +368,13 @@ class Daemon:
             except InterruptedError:
                 pass
             self._drain()
+
+    def _pass_making_progress(self, now: float, period: float) -> bool:
+        from .remote import last_request_finished, requests_in_flight  # loaded by the pass
+
+        finished = last_request_finished()
+        last_progress = max(self.heartbeat, finished if finished is not None else self.heartbeat)
+        return pass_making_progress(now, last_progress, period, requests_in_flight())
 
     def _shutdown(self, lock: Any) -> None:
         log.info("stopping")

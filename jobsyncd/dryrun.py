@@ -20,6 +20,7 @@ from .model import Job, is_uuid, utc_now
 from .sync import (
     PENDING_DELETION,
     SYNCED,
+    UNCONFIRMED,
     PassSummary,
     Policy,
     _differs,
@@ -63,8 +64,8 @@ def plan_push(jobs: dict[str, Job], policy: Policy, now: _dt.datetime) -> Iterat
     for job in due:
         if job.sync_status == PENDING_DELETION:
             yield Action("delete", job.local_id, job.server_id)
-        elif job.server_id is None:
-            yield Action("create", job.local_id, None)
+        elif job.server_id is None or job.error_kind == UNCONFIRMED:
+            yield Action("create", job.local_id, job.server_id)
         else:
             fields, audio = changed_fields(job)
             names = sorted(fields) + (["audio"] if audio else [])

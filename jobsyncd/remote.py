@@ -8,22 +8,31 @@ token travels in an AuthBase so that requests never swaps it for ~/.netrc creden
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import email.utils
+import hashlib
 import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import requests  # costs ~80 ms of start-up: only the commands that talk to a server import us
 import requests.adapters
 import requests.auth
 import requests.utils
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 
+from . import log
 from .api import BatchNotOffered, BatchTooLarge, FeedGone, FeedNotOffered, FeedPage, Tombstone
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
@@ -33,13 +42,106 @@ BACKOFF_DEFAULT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 3600.0
 
 
-_in_flight = 0  # requests under way in this process (the daemon's watchdog reads it)
+class RequestInFlight:
+    """One request under way, for the whole-answer limit and the daemon's watchdog.
+
+    The limit runs from the end of sending (when the answer begins to be read) to the last byte
+    of the answer, headers included (contract 6.1). The reaper shuts the socket down when it
+    passes, whatever the server trickles; `expired` then says the answer was cut, not complete.
+    """
+
+    __slots__ = ("started", "limit", "deadline", "expired", "_sock")
+
+    def __init__(self, limit: float) -> None:
+        self.started = time.monotonic()
+        self.limit = limit
+        self.deadline: float | None = None  # set once the request is sent
+        self.expired = False
+        self._sock: Any = None
+
+    def within_limit(self, now: float) -> bool:
+        """True while the request is sending, or its answer is still inside the limit."""
+        return self.deadline is None or now <= self.deadline
+
+    def answer_begins(self, sock: Any) -> None:
+        _reaper.watch(self, sock)
 
 
-def requests_in_flight() -> int:
-    """How many requests are under way: each is bounded by its socket timeouts, so a pass
-    inside one is waiting on the network, not stuck."""
-    return _in_flight
+class _Reaper:
+    """One thread for every request's deadline: it shuts down the socket of an answer that
+    runs past its limit, which wakes the blocked read at once (a timeout per read cannot see a
+    server that sends one byte just before each read would time out)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: set[RequestInFlight] = set()
+        self._in_flight: set[RequestInFlight] = set()
+        self._thread: threading.Thread | None = None
+        self.last_finished: float | None = None  # monotonic end of the last request
+
+    def begin(self, flight: RequestInFlight) -> None:
+        with self._cond:
+            self._in_flight.add(flight)
+
+    def watch(self, flight: RequestInFlight, sock: Any) -> None:
+        with self._cond:
+            flight.deadline = time.monotonic() + flight.limit
+            flight._sock = sock
+            self._watched.add(flight)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="jobsyncd-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def end(self, flight: RequestInFlight) -> None:
+        with self._cond:
+            self._in_flight.discard(flight)
+            self._watched.discard(flight)
+            flight._sock = None
+            self.last_finished = time.monotonic()
+
+    def snapshot(self) -> list[RequestInFlight]:
+        with self._cond:
+            return list(self._in_flight)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for flight in [f for f in self._watched if f.deadline is not None]:
+                    if flight.deadline <= now:  # type: ignore[operator]
+                        flight.expired = True
+                        _shut_down(flight._sock)
+                        self._watched.discard(flight)
+                soonest = min((f.deadline or now for f in self._watched), default=None)
+                self._cond.wait(None if soonest is None else max(soonest - now, 0.0) + 0.001)
+
+
+def _shut_down(sock: Any) -> None:
+    raw = getattr(sock, "socket", sock)  # urllib3's SSLTransport (TLS in TLS) wraps a socket
+    if isinstance(raw, socket.socket):
+        try:
+            # socket.socket's own shutdown, also for an SSLSocket: the blocked read in the
+            # request's thread sees the end of the stream, no TLS state is touched from here.
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+_reaper = _Reaper()
+_current = threading.local()  # the RequestInFlight of this thread's request, for the connection
+
+
+def requests_in_flight() -> list[RequestInFlight]:
+    """The requests under way in this process (the daemon's watchdog reads them)."""
+    return _reaper.snapshot()
+
+
+def last_request_finished() -> float | None:
+    """time.monotonic() when the last request of this process ended, or None."""
+    return _reaper.last_finished
 
 
 class RemoteError(Exception):
@@ -128,78 +230,202 @@ class ServerJob:
     updated_at: str | None
 
 
-def _timestamp_or_none(value: Any) -> str | None:
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    from .model import parse_rfc3339, rfc3339
+@dataclass(frozen=True)
+class InvalidJob:
+    """A job object of a listing page that is not valid (contract 6.4): skipped, not applied.
+    `id` is the job's id when it has a usable one."""
 
+    id: str | None
+    local_id: str | None
+    reason: str
+
+
+class InvalidJobObject(Transient):
+    """An answer held a job object that is not valid; `server_id` is its id when usable."""
+
+    def __init__(self, server_id: str | None, reason: str) -> None:
+        named = f" {server_id!r}" if server_id is not None else ""
+        super().__init__(f"the server answered an invalid job{named}: {reason}")
+        self.server_id = server_id
+        self.reason = reason
+
+
+MAX_ID_CHARS = 256
+MAX_METADATA_DEPTH = 32  # the metadata object itself is level 1, as on the server
+_DOUBLE_MAX = 1.7976931348623157e308
+# RFC 3339 section 5.6 date-time (a space for the T allowed, as its section 5.6 note says).
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+
+
+def _utf8_clean(text: str) -> bool:
+    """False for a string holding a lone surrogate (a "\\ud800" escape): not storable as UTF-8."""
     try:
-        moment = parse_rfc3339(value)
-    except ValueError:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _usable_id(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30:
+        value = str(value)
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_ID_CHARS
+        or not value.isprintable()
+        or not _utf8_clean(value)
+    ):
         return None
-    if moment.tzinfo is None:
-        return None
-    return rfc3339(moment)  # stored as our own RFC 3339 UTC form, ending in Z
+    return value
+
+
+def _timestamp(value: str) -> str:
+    """A server timestamp in our RFC 3339 UTC `Z` form; ValueError when it is not RFC 3339 in
+    the years 1970-9999 (before or after conversion to UTC)."""
+    match = _RFC3339.fullmatch(value) if len(value) <= 64 else None
+    if match is None:
+        raise ValueError("is not an RFC 3339 date-time")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction = match.group(7) or ".0"
+    if not 1970 <= year <= 9999:
+        raise ValueError("has a year outside 1970-9999")
+    if match.group(8):
+        offset = _dt.timedelta(0)
+    else:
+        sign = 1 if match.group(9) == "+" else -1
+        off_h, off_m = int(match.group(10)), int(match.group(11))
+        if off_h > 23 or off_m > 59:
+            raise ValueError("has an invalid UTC offset")
+        offset = sign * _dt.timedelta(hours=off_h, minutes=off_m)
+    try:
+        moment = _dt.datetime(
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            min(second, 59),  # a leap second (60) is the last moment of its minute
+            999_999 if second == 60 else int((fraction[1:] + "00000")[:6]),
+            tzinfo=_dt.timezone(offset),
+        )
+        utc = moment.astimezone(_dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise ValueError("is not a valid date-time") from None
+    if not 1970 <= utc.year <= 9999:
+        raise ValueError("has a year outside 1970-9999 in UTC")
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"  # as model.rfc3339 writes them
+    )
+
+
+def _json_value_problem(value: Any, max_depth: int) -> str | None:
+    """Why a JSON value cannot be kept (too deep, a number outside the double range, a lone
+    surrogate in a string or a key), or None. Iterative: no recursion however deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                return f"nests deeper than {max_depth} levels"
+            if isinstance(item, dict):
+                for key, inner in item.items():
+                    if not _utf8_clean(key):
+                        return "holds a key with a lone surrogate"
+                    stack.append((inner, depth + 1))
+            else:
+                stack.extend((inner, depth + 1) for inner in item)
+        elif isinstance(item, str):
+            if not _utf8_clean(item):
+                return "holds a string with a lone surrogate"
+        elif isinstance(item, bool) or item is None:
+            pass
+        elif isinstance(item, (int, float)):
+            if not -_DOUBLE_MAX <= item <= _DOUBLE_MAX:  # also false for NaN
+                return "holds a number outside the double range"
+        else:
+            return f"holds a {type(item).__name__}"
+    return None
 
 
 def parse_server_job(obj: Any) -> ServerJob:
-    """Validate one job of an answer; a hostile or broken one raises Transient (junk)."""
+    """Validate one job object of an answer (contract 6.4); raises InvalidJobObject.
+
+    Timestamps kept are normalised to our RFC 3339 UTC `Z` form with four-digit years; a
+    missing or null one is kept as None.
+    """
     if not isinstance(obj, dict):
-        raise Transient("the server answered junk: a job that is not an object")
-    sid = obj.get("id")
-    if isinstance(sid, int) and not isinstance(sid, bool):
-        sid = str(sid)
-    if not isinstance(sid, str) or not sid or len(sid) > 256 or any(c in sid for c in "\n\r\x00"):
-        raise Transient("the server answered junk: a job without a usable id")
+        raise InvalidJobObject(None, "it is not an object")
+    sid = _usable_id(obj.get("id"))
+    if sid is None:
+        raise InvalidJobObject(None, "it has no usable id")
+
+    def invalid(reason: str) -> InvalidJobObject:
+        return InvalidJobObject(sid, reason)
+
     text = obj.get("text")
-    if text is None:
-        text = ""
+    text = "" if text is None else text
+    if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS or not _utf8_clean(text):
+        raise invalid("its text is not a storable string")
     metadata = obj.get("metadata")
-    if metadata is None:
-        metadata = {}
-    status = obj.get("status")
-    local_id = obj.get("local_id")
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise invalid("its metadata is not an object")
+    problem = _json_value_problem(metadata, MAX_METADATA_DEPTH)
+    if problem:
+        raise invalid(f"its metadata {problem}")
+    fields: dict[str, str | None] = {}
+    for name in ("status", "local_id"):
+        value = obj.get(name)
+        if not (value is None or (isinstance(value, str) and _utf8_clean(value))):
+            raise invalid(f"its {name} is not a string")
+        fields[name] = value
     audio = obj.get("audio")
-    if (
-        not isinstance(text, str)
-        or len(text) > MAX_TEXT_CHARS
-        or not isinstance(metadata, dict)
-        or not (status is None or isinstance(status, str))
-        or not (local_id is None or isinstance(local_id, str))
-        or not (audio is None or isinstance(audio, dict))
-    ):
-        raise Transient(f"the server answered junk for job {sid[:64]!r}")
-    try:
-        # Lone surrogates (a "\ud800" escape) cannot be stored as UTF-8: junk, not a crash later.
-        json.dumps([sid, text, metadata, status, local_id], ensure_ascii=False).encode()
-    except (UnicodeEncodeError, ValueError, RecursionError):
-        raise Transient(f"the server answered junk for job {sid[:64]!r}") from None
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise invalid("its audio is not an object")
+        problem = _json_value_problem(audio, MAX_METADATA_DEPTH)
+        if problem:
+            raise invalid(f"its audio {problem}")
+    for name in ("created_at", "updated_at"):
+        value = obj.get(name)
+        if value is None:
+            fields[name] = None
+            continue
+        if not isinstance(value, str):
+            raise invalid(f"its {name} is not a string")
+        try:
+            fields[name] = _timestamp(value)
+        except ValueError as exc:
+            raise invalid(f"its {name} {exc}") from None
     return ServerJob(
         id=sid,
-        local_id=local_id,
+        local_id=fields["local_id"],
         text=text,
         metadata=metadata,
-        status=status,
+        status=fields["status"],
         audio=audio,
-        created_at=_timestamp_or_none(obj.get("created_at")),
-        updated_at=_timestamp_or_none(obj.get("updated_at")),
+        created_at=fields["created_at"],
+        updated_at=fields["updated_at"],
     )
 
 
 def _server_job_or_invalid(obj: Any) -> Any:
     try:
         return parse_server_job(obj)
-    except Transient as exc:
-        sid = obj.get("id") if isinstance(obj, dict) else None
-        return _Invalid(sid if isinstance(sid, str) else None, str(exc))
+    except InvalidJobObject as exc:
+        return _invalid_job(obj, exc)
 
 
-@dataclass(frozen=True)
-class _Invalid:
-    """Stand-in for an invalid job object until the HTTP layer's InvalidJob lands."""
-
-    id: str | None
-    reason: str
+def _invalid_job(obj: Any, exc: InvalidJobObject) -> InvalidJob:
+    local_id = obj.get("local_id") if isinstance(obj, dict) else None
+    usable = _usable_id(local_id) if isinstance(local_id, str) else None
+    return InvalidJob(exc.server_id, usable, exc.reason)
 
 
 class Remote:
@@ -215,16 +441,26 @@ class Remote:
         page_limit: int | None = None,
     ) -> None:
         self.api_base = api_base.rstrip("/")
+        self._api_path = urllib.parse.urlsplit(self.api_base).path  # for -vv lines: no host
         self.timeout = timeout
         self.page_limit = page_limit
         self.session = requests.Session()
         self.session.auth = BearerAuth(token)
+        self._token = token or None
+        # The token as a server may echo it: as sent, and percent-encoded in a URL it built.
+        self._token_forms: list[str] = []
+        if token:
+            forms = {token, urllib.parse.quote(token, safe=""), urllib.parse.quote_plus(token)}
+            self._token_forms = sorted(forms, key=len, reverse=True)
         self.session.headers["User-Agent"] = "jobsyncd"
         # The environment (proxies, no_proxy, CA bundle) is read once here: with trust_env,
         # requests re-reads all of os.environ on every request, a fifth of a push's client time.
         # ~/.netrc is never read (the token travels in BearerAuth).
         self.session.trust_env = False
-        self.session.proxies = requests.utils.get_environ_proxies(self.api_base)
+        # Plain http never goes through an environment proxy: the token would cross in clear
+        # text to a third host. https may (a CONNECT tunnel keeps it encrypted).
+        if urllib.parse.urlsplit(self.api_base).scheme == "https":
+            self.session.proxies = requests.utils.get_environ_proxies(self.api_base)
         if not verify_tls:
             self.session.verify = False
             import warnings
@@ -239,14 +475,34 @@ class Remote:
             adapter = _ExtraCAAdapter(_context_with_extra_ca(bundle, ca_bundle))
             self.session.verify = True
         else:
-            adapter = requests.adapters.HTTPAdapter(
-                max_retries=0, pool_connections=1, pool_maxsize=2
-            )
+            adapter = _Adapter()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
     def close(self) -> None:
         self.session.close()
+
+    # ---- the token never leaves in server text --------------------------------------------
+    def _redact(self, text: str) -> str:
+        for form in self._token_forms:
+            text = text.replace(form, "***")
+        return text
+
+    @contextlib.contextmanager
+    def _redacting(self) -> Iterator[None]:
+        """Every error leaving the API methods has the token replaced by `***` in its text: a
+        hostile server may echo the Authorization header into its error, a redirect's Location,
+        a content type or a job id, and that text is shown, logged and stored (contract 3)."""
+        try:
+            yield
+        except RemoteError as exc:
+            raise self._redacted(exc) from None
+
+    def _redacted(self, exc: RemoteError) -> RemoteError:
+        exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
+        if isinstance(exc, InvalidJobObject):
+            exc.reason = self._redact(exc.reason)
+        return exc
 
     # ---- transport ------------------------------------------------------------------------
     def _send(
@@ -257,21 +513,38 @@ class Remote:
         max_bytes: int = MAX_JOB_ANSWER_BYTES,
         **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
-        url = self.api_base + path
-        global _in_flight
-        _in_flight += 1
+        limit = 3 * self.timeout
+        flight = RequestInFlight(limit)
+        _reaper.begin(flight)
+        _current.flight = flight
+        status = "failed"
         try:
-            return self._send_and_read(method, path, url, max_bytes, **kwargs)
+            response, body = self._send_and_read(method, path, max_bytes, **kwargs)
+            if flight.expired:  # the reaper cut it: what was read is not the whole answer
+                raise self._too_slow(method, path, limit)
+            status = str(response.status_code)
+            return response, body
+        except RemoteError as exc:
+            if flight.expired:
+                raise self._too_slow(method, path, limit) from None
+            status = f"failed ({type(exc).__name__})"
+            raise
         finally:
-            _in_flight -= 1
+            _current.flight = None
+            _reaper.end(flight)
+            took = (time.monotonic() - flight.started) * 1000
+            log.debug(self._redact(f"{method} {self._api_path}{path} {status} {took:.0f} ms"))
+
+    def _too_slow(self, method: str, path: str, limit: float) -> Transient:
+        return Transient(f"{method} {path}: the answer took longer than {limit:g} s (read timeout)")
 
     def _send_and_read(
-        self, method: str, path: str, url: str, max_bytes: int, **kwargs: Any
+        self, method: str, path: str, max_bytes: int, **kwargs: Any
     ) -> tuple[requests.Response, bytes]:
         try:
             response = self.session.request(
                 method,
-                url,
+                self.api_base + path,
                 timeout=(self.timeout, self.timeout),
                 allow_redirects=False,
                 stream=True,
@@ -303,7 +576,6 @@ class Remote:
     def _read_body(
         self, response: requests.Response, max_bytes: int, method: str, path: str
     ) -> bytes:
-        deadline = time.monotonic() + 3 * self.timeout
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise Transient(f"{method} {path}: the answer is too large ({declared} bytes)")
@@ -314,10 +586,6 @@ class Remote:
                 size += len(chunk)
                 if size > max_bytes:
                     raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise Transient(
-                        f"{method} {path}: the answer took longer than {3 * self.timeout:g} s"
-                    )
                 chunks.append(chunk)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if isinstance(
@@ -359,33 +627,46 @@ class Remote:
                 f"{method} {path}: the server answered {ctype or 'no content type'}, not JSON"
             )
         try:
-            return json.loads(body, parse_constant=_refuse_constant)
+            # NaN/Infinity literals are junk; 1e999 decodes to inf and an integer too long for
+            # int() to inf, both then refused in the job that holds them (parse_server_job).
+            return json.loads(body, parse_constant=_refuse_constant, parse_int=_parse_int)
         except (ValueError, RecursionError):
             raise Transient(f"{method} {path}: the server answered junk, not JSON") from None
+
+    def _job(self, obj: Any) -> ServerJob:
+        job = parse_server_job(obj)
+        if self._token and self._token in job.id:
+            # It would be shown, logged and stored: never (contract 3).
+            raise InvalidJobObject(None, "its id holds the access token")
+        return job
 
     def _job_call(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> ServerJob:
         response, body = self._send(method, path, **kwargs)
         self._check_status(response, body, method, path)
         if response.status_code not in ok:
             raise Transient(f"{method} {path}: unexpected answer {response.status_code}")
-        return parse_server_job(self._json(response, body, method, path))
+        return self._job(self._json(response, body, method, path))
 
     # ---- the API ----------------------------------------------------------------------------
     def create(
         self, local_id: str, text: str, metadata: dict[str, Any], audio_path: str | None
     ) -> ServerJob:
-        if audio_path is None:
-            payload = {"local_id": local_id, "text": text, "metadata": metadata}
-            return self._job_call("POST", "/jobs", (200, 201), json=payload)
-        fields = {"local_id": local_id, "text": text, "metadata": json.dumps(metadata)}
-        return self._with_audio("POST", "/jobs", (200, 201), fields, audio_path)
+        """POST the job; raises InvalidJobObject (a Transient) when the answer's job is not
+        valid, with the id it holds when usable."""
+        with self._redacting():
+            if audio_path is None:
+                payload = {"local_id": local_id, "text": text, "metadata": metadata}
+                return self._job_call("POST", "/jobs", (200, 201), json=payload)
+            fields = {"local_id": local_id, "text": text, "metadata": json.dumps(metadata)}
+            return self._with_audio("POST", "/jobs", (200, 201), fields, audio_path)
 
     def update(self, server_id: str, fields: dict[str, Any], audio_path: str | None) -> ServerJob:
         path = "/jobs/" + _quote(server_id)
-        if audio_path is None:
-            return self._job_call("PATCH", path, (200,), json=fields)
-        form = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
-        return self._with_audio("PATCH", path, (200,), form, audio_path)
+        with self._redacting():
+            if audio_path is None:
+                return self._job_call("PATCH", path, (200,), json=fields)
+            form = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
+            return self._with_audio("PATCH", path, (200,), form, audio_path)
 
     def _with_audio(
         self, method: str, path: str, ok: tuple[int, ...], fields: dict[str, Any], audio_path: str
@@ -411,23 +692,40 @@ class Remote:
     def delete(self, server_id: str) -> None:
         """Delete on the server; 404 counts as done."""
         path = "/jobs/" + _quote(server_id)
-        response, body = self._send("DELETE", path)
-        if response.status_code == 404:
-            return
-        self._check_status(response, body, "DELETE", path)
-        if response.status_code not in (200, 202, 204):
-            raise Transient(f"DELETE {path}: unexpected answer {response.status_code}")
+        with self._redacting():
+            response, body = self._send("DELETE", path)
+            if response.status_code == 404:
+                return
+            self._check_status(response, body, "DELETE", path)
+            if response.status_code not in (200, 202, 204):
+                raise Transient(f"DELETE {path}: unexpected answer {response.status_code}")
 
     def get(self, server_id: str) -> ServerJob:
         path = "/jobs/" + _quote(server_id)
-        return self._job_call("GET", path, (200,))
+        with self._redacting():
+            return self._job_call("GET", path, (200,))
 
-    def list_pages(self, etag: str | None) -> Iterator[tuple[list[ServerJob], str | None]]:
-        """Yield (jobs of a page, the listing's ETag) page by page; NotModified on a 304."""
+    def list_pages(
+        self, etag: str | None
+    ) -> Iterator[tuple[list[ServerJob | InvalidJob], str | None]]:
+        """Yield (the jobs of a page, the listing's ETag) page by page; NotModified on a 304.
+
+        An invalid job object is yielded as an InvalidJob, the rest of its page as ServerJobs.
+        The listing is bounded (contract 6.4): after the first page, three pages in a row that
+        bring no job not seen yet in this listing, or a cursor seen before, raise Transient.
+        """
+        with self._redacting():
+            yield from self._list_pages(etag)
+
+    def _list_pages(
+        self, etag: str | None
+    ) -> Iterator[tuple[list[ServerJob | InvalidJob], str | None]]:
         cursor: str | None = None
         first = True
         listing_etag: str | None = None
-        seen_cursors: set[str] = set()
+        seen_ids = _SeenIds()
+        seen_cursors: set[bytes] = set()  # digests: a page's cost, not a cursor's size
+        pages_without_news = 0
         while True:
             params: dict[str, Any] = {}
             if self.page_limit:
@@ -448,24 +746,49 @@ class Remote:
             page = self._json(response, body, "GET", "/jobs")
             if not isinstance(page, dict) or not isinstance(page.get("jobs"), list):
                 raise Transient("GET /jobs: the server answered junk, not a listing")
-            jobs = [parse_server_job(j) for j in page["jobs"]]
-            yield jobs, listing_etag
+            items: list[ServerJob | InvalidJob] = []
+            news = False
+            for obj in page["jobs"]:
+                try:
+                    job: ServerJob | InvalidJob = self._job(obj)
+                except InvalidJobObject as exc:
+                    job = _invalid_job(obj, exc)
+                if job.id is not None and seen_ids.add(job.id):
+                    news = True
+                items.append(job)
+            yield items, listing_etag
             cursor = page.get("next_cursor")
             if cursor is None:
                 return
-            if (
-                not isinstance(cursor, str)
-                or cursor in seen_cursors
-                or len(seen_cursors) > 1_000_000
-            ):
-                raise Transient("GET /jobs: the server answered a bad or repeated cursor")
-            seen_cursors.add(cursor)
+            if not isinstance(cursor, str) or len(cursor) > 4096:
+                raise Transient("GET /jobs: the server answered a bad cursor")
+            if not first:
+                pages_without_news = 0 if news else pages_without_news + 1
+                if pages_without_news >= 3:
+                    raise Transient(
+                        "GET /jobs: three pages in a row brought no job not listed yet; "
+                        "the listing does not end"
+                    )
+            digest = hashlib.blake2b(
+                cursor.encode("utf-8", "surrogatepass"), digest_size=16
+            ).digest()
+            if digest in seen_cursors:
+                raise Transient("GET /jobs: the server answered a cursor it gave before")
+            seen_cursors.add(digest)
             first = False
 
 
     def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
         """One answer of the change feed (contract 6.7): FeedNotOffered on 404/405, FeedGone
         on 410 (with its reason), the RemoteError kinds otherwise."""
+        with self._redacting():
+            page = self._changes(since, limit, wait)
+        for i, item in enumerate(page.items):
+            if isinstance(item, InvalidJob):
+                page.items[i] = replace(item, reason=self._redact(item.reason))
+        return page
+
+    def _changes(self, since: str | None, limit: int, wait: float) -> FeedPage:
         params: dict[str, Any] = {"limit": limit}
         if since is not None:
             params["since"] = since
@@ -503,6 +826,11 @@ class Remote:
         raise for that job. Only the batch's own status stops the pass (AuthRefused, BackOff,
         Offline, TLSFailure raised here); a 5xx, a timeout or a broken connection for the whole
         batch raises Transient (an error for each of its jobs)."""
+        with self._redacting():
+            answers = self._batch(operations)
+        return [self._redacted(a) if isinstance(a, RemoteError) else a for a in answers]
+
+    def _batch(self, operations: list[dict[str, Any]]) -> list[Any]:
         response, body = self._send(
             "POST", "/batch", json={"operations": operations}, max_bytes=MAX_PAGE_ANSWER_BYTES
         )
@@ -564,13 +892,82 @@ def _feed_item(obj: Any) -> Any:
     return _server_job_or_invalid(obj)
 
 
-class _ExtraCAAdapter(requests.adapters.HTTPAdapter):
+class _SeenIds:
+    """The ids seen in one listing, as a Bloom filter of fixed size (1 MiB whatever the
+    listing's size; Bloom 1970). A false positive only takes a new job for a seen one, which
+    ends a listing only if it happens to every job of three pages in a row."""
+
+    BITS = 1 << 23
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self.BITS >> 3)
+
+    def add(self, key: str) -> bool:
+        """Add `key`; True when it was surely not there before."""
+        h = hash(key)  # 64 bits of SipHash, cached on the string
+        new = False
+        for shift in (0, 20, 40):
+            position = (h >> shift) & (self.BITS - 1)
+            byte, bit = position >> 3, 1 << (position & 7)
+            if not self._bits[byte] & bit:
+                self._bits[byte] |= bit
+                new = True
+        return new
+
+
+class _DeadlineMixin:
+    sock: Any
+
+    def getresponse(self) -> Any:
+        flight = getattr(_current, "flight", None)
+        if flight is not None:
+            flight.answer_begins(self.sock)  # the request is sent: the whole-answer limit runs
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _DeadlineConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _DeadlineConnection
+
+
+class _DeadlineHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_POOL_CLASSES = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """No retries inside urllib3 (the pass decides what is retried, and when); connections
+    whose answers are bound by the whole-answer limit, through a proxy too."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+
+class _ExtraCAAdapter(_Adapter):
     """Verifies with the default CAs *and* the configured `ca_bundle` (an extra CA file, not a
     replacement: requests' own `verify=path` would drop the default CAs)."""
 
     def __init__(self, context: Any) -> None:
         self._context = context
-        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=2)
+        super().__init__()
 
     def build_connection_pool_key_attributes(
         self, request: Any, verify: Any, cert: Any = None
@@ -599,7 +996,16 @@ def _context_with_extra_ca(default_bundle: str | None, extra: str) -> Any:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity would make our own output invalid
+    # NaN and Infinity are not JSON (a server that stored 1e999 may serve them): decoded as a
+    # NaN, which makes only the job holding it invalid (skipped), never the rest of the page,
+    # and never reaches our own output.
+    return float("nan")
+
+
+def _parse_int(digits: str) -> int | float:
+    # int() refuses more than 4300 digits (a ValueError failing the whole answer); anything
+    # this long is outside the double range anyway.
+    return int(digits) if len(digits) <= 400 else float("inf")
 
 
 def _quote(server_id: str) -> str:

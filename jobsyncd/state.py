@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from typing import Any
 
 from .errors import JobsyncdError, SymlinkRefused
@@ -17,6 +18,7 @@ from .store import _write_all, fsync_dir, open_nofollow
 LAST_PASS_NAME = "last_pass.json"
 BACKOFF_NAME = "backoff.json"
 PULL_STATE_NAME = "pull_state.json"
+BACKOFF_MAX_AHEAD = 3600.0  # the longest Retry-After honoured (contract 5)
 
 
 def _read_json(data_dir: str, name: str) -> Any:
@@ -75,12 +77,21 @@ def write_last_pass(data_dir: str, record: dict[str, Any]) -> None:
     _write_json(data_dir, LAST_PASS_NAME, record)
 
 
-def read_backoff_until(data_dir: str) -> float | None:
-    """Wall-clock time (epoch seconds) before which no request may be made, or None."""
+def read_backoff_until(data_dir: str, now: float | None = None) -> float | None:
+    """Wall-clock time (epoch seconds) before which no request may be made, or None.
+
+    A window ending more than BACKOFF_MAX_AHEAD seconds after `now` (time.time() by default)
+    cannot come from a Retry-After (clamped to 1 h): it was recorded while the clock was ahead,
+    and counts as over at once (contract 6.9), so a clock set back never stops syncing.
+    """
     value = _read_json(data_dir, BACKOFF_NAME)
-    if isinstance(value, dict) and isinstance(value.get("until"), (int, float)):
-        return float(value["until"])
-    return None
+    if not isinstance(value, dict) or not isinstance(value.get("until"), (int, float)):
+        return None
+    until = float(value["until"])
+    now = time.time() if now is None else now
+    if not until <= now + BACKOFF_MAX_AHEAD:  # also NaN
+        return None
+    return until
 
 
 def write_backoff_until(data_dir: str, until: float) -> None:

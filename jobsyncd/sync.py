@@ -61,6 +61,8 @@ FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loo
 FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after a day
 
 FLUSH_EVERY_JOBS = 200
+# error_kind of a job bound to the id an invalid create answer named: created again until valid
+UNCONFIRMED = "unconfirmed"
 FLUSH_EVERY_SECONDS = 1.0
 
 
@@ -390,7 +392,7 @@ class _Pass:
         try:
             if snap.sync_status == PENDING_DELETION:
                 self._push_delete(snap)
-            elif snap.server_id is None:
+            elif snap.server_id is None or snap.error_kind == UNCONFIRMED:
                 self._push_create(snap)
             else:
                 self._push_update(snap)
@@ -552,15 +554,18 @@ class _Pass:
             now = self.now()
             cur.last_sync_attempt_at = rfc3339(now)
             cur.last_error = message
-            if bind_id is not None and cur.server_id is None:
-                cur.server_id = bind_id
-                cur.create_sent = True
             if deleting:
                 cur.error_kind = "delete"
             elif gone:
                 cur.error_kind = "gone"
             else:
-                cur.error_kind = None
+                cur.error_kind = UNCONFIRMED if cur.error_kind == UNCONFIRMED else None
+            if bind_id is not None and cur.server_id is None:
+                # Recorded so that a delete reaches that copy; but the create is sent again
+                # (idempotent by local_id) until the server answers it with a valid job.
+                cur.server_id = bind_id
+                cur.create_sent = True
+                cur.error_kind = UNCONFIRMED
             if permanent:
                 cur.sync_status = FAILED
                 cur.next_attempt_at = None
@@ -1100,7 +1105,7 @@ def _batch_operation(job: Job) -> dict[str, Any] | None:
     or it is a delete whose create may have reached the server without an answer)."""
     if job.sync_status == PENDING_DELETION:
         return {"op": "delete", "id": job.server_id} if job.server_id is not None else None
-    if job.server_id is None:
+    if job.server_id is None or job.error_kind == UNCONFIRMED:
         if job.audio_file:
             return None
         return {"op": "create", "local_id": job.local_id, "text": job.text, "metadata": job.metadata}
