@@ -25,11 +25,25 @@ _state = {"verbose": 0}
 class App:
     """What the global options decide, resolved lazily (a config error only where it matters)."""
 
-    def __init__(self, config_file: str | None, data_dir: str | None, server: str | None) -> None:
+    def __init__(
+        self,
+        config_file: str | None,
+        data_dir: str | None,
+        server: str | None,
+        verbose: int = 0,
+        quiet: bool = False,
+    ) -> None:
         self.config_file = config_file
         self.overrides = {"data_dir": data_dir, "server_url": server}
+        self.verbose = verbose
+        self.quiet = quiet
         self._settings = None
         self._store = None
+
+    def set_verbosity(self, verbose: int, quiet: bool) -> None:
+        self.verbose, self.quiet = verbose, quiet
+        _state["verbose"] = verbose
+        log.configure(verbose=verbose, quiet=quiet)
 
     @property
     def settings(self):
@@ -59,6 +73,37 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def _late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the command (`jobsyncd sync -q`): same effect as before it.
+
+    The App's settings are resolved lazily, inside the command, so nothing has read them yet.
+    """
+    app = ctx.find_object(App)
+    if app is None or value in (None, False, 0):
+        return
+    if param.name in ("config_file",):
+        app.config_file = value
+    elif param.name == "data_dir":
+        app.overrides["data_dir"] = value
+    elif param.name == "server":
+        app.overrides["server_url"] = value
+    elif param.name == "verbose":
+        app.set_verbosity(app.verbose + value, app.quiet)
+    elif param.name == "quiet":
+        app.set_verbosity(app.verbose, True)
+
+
+def global_options(command: Any) -> Any:
+    """Accept the global options after the command too (contract section 2: `jobsyncd sync -q`
+    is `jobsyncd -q sync`); hidden in the command's own help, which says so."""
+    late = {"hidden": True, "expose_value": False, "callback": _late_option}
+    command = click.option("-q", "--quiet", is_flag=True, **late)(command)
+    command = click.option("-v", "--verbose", count=True, **late)(command)
+    command = click.option("--server", **late)(command)
+    command = click.option("--data-dir", **late)(command)
+    return click.option("--config", "config_file", **late)(command)
 
 
 def _print_json(obj: Any) -> None:
@@ -104,12 +149,12 @@ def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> No
     Jobs are saved locally first and pushed to the job server by `jobsyncd sync` or a running
     `jobsyncd daemon`. JOB is a local_id, a server_id, or a unique local_id prefix (>= 6 chars).
     """
-    _state["verbose"] = verbose
-    log.configure(verbose=verbose, quiet=quiet)
     ctx.obj = App(config_file, data_dir, server)
+    ctx.obj.set_verbosity(verbose, quiet)
 
 
 @cli.command()
+@global_options
 @click.option("--text", help="The job's text.")
 @click.option("--audio", "audio_src", metavar="FILE", help="An audio file to copy into the job.")
 @click.option(
@@ -135,6 +180,7 @@ def create(app: App, text, audio_src, metas, as_json) -> None:
 
 
 @cli.command()
+@global_options
 @click.argument("job_ref", metavar="JOB")
 @click.option("--text", help="New text.")
 @click.option(
@@ -162,6 +208,7 @@ def update(app: App, job_ref, text, audio_src, metas, unset, as_json) -> None:
 
 
 @cli.command()
+@global_options
 @click.argument("job_ref", metavar="JOB")
 @pass_app
 def delete(app: App, job_ref) -> None:
@@ -174,6 +221,7 @@ def delete(app: App, job_ref) -> None:
 
 
 @cli.command("list")
+@global_options
 @click.option(
     "--status",
     "statuses",
@@ -221,6 +269,7 @@ def list_(app: App, statuses, limit, as_json) -> None:
 
 
 @cli.command()
+@global_options
 @click.argument("job_ref", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_app
@@ -230,6 +279,7 @@ def show(app: App, job_ref, as_json) -> None:
 
 
 @cli.command()
+@global_options
 @click.argument("job_ref", metavar="JOB", required=False)
 @click.option("--all", "all_", is_flag=True, help="Retry every failed job; prints how many.")
 @pass_app
@@ -249,6 +299,7 @@ def retry(app: App, job_ref, all_) -> None:
 
 
 @cli.command()
+@global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
 def status(app: App, as_json) -> None:
@@ -292,6 +343,7 @@ def status(app: App, as_json) -> None:
 
 
 @cli.command()
+@global_options
 @pass_app
 def compact(app: App) -> None:
     """Rewrite the store to hold only live records (safe while a daemon runs)."""
@@ -311,6 +363,7 @@ def compact(app: App) -> None:
 
 
 @cli.command()
+@global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
 @click.option(
     "--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty."
@@ -320,11 +373,14 @@ def sync(app: App, as_json, force_delete) -> None:
     """Run one sync pass now (or hand it to a running daemon) and exit."""
     from .runner import run_sync_command
 
-    code = run_sync_command(app.settings, app.store, as_json=as_json, force_delete=force_delete)
+    code = run_sync_command(
+        app.settings, app.store, as_json=as_json, force_delete=force_delete, quiet=app.quiet
+    )
     sys.exit(code)
 
 
 @cli.command()
+@global_options
 @click.option(
     "--interval",
     type=click.FloatRange(min=0, min_open=True),
@@ -340,6 +396,7 @@ def daemon(app: App, interval) -> None:
 
 
 @cli.command()
+@global_options
 def demo() -> None:
     """The whole loop end to end against a local server, in a temporary directory."""
     from .demo import run_demo

@@ -158,7 +158,11 @@ def describe(summary: PassSummary) -> str:
     return f"{head}: " + ", ".join(parts)
 
 
-def run_sync_command(settings: Settings, store: Store, as_json: bool, force_delete: bool) -> int:
+def run_sync_command(
+    settings: Settings, store: Store, as_json: bool, force_delete: bool, quiet: bool = False
+) -> int:
+    """`jobsyncd sync`. With `quiet` (-q) stdout stays empty unless `--json`: cron mails any
+    output, so a good pass must print nothing; a bad one still gets its error line on stderr."""
     check_server_url(settings)  # exit 78 before anything else
     token, warnings = read_token(settings)
     for message in warnings:
@@ -172,7 +176,7 @@ def run_sync_command(settings: Settings, store: Store, as_json: bool, force_dele
         summary = PassSummary(handed_to_daemon=pid or None)
         if as_json:
             print(json.dumps(summary.public()))
-        else:
+        elif not quiet:
             print(f"a daemon is running (pid {pid}); asked it to sync now")
         return 0
     lock = sync_lock(settings.data_dir)
@@ -185,7 +189,7 @@ def run_sync_command(settings: Settings, store: Store, as_json: bool, force_dele
         )
     if as_json:
         print(json.dumps(summary.public()))
-    else:
+    elif not quiet:
         print(describe(summary))
     if summary.message and not summary.ok:
         if summary.skipped in ("offline", "backoff"):
