@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from . import __version__, log
-from .errors import JobsyncdError, UsageProblem
-from .model import STATUSES, Job, parse_meta
+from .errors import JobsyncdError
+from .model import STATUSES, Job
 
 _state = {"verbose": 0}
 
@@ -123,14 +123,43 @@ def _print_job(job: Job, as_json: bool) -> None:
 
 
 def _parse_metas(pairs: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
+    from .jobs import parse_meta_args
+
+    return parse_meta_args(pairs)
+
+
+class _IntervalSeconds(click.ParamType):
+    """`daemon --interval`: a finite number in interval_seconds' range, else a usage error."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
         try:
-            key, value = parse_meta(pair)
-        except ValueError as exc:
-            raise UsageProblem(str(exc)) from None
-        out[key] = value
-    return out
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not 1 <= seconds <= 86400:  # also false for NaN
+            self.fail(f"{value} is not a number of seconds from 1 to 86400", param, ctx)
+        return seconds
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line: line breaks and other control characters (a user's
+    argument may hold any) are shown escaped, never acted on by the terminal."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else (" " if c == "\n" else repr(c)[1:-1]) for c in message)
+
+
+def _not_utf8_argument(argv: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (Python hands such bytes over as lone
+    surrogates, which no JSON output or store line could hold), else None."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -383,7 +412,7 @@ def sync(app: App, as_json, force_delete) -> None:
 @global_options
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_IntervalSeconds(),
     metavar="SECONDS",
     help="Seconds between scheduled passes.",
 )
@@ -405,8 +434,13 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    bad = _not_utf8_argument(args)
+    if bad is not None:
+        log.error(f"an argument is not valid UTF-8: {bad!r}")
+        sys.exit(2)
     try:
-        code = cli.main(args=argv, prog_name="jobsyncd", standalone_mode=False)
+        code = cli.main(args=args, prog_name="jobsyncd", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
@@ -415,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             message = "give a command, e.g. `jobsyncd status`"
         if exc.ctx is not None and exc.ctx.command_path:
             message = f"{message} (see '{exc.ctx.command_path} --help')"
-        log.error(message.replace("\n", " "))
+        log.error(_one_line(message))
         code = 2
     except click.Abort:
         log.error("aborted")
@@ -425,10 +459,10 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        log.error(str(exc).replace("\n", " "))
+        log.error(_one_line(str(exc)))
         code = exc.exit_code
     except click.ClickException as exc:
-        log.error(exc.format_message())
+        log.error(_one_line(exc.format_message()))
         code = exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -440,11 +474,20 @@ def main(argv: list[str] | None = None) -> None:
         except OSError:
             pass
         code = 0
+    except OSError as exc:
+        # A file or directory the system refused that no layer above named: still one line.
+        if _state["verbose"] >= 2:
+            import traceback
+
+            traceback.print_exc()
+        where = f" {exc.filename}" if exc.filename else ""
+        log.error(_one_line(f"cannot use{where}: {exc.strerror or exc}"))
+        code = 1
     except Exception as exc:  # a bug: say so in one line, the traceback only with -vv
         if _state["verbose"] >= 2:
             import traceback
 
             traceback.print_exc()
-        log.error(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)")
+        log.error(_one_line(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)"))
         code = 1
     sys.exit(code or 0)

@@ -92,6 +92,8 @@ class Daemon:
             pid = _read_pid(self.data_dir)
             holder = f"pid {pid}" if pid else "another process"
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
+        except OSError as exc:  # a read-only or full data dir
+            raise JobsyncdError(f"cannot take the daemon lock {path}: {exc.strerror}") from None
         from .state import write_file_atomically
 
         try:

@@ -221,6 +221,76 @@ def status_report(
     }
 
 
+MAX_META_DEPTH = 32  # the metadata object itself is level 1, as on the server
+_DOUBLE_MAX = 1.7976931348623157e308
+
+
+def _meta_int(text: str) -> int:
+    # Checked on the digits first: Python refuses to convert over 4300 of them, and a number
+    # that long is outside the double range anyway.
+    if len(text.lstrip("-")) > 309 or abs(int(text)) > _DOUBLE_MAX:
+        raise UsageProblem(f"--meta: the number {text[:20]}… is outside the double range")
+    return int(text)
+
+
+def _meta_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # 1e400 reads as infinity
+        raise UsageProblem(f"--meta: the number {text[:40]} is outside the double range")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity are not JSON: the value is taken as a string
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar 0, `{}` or `[]` 1), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def parse_meta_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--meta KEY=VALUE`s (contract section 2): split at the first `=`, VALUE as JSON when it
+    parses, else the string. A number outside the double range, or nesting that would take the
+    metadata past 32 levels, is a usage error."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise UsageProblem(f"--meta {pair!r} is not KEY=VALUE")
+        if not key:
+            raise UsageProblem(f"--meta {pair!r} has an empty KEY")
+        try:
+            value = json.loads(
+                raw,
+                parse_int=_meta_int,
+                parse_float=_meta_float,
+                parse_constant=_reject_constant,
+            )
+        except RecursionError:
+            value = None
+            too_deep = True
+        except ValueError:
+            value, too_deep = raw, False
+        else:
+            too_deep = 1 + _depth(value) > MAX_META_DEPTH
+        if too_deep:
+            raise UsageProblem(
+                f"--meta {key}: the value nests too deep (metadata holds at most "
+                f"{MAX_META_DEPTH} levels)"
+            )
+        out[key] = value
+    return out
+
+
 def check_meta_not_conflicting(set_meta: dict[str, Any], unset_meta: list[str]) -> None:
     both = sorted(set(set_meta) & set(unset_meta))
     if both:

@@ -169,3 +169,155 @@ def test_a_short_server_id_that_no_local_id_starts_with_still_matches(cli):
     seed(cli, a, b, seeded("fedcba" + new_local_id()[6:]))
     assert json.loads(run(cli, "show", "42", "--json").stdout)["local_id"] == a.local_id
     assert json.loads(run(cli, "show", "123456", "--json").stdout)["local_id"] == b.local_id
+
+
+# ---- item 12: bad input gets a usage or config error, never "unexpected" --------------------
+
+BAD = b"caf\xe9 \xff"  # Latin-1 and a byte no UTF-8 text holds
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (b"create", b"--text", BAD),
+        (b"create", b"--meta", b"k=" + BAD),
+        (b"create", b"--meta", BAD + b"=1"),
+        (b"show", BAD),
+        (b"delete", b"abcdef" + BAD),
+        (b"create", b"--audio", b"/tmp/" + BAD),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error_that_changes_nothing(cli, argv):
+    proc = run_bytes(cli, *argv, code=2)
+    assert "not valid UTF-8" in one_error_line(proc.stderr)
+    assert proc.stdout == b""
+    assert not (cli.data_dir / "jobs.jsonl").exists()
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "value",
+    [nested(32), nested(500), nested(60_000), '{"a": ' * 40 + "1" + "}" * 40,
+     "1e400", "-1e999", "[1, 2e308]", "1" * 400, "1" * 5000],
+)
+def test_meta_too_deep_or_out_of_the_double_range_is_a_usage_error(cli, value):
+    proc = run(cli, "create", "--meta", f"k={value}", code=2)
+    one_error_line(proc.stderr)
+    assert not (cli.data_dir / "jobs.jsonl").exists()
+
+
+def test_meta_at_the_depth_and_range_limits_is_stored(cli):
+    job = json.loads(
+        run(cli, "create", "--meta", f"k={nested(31)}", "--meta", "n=1.7976931348623157e308",
+            "--meta", "s=NaN", "--json").stdout
+    )
+    assert job["metadata"]["n"] == 1.7976931348623157e308
+    assert job["metadata"]["s"] == "NaN"  # not JSON: the string itself
+
+
+def test_update_meta_too_deep_is_a_usage_error_and_changes_nothing(cli):
+    local_id = run(cli, "create", "--text", "x").stdout.strip()
+    before = (cli.data_dir / "jobs.jsonl").read_bytes()
+    run(cli, "update", local_id, "--meta", f"k={nested(40)}", code=2)
+    assert (cli.data_dir / "jobs.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1", "http://127.0.0.1:99999", "http://127.0.0.1:0", "http://127.0.0.1:port",
+     "https://exa mple.org", "https://a..b", "https://ex%ample.org"],
+)
+def test_a_server_url_that_does_not_parse_is_a_config_error_and_no_retry_is_counted(cli, url):
+    local_id = run(cli, "create", "--text", "x").stdout.strip()
+    for _ in range(2):
+        line = one_error_line(run(cli, "sync", "--server", url, code=78).stderr)
+        assert "server URL" in line
+    assert json.loads(run(cli, "show", local_id, "--json").stdout)["retry_count"] == 0
+    proc = run(cli, "daemon", "--server", url, code=78, timeout=20)
+    assert "server URL" in proc.stderr
+
+
+def test_a_server_url_that_does_not_parse_in_the_environment_is_a_config_error(cli):
+    cli.env["JOBSYNCD_SERVER_URL"] = "http://[::1"
+    one_error_line(run(cli, "sync", code=78).stderr)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e12", "0", "0.5", "-3", "soon"])
+def test_daemon_interval_outside_1_to_86400_is_a_usage_error(cli, value):
+    proc = run(cli, "daemon", "--server", "http://127.0.0.1:9", "--interval", value, code=2, timeout=20)
+    assert "--interval" in one_error_line(proc.stderr)
+    assert not (cli.data_dir / "daemon.pid").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["interval_seconds = 0.5\n", "interval_seconds = 1e12\n", "max_retries = 0\n",
+     "max_retries = 1001\n", "request_timeout_seconds = 3601\n", "backoff_base_seconds = -1\n",
+     "upload_chunk_bytes = 1000\n", "upload_chunk_bytes = 2147483648\n", "interval_seconds = nan\n",
+     "live = \"yes\"\n"],
+)
+def test_a_config_value_outside_its_range_is_a_config_error(cli, tmp_path, text):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    os.chmod(config, 0o600)
+    line = one_error_line(run(cli, "--config", str(config), "list", code=78).stderr)
+    assert text.split(" ")[0] in line
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'server_url = "http://caf\xe9"\n', b"\xff\xfe" + 'x = 1\n'.encode("utf-16-le"),
+     b'data_dir = "a\\u0000b"\n'],
+)
+def test_a_config_file_that_is_not_utf8_or_holds_a_nul_is_a_config_error(cli, tmp_path, raw):
+    config = tmp_path / "c.toml"
+    config.write_bytes(raw)
+    os.chmod(config, 0o600)
+    for args in (("list",), ("create",), ("sync",), ("status",)):
+        line = one_error_line(run(cli, "--config", str(config), *args, code=78).stderr)
+        assert str(config) in line
+
+
+def test_an_environment_value_that_is_not_utf8_is_a_config_error(cli):
+    proc = subprocess.run(
+        [cli.binary, "list"],
+        env={**{k.encode(): v.encode() for k, v in cli.env.items()}, b"JOBSYNCD_DATA_DIR": b"/tmp/" + BAD},
+        capture_output=True, timeout=60,
+    )
+    assert proc.returncode == 78
+    assert b"JOBSYNCD_DATA_DIR" in proc.stderr and b"UTF-8" in proc.stderr
+
+
+def test_a_misspelt_config_key_warns_with_the_nearest_real_key(cli, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("intervall_seconds = 30\nverfy_tls = false\n")
+    os.chmod(config, 0o600)
+    proc = run(cli, "--config", str(config), "list")
+    assert "did you mean 'interval_seconds'?" in proc.stderr
+    assert "did you mean 'verify_tls'?" in proc.stderr
+
+
+def _read_only(cli, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run jobsyncd with its data dir bind-mounted read-only in a private mount namespace."""
+    d = str(cli.data_dir)
+    script = f'mount --bind -o ro "{d}" "{d}" && exec "$0" "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, cli.binary, *args],
+        env=cli.env, capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_daemon_on_a_read_only_data_dir_fails_in_one_line(cli):
+    run(cli, "create", "--text", "x")
+    probe = _read_only(cli, "status")
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mounts here: {probe.stderr.strip()}")
+    for args in (("daemon", "--server", "http://127.0.0.1:9"), ("sync", "--server", "http://127.0.0.1:9"),
+                 ("create",), ("compact",)):
+        proc = _read_only(cli, *args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        line = one_error_line(proc.stderr.split("jobsyncd: ", 1)[-1].join(["jobsyncd: ", ""]))
+        assert "Read-only file system" in line and "unexpected" not in line
