@@ -8,7 +8,6 @@ them, so local commands stay fast.
 from __future__ import annotations
 
 import json
-import operator
 import os
 import sys
 from typing import Any
@@ -17,9 +16,13 @@ import click
 
 from . import __version__, log
 from .errors import JobsyncdError
-from .model import STATUSES, Job
+from .model import Job
 
 _state = {"verbose": 0}
+EPILOG = (
+    "Exit codes: 0 done, 1 failed, 2 usage, 75 try later, 77 credentials refused, "
+    "78 configuration. Shell completion and daily use: see the README."
+)
 
 
 class App:
@@ -106,13 +109,13 @@ def global_options(command: Any) -> Any:
     return click.option("--config", "config_file", **late)(command)
 
 
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
-def _print_job(job: Job, as_json: bool) -> None:
+def print_job(job: Job, as_json: bool) -> None:
     if as_json:
-        _print_json(job.public())
+        print_json(job.public())
         return
     for key, value in job.public().items():
         if isinstance(value, (dict, list)):
@@ -122,13 +125,7 @@ def _print_job(job: Job, as_json: bool) -> None:
         click.echo(f"{key + ':':22}{value}")
 
 
-def _parse_metas(pairs: tuple[str, ...]) -> dict[str, Any]:
-    from .jobs import parse_meta_args
-
-    return parse_meta_args(pairs)
-
-
-class _IntervalSeconds(click.ParamType):
+class IntervalSeconds(click.ParamType):
     """`daemon --interval`: a finite number in interval_seconds' range, else a usage error."""
 
     name = "seconds"
@@ -162,7 +159,44 @@ def _not_utf8_argument(argv: list[str]) -> str | None:
     return None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _LazyGroup(click.Group):
+    """Each command's module is imported only when that command runs (or for --help): a
+    `jobsyncd create` never pays for the config or daemon commands' imports."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        import importlib
+
+        return importlib.import_module(f"jobsyncd.commands.{module}").COMMANDS[name]
+
+
+# command -> its module under jobsyncd/commands/, in the order --help lists them
+COMMANDS = {
+    "create": "jobs",
+    "update": "jobs",
+    "delete": "jobs",
+    "list": "jobs",
+    "show": "jobs",
+    "retry": "jobs",
+    "sync": "agent",
+    "daemon": "agent",
+    "status": "agent",
+    "compact": "agent",
+    "config": "config",
+    "demo": "agent",
+}
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
+)
 @click.option("--config", "config_file", metavar="FILE", help="Config file (env JOBSYNCD_CONFIG).")
 @click.option("--data-dir", metavar="DIR", help="Data dir (env JOBSYNCD_DATA_DIR).")
 @click.option("--server", metavar="URL", help="Server base URL (env JOBSYNCD_SERVER_URL).")
@@ -176,261 +210,15 @@ def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> No
     """jobsyncd: an offline-first sync agent for jobs.
 
     Jobs are saved locally first and pushed to the job server by `jobsyncd sync` or a running
-    `jobsyncd daemon`. JOB is a local_id, a server_id, or a unique local_id prefix (>= 6 chars).
+    `jobsyncd daemon`. JOB is a local_id, a server_id, or a unique local_id prefix (>= 6
+    characters). Global options may also follow the command (`jobsyncd sync -q`).
+
+    \b
+    Example:
+      jobsyncd create --text "Dictation 42" --audio memo.wav --meta patient=1234
     """
     ctx.obj = App(config_file, data_dir, server)
     ctx.obj.set_verbosity(verbose, quiet)
-
-
-@cli.command()
-@global_options
-@click.option("--text", help="The job's text.")
-@click.option("--audio", "audio_src", metavar="FILE", help="An audio file to copy into the job.")
-@click.option(
-    "--meta",
-    "metas",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Metadata (VALUE as JSON when it parses).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
-def create(app: App, text, audio_src, metas, as_json) -> None:
-    """Save a new pending job (and ask a running daemon to sync now)."""
-    from .jobs import create_job
-
-    metadata = _parse_metas(metas)
-    job = create_job(app.store, text, audio_src, metadata)
-    app.wake_daemon()
-    if as_json:
-        _print_json(job.public())
-    else:
-        click.echo(job.local_id)
-
-
-@cli.command()
-@global_options
-@click.argument("job_ref", metavar="JOB")
-@click.option("--text", help="New text.")
-@click.option(
-    "--audio", "audio_src", metavar="FILE", help="Replace the job's audio with a copy of FILE."
-)
-@click.option("--meta", "metas", multiple=True, metavar="KEY=VALUE", help="Set a metadata key.")
-@click.option("--unset-meta", "unset", multiple=True, metavar="KEY", help="Remove a metadata key.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
-def update(app: App, job_ref, text, audio_src, metas, unset, as_json) -> None:
-    """Change a job locally and mark it pending."""
-    from .jobs import check_meta_not_conflicting, update_job
-
-    if text is None and audio_src is None and not metas and not unset:
-        raise click.UsageError("give at least one of --text, --audio, --meta, --unset-meta")
-    set_meta = _parse_metas(metas)
-    check_meta_not_conflicting(set_meta, list(unset))
-    job, changed = update_job(app.store, job_ref, text, audio_src, set_meta, list(unset))
-    if changed:
-        app.wake_daemon()
-    if as_json:
-        _print_json(job.public())
-    else:
-        click.echo(job.local_id if changed else f"{job.local_id} (unchanged)")
-
-
-@cli.command()
-@global_options
-@click.argument("job_ref", metavar="JOB")
-@pass_app
-def delete(app: App, job_ref) -> None:
-    """Mark a job for deletion; the next pass deletes it on the server and here."""
-    from .jobs import delete_job
-
-    job = delete_job(app.store, job_ref)
-    app.wake_daemon()
-    click.echo(job.local_id)
-
-
-@cli.command("list")
-@global_options
-@click.option(
-    "--status",
-    "statuses",
-    multiple=True,
-    type=click.Choice(STATUSES),
-    help="Only jobs in this sync status (repeatable).",
-)
-@click.option("--limit", type=click.IntRange(min=0), help="The N oldest.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
-@pass_app
-def list_(app: App, statuses, limit, as_json) -> None:
-    """List jobs, oldest first."""
-    jobs = list(app.store.load().values())
-    # The store folds in creation order already; a stable sort by created_at is nearly free
-    # then, and puts jobs pulled from the server (their own created_at) in their place.
-    jobs.sort(key=operator.attrgetter("created_at"))
-    if statuses:
-        jobs = [j for j in jobs if j.sync_status in statuses]
-    if limit is not None:
-        jobs = jobs[:limit]
-    if as_json:
-        dumps = json.JSONEncoder(ensure_ascii=False).encode
-        out = sys.stdout
-        chunk = []
-        for job in jobs:
-            chunk.append(dumps(job.public()))
-            if len(chunk) >= 1000:
-                out.write("\n".join(chunk) + "\n")
-                chunk = []
-        if chunk:
-            out.write("\n".join(chunk) + "\n")
-        out.flush()
-        return
-    if not jobs:
-        click.echo("no jobs")
-        return
-    click.echo(f"{'LOCAL_ID':10}{'STATUS':18}{'SERVER_ID':14}{'UPDATED':22}TEXT")
-    for job in jobs:
-        text = job.text.replace("\n", " ")
-        text = text if len(text) <= 40 else text[:39] + "…"
-        sid = (job.server_id or "-")[:12]
-        click.echo(
-            f"{job.local_id[:8]:10}{job.sync_status:18}{sid:14}{job.updated_at[:19]:22}{text}"
-        )
-
-
-@cli.command()
-@global_options
-@click.argument("job_ref", metavar="JOB")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
-def show(app: App, job_ref, as_json) -> None:
-    """Show one job."""
-    _print_job(app.store.find(job_ref), as_json)
-
-
-@cli.command()
-@global_options
-@click.argument("job_ref", metavar="JOB", required=False)
-@click.option("--all", "all_", is_flag=True, help="Retry every failed job; prints how many.")
-@pass_app
-def retry(app: App, job_ref, all_) -> None:
-    """Put failed jobs back where they were going, with retry_count 0."""
-    from .jobs import retry_all, retry_job
-
-    if bool(job_ref) == bool(all_):
-        raise click.UsageError("give JOB or --all (not both)")
-    if all_:
-        count = retry_all(app.store)
-        click.echo(str(count))
-    else:
-        job = retry_job(app.store, job_ref)
-        click.echo(job.local_id)
-    app.wake_daemon()
-
-
-@cli.command()
-@global_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@pass_app
-def status(app: App, as_json) -> None:
-    """Health of this agent (needs no server)."""
-    from .jobs import status_report
-    from .state import read_last_pass
-    from .wakeup import daemon_pid
-
-    settings = app.settings
-    report = status_report(
-        app.store,
-        settings.server_url,
-        read_last_pass(settings.data_dir),
-        daemon_pid(settings.data_dir),
-    )
-    if as_json:
-        _print_json(report)
-        return
-    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-    click.echo(f"jobs:        {report['total']} ({counts})")
-    age = report["oldest_pending_age_seconds"]
-    click.echo(f"oldest change not on the server: {'none' if age is None else f'{age:.0f} s old'}")
-    daemon = report["daemon"]
-    click.echo(
-        f"daemon:      {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}"
-    )
-    last = report["last_pass"]
-    if last:
-        outcome = (
-            "ok"
-            if last.get("ok")
-            else f"not ok (skipped: {last.get('skipped')})"
-            if last.get("skipped")
-            else "not ok"
-        )
-        click.echo(f"last pass:   {last.get('finished_at')} {outcome}")
-    else:
-        click.echo("last pass:   never")
-    click.echo(f"server:      {report['server_url'] or 'not configured'}")
-    click.echo(f"data dir:    {report['data_dir']}")
-
-
-@cli.command()
-@global_options
-@pass_app
-def compact(app: App) -> None:
-    """Rewrite the store to hold only live records (safe while a daemon runs)."""
-    import time
-
-    from .audio import sweep_orphans
-
-    with app.store.locked():
-        before, after = app.store.compact()
-        referenced = {j.audio_file for j in app.store.jobs.values() if j.audio_file}
-        removed, problems = sweep_orphans(app.store.data_dir, referenced, time.time())
-    for problem in problems:
-        log.warning(problem)
-    log.info(f"compacted {app.store.path}: {before} records -> {after}")
-    extra = f"; removed {removed} audio file(s) no job names" if removed else ""
-    click.echo(f"{before} -> {after} records{extra}")
-
-
-@cli.command()
-@global_options
-@click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
-@click.option(
-    "--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty."
-)
-@pass_app
-def sync(app: App, as_json, force_delete) -> None:
-    """Run one sync pass now (or hand it to a running daemon) and exit."""
-    from .runner import run_sync_command
-
-    code = run_sync_command(
-        app.settings, app.store, as_json=as_json, force_delete=force_delete, quiet=app.quiet
-    )
-    sys.exit(code)
-
-
-@cli.command()
-@global_options
-@click.option(
-    "--interval",
-    type=_IntervalSeconds(),
-    metavar="SECONDS",
-    help="Seconds between scheduled passes.",
-)
-@pass_app
-def daemon(app: App, interval) -> None:
-    """Run in the foreground, syncing on a schedule and on request."""
-    from .daemon import run_daemon
-
-    sys.exit(run_daemon(app, interval))
-
-
-@cli.command()
-@global_options
-def demo() -> None:
-    """The whole loop end to end against a local server, in a temporary directory."""
-    from .demo import run_demo
-
-    sys.exit(run_demo())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,119 @@
+"""The agent's own commands: sync, daemon, status, compact, demo."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import log
+from ..cli import App, IntervalSeconds, global_options, pass_app, print_json
+
+
+@click.command()
+@global_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_app
+def status(app: App, as_json) -> None:
+    """Health of this agent (needs no server)."""
+    from ..jobs import status_report
+    from ..state import read_last_pass
+    from ..wakeup import daemon_pid
+
+    settings = app.settings
+    report = status_report(
+        app.store,
+        settings.server_url,
+        read_last_pass(settings.data_dir),
+        daemon_pid(settings.data_dir),
+    )
+    if as_json:
+        print_json(report)
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    click.echo(f"jobs:        {report['total']} ({counts})")
+    age = report["oldest_pending_age_seconds"]
+    click.echo(f"oldest change not on the server: {'none' if age is None else f'{age:.0f} s old'}")
+    daemon = report["daemon"]
+    click.echo(
+        f"daemon:      {'running, pid ' + str(daemon['pid']) if daemon['running'] else 'not running'}"
+    )
+    last = report["last_pass"]
+    if last:
+        outcome = (
+            "ok"
+            if last.get("ok")
+            else f"not ok (skipped: {last.get('skipped')})"
+            if last.get("skipped")
+            else "not ok"
+        )
+        click.echo(f"last pass:   {last.get('finished_at')} {outcome}")
+    else:
+        click.echo("last pass:   never")
+    click.echo(f"server:      {report['server_url'] or 'not configured'}")
+    click.echo(f"data dir:    {report['data_dir']}")
+
+
+@click.command()
+@global_options
+@pass_app
+def compact(app: App) -> None:
+    """Rewrite the store to hold only live records (safe while a daemon runs)."""
+    import time
+
+    from ..audio import sweep_orphans
+
+    with app.store.locked():
+        before, after = app.store.compact()
+        referenced = {j.audio_file for j in app.store.jobs.values() if j.audio_file}
+        removed, problems = sweep_orphans(app.store.data_dir, referenced, time.time())
+    for problem in problems:
+        log.warning(problem)
+    log.info(f"compacted {app.store.path}: {before} records -> {after}")
+    extra = f"; removed {removed} audio file(s) no job names" if removed else ""
+    click.echo(f"{before} -> {after} records{extra}")
+
+
+@click.command()
+@global_options
+@click.option("--json", "as_json", is_flag=True, help="Print the pass summary as JSON.")
+@click.option(
+    "--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty."
+)
+@pass_app
+def sync(app: App, as_json, force_delete) -> None:
+    """Run one sync pass now (or hand it to a running daemon) and exit."""
+    from ..runner import run_sync_command
+
+    code = run_sync_command(
+        app.settings, app.store, as_json=as_json, force_delete=force_delete, quiet=app.quiet
+    )
+    sys.exit(code)
+
+
+@click.command()
+@global_options
+@click.option(
+    "--interval",
+    type=IntervalSeconds(),
+    metavar="SECONDS",
+    help="Seconds between scheduled passes.",
+)
+@pass_app
+def daemon(app: App, interval) -> None:
+    """Run in the foreground, syncing on a schedule and on request."""
+    from ..daemon import run_daemon
+
+    sys.exit(run_daemon(app, interval))
+
+
+@click.command()
+@global_options
+def demo() -> None:
+    """The whole loop end to end against a local server, in a temporary directory."""
+    from ..demo import run_demo
+
+    sys.exit(run_demo())
+
+
+COMMANDS = {"sync": sync, "daemon": daemon, "status": status, "compact": compact, "demo": demo}
