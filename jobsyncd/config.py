@@ -22,7 +22,7 @@ class Key:
     """One configuration key, declared once: the loader, the range checks, `config show`,
     `config init` and the README's table all come from these declarations."""
 
-    __slots__ = ("name", "kind", "default", "help", "lo", "hi", "lo_open", "zero_ok")
+    __slots__ = ("name", "kind", "default", "help", "lo", "hi", "lo_open", "zero_ok", "example")
 
     def __init__(
         self,
@@ -34,15 +34,18 @@ class Key:
         hi: float | None = None,
         lo_open: bool = False,
         zero_ok: bool = False,
+        example: str | None = None,
     ) -> None:
         self.name, self.kind, self.default, self.help = name, kind, default, help
         self.lo, self.hi, self.lo_open, self.zero_ok = lo, hi, lo_open, zero_ok
+        self.example = example  # shown by `config init` for a key without a default
 
     def range_text(self) -> str:
         if self.lo is None:
             return ""
-        low = f"more than {self.lo:g}" if self.lo_open else f"{self.lo:g}"
-        text = f"{low} to {self.hi:g}" if not self.lo_open else f"{low}, at most {self.hi:g}"
+        lo, hi = _number_text(self.lo), _number_text(self.hi)
+        low = f"more than {lo}" if self.lo_open else lo
+        text = f"{low}, at most {hi}" if self.lo_open else f"{low} to {hi}"
         return f"0, or {text}" if self.zero_ok else text
 
     def check(self, value: Any, origin: str) -> None:
@@ -54,9 +57,27 @@ class Key:
             raise ConfigError(f"{self.name} from {origin} must be {self.range_text()}, not {value}")
 
 
+def _number_text(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 SCHEMA: tuple[Key, ...] = (
-    Key("server_url", "str", None, "base URL of the job server, e.g. https://jobs.example.org"),
-    Key("token_file", "str", None, "file holding the bearer token (else JOBSYNCD_TOKEN)"),
+    Key(
+        "server_url",
+        "str",
+        None,
+        "base URL of the job server (the agent adds /api/v1)",
+        example="https://jobs.example.org",
+    ),
+    Key(
+        "token_file",
+        "str",
+        None,
+        "file holding the bearer token, chmod 600 (JOBSYNCD_TOKEN wins over it)",
+        example="~/.config/jobsyncd/token",
+    ),
     Key("interval_seconds", "number", 15, "seconds between the daemon's passes", 1, 86400),
     Key("max_retries", "int", 5, "a job goes failed when its retry_count reaches this", 1, 1000),
     Key(
@@ -77,7 +98,13 @@ SCHEMA: tuple[Key, ...] = (
         lo_open=True,
     ),
     Key("verify_tls", "bool", True, "check the server's TLS certificate"),
-    Key("ca_bundle", "str", None, "an extra CA file to trust (added to the default CAs)"),
+    Key(
+        "ca_bundle",
+        "str",
+        None,
+        "an extra CA file to trust (added to the default CAs)",
+        example="/etc/ssl/my-ca.pem",
+    ),
     Key(
         "allow_insecure_http",
         "bool",
@@ -98,7 +125,8 @@ SCHEMA: tuple[Key, ...] = (
         "data_dir",
         "str",
         None,
-        "where the store and audio copies live (default: $STATE_DIRECTORY, else the user data dir)",
+        "the store and audio copies (default: $STATE_DIRECTORY, else the user data dir)",
+        example="~/.local/share/jobsyncd",
     ),
 )
 BY_NAME: dict[str, Key] = {key.name: key for key in SCHEMA}
@@ -330,6 +358,56 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (the config file's own spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    import json  # a JSON string is a valid TOML basic string for the text we write
+
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def config_template(server_url: str | None = None) -> str:
+    """What `config init` writes: every key as a commented `# key = default` line with its
+    help, `server_url` active when given."""
+    lines = [
+        "# jobsyncd configuration (TOML). Every key may also come from JOBSYNCD_<KEY>;",
+        "# a command-line flag beats the environment, which beats this file.",
+        "# `jobsyncd config show` prints what is in effect, `jobsyncd config check` tests it.",
+        "",
+    ]
+    for key in SCHEMA:
+        help_line = f"# {key.help}"
+        if key.range_text():
+            help_line += f" ({key.range_text()})"
+        lines.append(help_line)
+        if key.name == "server_url" and server_url:
+            lines.append(f"server_url = {toml_value(server_url)}")
+        elif key.default is None:
+            lines[-1] += " (no default; for example:)"
+            lines.append(f"# {key.name} = {toml_value(key.example or '')}")
+        else:
+            lines.append(f"# {key.name} = {toml_value(key.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def token_source(
+    settings: Settings, environ: Mapping[str, str] = os.environ
+) -> tuple[str, str | None]:
+    """Where the token would come from: (env|file|default, origin), never the token."""
+    if (environ.get("JOBSYNCD_TOKEN") or "").strip():
+        return "env", "JOBSYNCD_TOKEN"
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and os.path.exists(os.path.join(creds, "jobsyncd-token")):
+        return "file", os.path.join(creds, "jobsyncd-token")
+    if settings.token_file:
+        return "file", settings.token_file
+    return "default", None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -201,3 +201,62 @@ def run_sync_command(
             f"{summary.errors} job(s) errored and {summary.failed} failed in this pass; see `jobsyncd list --status error --status failed`"
         )
     return exit_code_for(summary)
+
+
+def check_connection(settings: Settings) -> str:
+    """`config check`: the configuration, then at most two authenticated GETs (the change feed,
+    else the listing). Returns the line to print on success; raises the error kind whose exit
+    code says what failed (78, 75, 77 or 1), with the next step in its message."""
+    from .config import token_source
+    from .errors import ConfigError, CredentialsRefused, TryLater
+    from .remote import AuthRefused, BackOff, Gone, Offline, Remote, RemoteError, TLSFailure
+
+    api_base = check_server_url(settings)
+    token, warnings = read_token(settings)
+    for message in warnings:
+        log.warning(message)
+    remote = Remote(
+        api_base,
+        token=token,
+        timeout=settings.request_timeout_seconds,
+        verify_tls=settings.verify_tls,
+        ca_bundle=settings.ca_bundle,
+    )
+    where = settings.config_path or "the config file (`jobsyncd config init` writes one)"
+    try:
+        for path in ("/changes?limit=1", "/jobs?limit=1"):
+            response, body = remote._send("GET", path)
+            if path.startswith("/changes") and response.status_code in (404, 405):
+                continue  # no change feed: the listing says as much about the rest
+            remote._check_status(response, body, "GET", path)
+            remote._json(response, body, "GET", path)
+            what = "change feed" if path.startswith("/changes") else "job listing"
+            auth = "with the token" if token else "without a token"
+            return f"ok: {api_base} answered the {what} {auth}"
+        raise RemoteError("no answer")  # not reached: the listing either returns or raises
+    except AuthRefused as exc:
+        if token is None:
+            raise CredentialsRefused(
+                f"{exc}; no token configured: set token_file in {where} or JOBSYNCD_TOKEN"
+            ) from None
+        source, origin = token_source(settings)
+        raise CredentialsRefused(
+            f"{exc}: the token from {origin or source} was refused; check it with the server's "
+            "administrator"
+        ) from None
+    except Offline as exc:
+        raise TryLater(f"{exc}; check the network, or server_url in {where}") from None
+    except BackOff as exc:
+        raise TryLater(f"{exc}; the server is busy: try again later") from None
+    except TLSFailure as exc:
+        raise JobsyncdError(
+            f"{exc}; if the server uses a private CA, set ca_bundle in {where}"
+        ) from None
+    except Gone as exc:
+        raise ConfigError(
+            f"{exc}: {api_base} has no job API; check server_url in {where}"
+        ) from None
+    except RemoteError as exc:
+        raise JobsyncdError(f"{exc}; check server_url in {where} and the server's health") from None
+    finally:
+        remote.close()

@@ -80,7 +80,7 @@ def test_text_from_stdin_over_300_kib_round_trips_byte_exact_to_the_store_and_se
 
 def test_text_from_a_file_is_taken_unchanged(cli, tmp_path):
     path = tmp_path / "t.txt"
-    path.write_bytes("first\nsecond\n\n".encode())
+    path.write_bytes(b"first\nsecond\n\n")
     local_id = run(cli, "create", "--text-file", str(path)).stdout.strip()
     assert show(cli, local_id)["text"] == "first\nsecond\n\n"
     path.write_bytes(b"new")
