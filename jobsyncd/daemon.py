@@ -28,7 +28,14 @@ from .runner import describe, execute_pass, sync_lock
 from .state import read_backoff_until
 from .store import Store
 from .sync import PassSummary
-from .wakeup import DAEMON_LOCK_NAME, DAEMON_PID_NAME, SOCKET_NAME
+from .wakeup import (
+    DAEMON_LOCK_NAME,
+    DAEMON_PID_NAME,
+    SOCKET_NAME,
+    WAIT_PREFIX,
+    reply_socket_path,
+    send_reply,
+)
 
 STOP_GRACE_SECONDS = 3.0
 
@@ -71,6 +78,9 @@ class Daemon:
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
         self.worker_counts: dict[str, int] | None = None
+        # `sync --wait` callers: answered by the first pass that starts after their request.
+        self.waiters_next: list[str] = []
+        self.waiters_this: list[str] = []
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -150,6 +160,7 @@ class Daemon:
     def _start_pass(self) -> None:
         settings, token = self.settings, self.token
         self.pass_requested = False
+        self.waiters_this, self.waiters_next = self.waiters_next, []
         self.heartbeat = time.monotonic()
 
         def should_stop() -> bool:
@@ -185,6 +196,7 @@ class Daemon:
         self.worker = None
         result, self.worker_result = self.worker_result, None
         _release_memory()
+        self._answer_waiters(result)
         if isinstance(result, PassSummary):
             line = describe(result)
             if result.skipped == "auth":
@@ -204,6 +216,31 @@ class Daemon:
         else:
             log.error(f"the pass failed: {result}")
             self.notifier.status(f"last pass failed: {result}")
+
+    # ---- sync --wait ---------------------------------------------------------------------------
+    def _add_waiter(self, name: bytes) -> None:
+        # Only a reply socket in our own data dir, by a name the CLI makes: never a path a
+        # datagram could point anywhere else.
+        reply = reply_socket_path(self.data_dir, name.decode("ascii", "replace"))
+        if reply is None:
+            return
+        self.waiters_next.append(reply)
+        ack = {"ack": True, "pid": os.getpid(), "interval_seconds": self.interval}
+        send_reply(reply, ack)
+
+    def _answer_waiters(self, result: PassSummary | BaseException | None) -> None:
+        waiters, self.waiters_this = self.waiters_this, []
+        if not waiters:
+            return
+        if isinstance(result, PassSummary):
+            from .runner import exit_code_for
+
+            summary = {**result.public(), "handed_to_daemon": os.getpid()}
+            answer = {"summary": summary, "code": exit_code_for(result), "message": result.message}
+        else:
+            answer = {"summary": None, "code": 1, "message": f"the pass failed: {result}"}
+        for reply in waiters:
+            send_reply(reply, answer)
 
     # ---- reload -------------------------------------------------------------------------------
     def _reload(self) -> None:
@@ -242,12 +279,14 @@ class Daemon:
         if self.sock is not None:
             for _ in range(10_000):
                 try:
-                    self.sock.recv(64)
+                    data = self.sock.recv(256)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     break
                 self.pass_requested = True
+                if data.startswith(WAIT_PREFIX):
+                    self._add_waiter(data[len(WAIT_PREFIX) :])
 
     def run(self) -> int:
         check_server_url(self.settings)

@@ -159,10 +159,16 @@ def describe(summary: PassSummary) -> str:
 
 
 def run_sync_command(
-    settings: Settings, store: Store, as_json: bool, force_delete: bool, quiet: bool = False
+    settings: Settings,
+    store: Store,
+    as_json: bool,
+    force_delete: bool,
+    quiet: bool = False,
+    wait: bool = False,
 ) -> int:
     """`jobsyncd sync`. With `quiet` (-q) stdout stays empty unless `--json`: cron mails any
-    output, so a good pass must print nothing; a bad one still gets its error line on stderr."""
+    output, so a good pass must print nothing; a bad one still gets its error line on stderr.
+    With `wait`, a pass handed to a daemon is waited for, and reported as if it ran here."""
     check_server_url(settings)  # exit 78 before anything else
     token, warnings = read_token(settings)
     for message in warnings:
@@ -172,7 +178,11 @@ def run_sync_command(
     # --force-delete is never handed over: the daemon's own passes keep the deletion guard, so
     # the forced pass runs here, between the daemon's passes (they share the sync lock).
     pid = None if force_delete else daemon_pid(settings.data_dir)
-    if pid is not None and request_sync(settings.data_dir):
+    if pid is not None and wait:
+        answer = _wait_for_daemon(settings)
+        if answer is not None:
+            return _report_daemon_pass(answer, as_json, quiet)
+    elif pid is not None and request_sync(settings.data_dir):
         summary = PassSummary(handed_to_daemon=pid or None)
         if as_json:
             print(json.dumps(summary.public()))
@@ -191,16 +201,104 @@ def run_sync_command(
         print(json.dumps(summary.public()))
     elif not quiet:
         print(describe(summary))
-    if summary.message and not summary.ok:
-        if summary.skipped in ("offline", "backoff"):
-            log.error(f"{summary.message} (try again later)")
-        else:
-            log.error(summary.message)
-    elif not summary.ok:
-        log.error(
-            f"{summary.errors} job(s) errored and {summary.failed} failed in this pass; see `jobsyncd list --status error --status failed`"
-        )
+    _log_outcome(summary.ok, summary.skipped, summary.message, summary.errors, summary.failed)
     return exit_code_for(summary)
+
+
+def _log_outcome(
+    ok: bool, skipped: str | None, message: str | None, errors: int, failed: int
+) -> None:
+    if message and not ok:
+        if skipped in ("offline", "backoff"):
+            log.error(f"{message} (try again later)")
+        else:
+            log.error(message)
+    elif not ok:
+        log.error(
+            f"{errors} job(s) errored and {failed} failed in this pass; see "
+            "`jobsyncd list --status error --status failed`"
+        )
+
+
+def _wait_for_daemon(settings: Settings) -> dict[str, Any] | None:
+    """`sync --wait`: ask the daemon for a pass and wait for the answer of the first pass that
+    starts after the request (at most 3 x the daemon's interval). None when no daemon took the
+    request (it just stopped): the pass then runs here."""
+    import select
+    import socket
+
+    from .errors import TryLater
+    from .wakeup import SOCKET_NAME, WAIT_PREFIX, reply_socket_name
+
+    name = reply_socket_name()
+    path = os.path.join(settings.data_dir, name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.bind(path)
+            sock.sendto(WAIT_PREFIX + name.encode(), os.path.join(settings.data_dir, SOCKET_NAME))
+        except OSError:
+            return None
+        started = time.monotonic()
+        limit = 3 * settings.interval_seconds  # until the daemon says its own interval
+        while True:
+            left = started + limit - time.monotonic()
+            if left <= 0:
+                raise TryLater(
+                    f"the daemon did not report a pass within {limit:g} s (3 x its interval); "
+                    "see `jobsyncd status` and the daemon's log"
+                )
+            if not select.select([sock], [], [], left)[0]:
+                continue
+            try:
+                answer = json.loads(sock.recv(1 << 16))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(answer, dict):
+                continue
+            if answer.get("ack"):
+                interval = answer.get("interval_seconds")
+                if isinstance(interval, (int, float)) and interval > 0:
+                    limit = 3 * interval
+                continue
+            return answer
+    finally:
+        sock.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _summary_from(public: dict[str, Any]) -> PassSummary:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(PassSummary)}
+    return PassSummary(**{k: v for k, v in public.items() if k in names})
+
+
+def _report_daemon_pass(answer: dict[str, Any], as_json: bool, quiet: bool) -> int:
+    summary = answer.get("summary")
+    code = answer.get("code")
+    code = code if code in (0, 1, 75, 77) else 1
+    message = answer.get("message")
+    if not isinstance(summary, dict):
+        log.error(str(message or "the daemon's pass failed"))
+        return 1
+    if as_json:
+        print(json.dumps(summary))
+    elif not quiet:
+        by = f" (the daemon's pass, pid {summary.get('handed_to_daemon')})"
+        print(describe(_summary_from(summary)) + by)
+    if code != 0:
+        _log_outcome(
+            False,
+            summary.get("skipped"),
+            message,
+            summary.get("errors", 0),
+            summary.get("failed", 0),
+        )
+    return code
 
 
 def check_connection(settings: Settings) -> str:

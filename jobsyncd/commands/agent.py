@@ -80,13 +80,33 @@ def compact(app: App) -> None:
 @click.option(
     "--force-delete", is_flag=True, help="Remove local jobs even if the server listing is empty."
 )
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="With a daemon running: wait for its next pass and exit as that pass did.",
+)
 @pass_app
-def sync(app: App, as_json, force_delete) -> None:
-    """Run one sync pass now (or hand it to a running daemon) and exit."""
+def sync(app: App, as_json, force_delete, wait) -> None:
+    """Run one sync pass now and exit 0, 1, 75 or 77 (for cron and scripts).
+
+    With a daemon running, the pass is handed to it and sync exits 0 at once; with --wait it
+    waits for the daemon's first pass that starts after the request (at most 3 x the daemon's
+    interval, else exit 75) and prints and exits as that pass did. -q prints nothing for a
+    pass that went well.
+
+    \b
+    Example:
+      */5 * * * * jobsyncd -q sync        (a crontab line that mails only trouble)
+    """
     from ..runner import run_sync_command
 
     code = run_sync_command(
-        app.settings, app.store, as_json=as_json, force_delete=force_delete, quiet=app.quiet
+        app.settings,
+        app.store,
+        as_json=as_json,
+        force_delete=force_delete,
+        quiet=app.quiet,
+        wait=wait,
     )
     sys.exit(code)
 

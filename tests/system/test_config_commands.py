@@ -18,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from faultserver import FaultServer
+
 from jobsyncd.config import SCHEMA
 
 TOKEN = "s3cr3t-token-value"
