@@ -24,7 +24,7 @@ from . import log
 from .config import Settings, check_server_url, load_settings, read_token
 from .errors import ConfigError, JobsyncdError, TryLater
 from .notify import Notifier
-from .runner import describe, execute_pass, sync_lock
+from .runner import PassLog, describe, execute_pass, sync_lock
 from .state import read_backoff_until
 from .store import Store
 from .sync import PassSummary
@@ -81,6 +81,7 @@ class Daemon:
         # `sync --wait` callers: answered by the first pass that starts after their request.
         self.waiters_next: list[str] = []
         self.waiters_this: list[str] = []
+        self.pass_log = PassLog(verbose=_verbosity())
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -199,13 +200,7 @@ class Daemon:
         self._answer_waiters(result)
         if isinstance(result, PassSummary):
             line = describe(result)
-            if result.skipped == "auth":
-                log.error(
-                    f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)"
-                )
-            elif result.message and not result.ok and not result.message_logged:
-                log.warning(result.message)
-            log.info(line)
+            self.pass_log.report(result, line)
             status = f"{line} at {time.strftime('%H:%M:%S')}"
             if self.worker_counts is not None:
                 held = ", ".join(f"{n} {s}" for s, n in sorted(self.worker_counts.items()))

@@ -158,6 +158,62 @@ def describe(summary: PassSummary) -> str:
     return f"{head}: " + ", ".join(parts)
 
 
+IDLE_SUMMARY_SECONDS = 3600.0
+
+
+class PassLog:
+    """What the daemon logs about its passes (contract section 5): a pass that changed
+    something or failed, always; offline and back-off when they begin and when they end, not
+    at every pass; a pass with nothing to do only with -v, else one line an hour counting them.
+    An idle daemon so writes about 24 lines a day, not one per pass."""
+
+    def __init__(self, verbose: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.verbose = verbose
+        self.clock = clock
+        self.skip_state: str | None = None  # "offline" or "backoff" while it lasts
+        self.idle = 0
+        self.last_line = clock()
+
+    def _say(self, emit: Callable[[str], None], text: str) -> None:
+        emit(text)
+        self.last_line = self.clock()
+
+    def report(self, summary: PassSummary, line: str) -> None:
+        skip = summary.skipped if summary.skipped in ("offline", "backoff") else None
+        if skip is not None:
+            if skip != self.skip_state or self.verbose:
+                if summary.message and not summary.message_logged:
+                    self._say(log.warning, summary.message)
+                self._say(log.info, f"{line} (logged again when this changes)")
+            self.skip_state = skip
+            return
+        if self.skip_state is not None:
+            was = "unreachable" if self.skip_state == "offline" else "asking to back off"
+            self._say(log.info, f"the server is no longer {was}")
+            self.skip_state = None
+        if summary.skipped == "auth":
+            log.error(
+                f"{summary.message}; trying again at the next interval (send SIGHUP after "
+                "changing the token)"
+            )
+        elif summary.message and not summary.ok and not summary.message_logged:
+            log.warning(summary.message)
+        counts = summary.public()
+        changed = any(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in counts.items()
+            if k != "handed_to_daemon"
+        )
+        if changed or not summary.ok or self.verbose:
+            self._say(log.info, line)
+            self.idle = 0
+            return
+        self.idle += 1
+        if self.clock() - self.last_line >= IDLE_SUMMARY_SECONDS:
+            self._say(log.info, f"{self.idle} idle passes in the last hour")
+            self.idle = 0
+
+
 def run_sync_command(
     settings: Settings,
     store: Store,

@@ -157,6 +157,8 @@ def daemons(cli) -> Iterator[Callable[..., DaemonProc]]:
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> DaemonProc:
+        if "-q" not in global_args:
+            global_args = ("-v", *global_args)  # every pass logged, idle ones too (section 5)
         argv = (*global_args, "daemon", *(("--interval", interval) if interval else ()))
         d = DaemonProc(cli, argv, env or {})
         started.append(d)
