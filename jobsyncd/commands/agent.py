@@ -15,7 +15,13 @@ from ..cli import App, IntervalSeconds, global_options, pass_app, print_json
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
 def status(app: App, as_json) -> None:
-    """Health of this agent (needs no server)."""
+    """Health of this agent (needs no server): counts per status, the oldest change not yet
+    on the server, the daemon, the last pass.
+
+    \b
+    Example:
+      jobsyncd status --json | jq .oldest_pending_age_seconds
+    """
     from ..jobs import status_report
     from ..state import read_last_pass
     from ..wakeup import daemon_pid
@@ -58,7 +64,14 @@ def status(app: App, as_json) -> None:
 @global_options
 @pass_app
 def compact(app: App) -> None:
-    """Rewrite the store to hold only live records (safe while a daemon runs)."""
+    """Rewrite the store to hold only live records (safe while a daemon runs).
+
+    Also removes audio copies no job names once they are an hour old.
+
+    \b
+    Example:
+      jobsyncd compact
+    """
     import time
 
     from ..audio import sweep_orphans
@@ -121,7 +134,16 @@ def sync(app: App, as_json, force_delete, wait) -> None:
 )
 @pass_app
 def daemon(app: App, interval) -> None:
-    """Run in the foreground, syncing on a schedule and on request."""
+    """Run in the foreground, syncing on a schedule and on request (never forks).
+
+    A pass at start, every interval, and within a second of a create, update, delete, retry or
+    sync. SIGHUP reloads the config, SIGTERM stops. The log has a line per pass that changed
+    something or failed; -v logs every pass.
+
+    \b
+    Example:
+      jobsyncd -v daemon --interval 30
+    """
     from ..daemon import run_daemon
 
     sys.exit(run_daemon(app, interval))
@@ -130,7 +152,14 @@ def daemon(app: App, interval) -> None:
 @click.command()
 @global_options
 def demo() -> None:
-    """The whole loop end to end against a local server, in a temporary directory."""
+    """The whole loop end to end against a local server, in a temporary directory.
+
+    Touches none of your data and leaves no process behind.
+
+    \b
+    Example:
+      jobsyncd demo
+    """
     from ..demo import run_demo
 
     sys.exit(run_demo())

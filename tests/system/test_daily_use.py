@@ -299,3 +299,38 @@ def test_the_readme_says_how_to_enable_completion_in_bash_zsh_and_fish():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for shell in ("bash", "zsh", "fish"):
         assert f"_JOBSYNCD_COMPLETE={shell}_source" in readme
+
+
+# ---- the help and the README say the same ----------------------------------------------------
+
+COMMANDS = [
+    ("create",), ("update",), ("delete",), ("list",), ("show",), ("retry",), ("sync",),
+    ("daemon",), ("status",), ("compact",), ("demo",), ("config",), ("config", "show"),
+    ("config", "check"), ("config", "init"),
+]
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_each_commands_help_has_an_example_and_its_options_are_in_the_readme(cli, command):
+    text = run(cli, *command, "--help").stdout
+    assert "Example:" in text and "jobsyncd " in text.split("Example:", 1)[1]
+    for option in re.findall(r"^\s+(--[a-z][a-z-]+)", text, flags=re.M):
+        if option != "--help":
+            assert option in README, f"{' '.join(command)} {option} is not in the README"
+    assert f"`{' '.join(command)}" in README or f"{' '.join(command)} [" in README
+
+
+def test_the_main_help_lists_every_command_and_has_an_example(cli):
+    text = run(cli, "--help").stdout
+    for command in {c[0] for c in COMMANDS}:
+        assert re.search(rf"^\s+{command}\s", text, flags=re.M), command
+    assert "Example:" in text and "may also follow the command" in " ".join(text.split())
+
+
+def test_the_readme_config_example_has_every_key_of_the_schema():
+    from jobsyncd.config import SCHEMA
+
+    block = README.split("```toml\n", 1)[1].split("```", 1)[0]
+    for key in SCHEMA:
+        assert re.search(rf"^#? ?{key.name} = ", block, flags=re.M), key.name
