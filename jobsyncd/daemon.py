@@ -351,6 +351,10 @@ class Daemon:
 
     def _shutdown(self, lock: Any) -> None:
         log.info("stopping")
+        self._drain()  # a `sync --wait` that came in just now gets its answer too
+        stopped = {"summary": None, "code": 75, "message": "the daemon stopped before its pass"}
+        for reply in self.waiters_this + self.waiters_next:
+            send_reply(reply, stopped)
         if self.worker is not None:
             self.worker.join(STOP_GRACE_SECONDS)
             if self.worker.is_alive():

@@ -237,7 +237,7 @@ def run_sync_command(
     if pid is not None and wait:
         answer = _wait_for_daemon(settings)
         if answer is not None:
-            return _report_daemon_pass(answer, as_json, quiet)
+            return _report_daemon_pass(answer, pid, as_json, quiet)
     elif pid is not None and request_sync(settings.data_dir):
         summary = PassSummary(handed_to_daemon=pid or None)
         if as_json:
@@ -283,7 +283,6 @@ def _wait_for_daemon(settings: Settings) -> dict[str, Any] | None:
     import select
     import socket
 
-    from .errors import TryLater
     from .wakeup import SOCKET_NAME, WAIT_PREFIX, reply_socket_name
 
     name = reply_socket_name()
@@ -300,10 +299,12 @@ def _wait_for_daemon(settings: Settings) -> dict[str, Any] | None:
         while True:
             left = started + limit - time.monotonic()
             if left <= 0:
-                raise TryLater(
-                    f"the daemon did not report a pass within {limit:g} s (3 x its interval); "
-                    "see `jobsyncd status` and the daemon's log"
-                )
+                return {
+                    "summary": None,
+                    "code": 75,
+                    "message": f"the daemon did not report a pass within {limit:g} s (3 x its "
+                    "interval); see `jobsyncd status` and the daemon's log",
+                }
             if not select.select([sock], [], [], left)[0]:
                 continue
             try:
@@ -333,14 +334,18 @@ def _summary_from(public: dict[str, Any]) -> PassSummary:
     return PassSummary(**{k: v for k, v in public.items() if k in names})
 
 
-def _report_daemon_pass(answer: dict[str, Any], as_json: bool, quiet: bool) -> int:
+def _report_daemon_pass(answer: dict[str, Any], pid: int, as_json: bool, quiet: bool) -> int:
+    """The daemon's answer as if the pass had run here; no pass at all (the daemon stopped or
+    did not report) is a summary that is not ok, so `--json` output still parses."""
     summary = answer.get("summary")
     code = answer.get("code")
     code = code if code in (0, 1, 75, 77) else 1
     message = answer.get("message")
     if not isinstance(summary, dict):
+        if as_json:
+            print(json.dumps(PassSummary(ok=False, handed_to_daemon=pid or None).public()))
         log.error(str(message or "the daemon's pass failed"))
-        return 1
+        return code or 1
     if as_json:
         print(json.dumps(summary))
     elif not quiet:

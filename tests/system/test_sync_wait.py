@@ -122,3 +122,32 @@ def test_sync_wait_without_a_daemon_runs_the_pass_here(cli):
         proc, _ = sync_wait(cli, srv.url, "--json")
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["handed_to_daemon"] is None
+
+
+def test_sync_wait_json_still_prints_a_summary_when_the_daemon_does_not_report(cli, daemon):
+    cli.env["JOBSYNCD_INTERVAL_SECONDS"] = "1"
+    with FaultServer() as srv:
+        d = daemon(srv.url, interval=None)
+        d.send_signal(signal.SIGSTOP)
+        try:
+            proc, _ = sync_wait(cli, srv.url, "--json")
+        finally:
+            d.send_signal(signal.SIGCONT)
+    assert proc.returncode == 75
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] is False and summary["handed_to_daemon"] == d.pid
+
+
+def test_sync_wait_is_answered_when_the_daemon_stops_first(cli, daemon):
+    with FaultServer() as srv:
+        d = daemon(srv.url)
+        srv.add_fault("GET", r"/api/v1/jobs", delay=3.0)  # the pass runs long...
+        cli("create", "--text", "x", check=True)
+        waiting = cli.popen("--server", srv.url, "sync", "--wait", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        poll(lambda: [n for n in os.listdir(cli.data_dir) if n.startswith("wait-")], 10,
+             "the sync is waiting")
+        d.send_signal(signal.SIGTERM)  # ...and the daemon stops before the next one
+        out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 75
+    assert "the daemon stopped" in err
