@@ -381,7 +381,9 @@ def check_connection(settings: Settings) -> str:
         verify_tls=settings.verify_tls,
         ca_bundle=settings.ca_bundle,
     )
-    where = settings.config_path or "the config file (`jobsyncd config init` writes one)"
+    from .config import default_config_path
+
+    where = settings.config_path or os.environ.get("JOBSYNCD_CONFIG") or default_config_path()
     try:
         for path in ("/changes?limit=1", "/jobs?limit=1"):
             response, body = remote._send("GET", path)

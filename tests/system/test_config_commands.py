@@ -115,6 +115,13 @@ def test_config_check_without_a_token_on_a_401_says_where_a_token_goes(cli, tmp_
     assert f"no token configured: set token_file in {config} or JOBSYNCD_TOKEN" in line
 
 
+def test_config_check_without_a_config_file_names_the_default_path_for_the_token(cli):
+    with FaultServer(token=TOKEN) as srv:
+        line = one_error_line(run(cli, "--server", srv.url, "config", "check", code=77))
+    default = Path(cli.env["XDG_CONFIG_HOME"]) / "jobsyncd" / "config.toml"
+    assert f"set token_file in {default} or JOBSYNCD_TOKEN" in line
+
+
 def test_config_check_with_a_wrong_token_exits_77_naming_where_it_came_from(cli):
     cli.env["JOBSYNCD_TOKEN"] = "wrong-token"
     with FaultServer(token=TOKEN) as srv:

@@ -151,3 +151,11 @@ def test_sync_wait_is_answered_when_the_daemon_stops_first(cli, daemon):
         out, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 75
     assert "the daemon stopped" in err
+
+
+def test_a_quiet_sync_handed_to_the_daemon_prints_nothing(cli, daemon):
+    with FaultServer() as srv:
+        daemon(srv.url)
+        for argv in (("-q", "sync"), ("sync", "-q")):
+            proc = cli("--server", srv.url, *argv)
+            assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
