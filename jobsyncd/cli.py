@@ -78,7 +78,7 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
-def _late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+def late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     """A global option given after the command (`jobsyncd sync -q`): same effect as before it.
 
     The App's settings are resolved lazily, inside the command, so nothing has read them yet.
@@ -101,10 +101,13 @@ def _late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None
 def global_options(command: Any) -> Any:
     """Accept the global options after the command too (contract section 2: `jobsyncd sync -q`
     is `jobsyncd -q sync`); hidden in the command's own help, which says so."""
-    late = {"hidden": True, "expose_value": False, "callback": _late_option}
+    late = {"hidden": True, "expose_value": False, "callback": late_option}
     command = click.option("-q", "--quiet", is_flag=True, **late)(command)
     command = click.option("-v", "--verbose", count=True, **late)(command)
-    command = click.option("--server", **late)(command)
+    if not any(
+        "--server" in getattr(p, "opts", ()) for p in getattr(command, "__click_params__", ())
+    ):
+        command = click.option("--server", **late)(command)
     command = click.option("--data-dir", **late)(command)
     return click.option("--config", "config_file", **late)(command)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..cli import App, global_options, pass_app, print_json
+from ..cli import App, global_options, late_option, pass_app, print_json
 from ..errors import ConfigError, JobsyncdError
 
 
@@ -97,13 +97,19 @@ def check(app: App) -> None:
 
 @config.command("init")
 @global_options
+@click.option(
+    "--server",
+    metavar="URL",
+    expose_value=False,
+    callback=late_option,
+    help="Write server_url = URL in the file (uncommented).",
+)
 @pass_app
 def init(app: App) -> None:
     """Write a commented configuration file with every key (never overwriting one).
 
     The file goes to the default path, or the one --config / JOBSYNCD_CONFIG names; it is
-    made 0600 and the directories it creates 0700. With --server URL (before or after
-    `config init`), server_url is set in it.
+    made 0600 and the directories it creates 0700.
 
     \b
     Example:
