@@ -26,11 +26,18 @@ from . import log
 from .config import Settings, check_server_url, load_settings, read_token
 from .errors import ConfigError, JobsyncdError, TryLater
 from .notify import Notifier
-from .runner import describe, execute_pass, sync_lock
+from .runner import PassLog, describe, execute_pass, sync_lock
 from .state import read_backoff_until
 from .store import Store
 from .sync import PassSummary
-from .wakeup import DAEMON_LOCK_NAME, DAEMON_PID_NAME, SOCKET_NAME
+from .wakeup import (
+    DAEMON_LOCK_NAME,
+    DAEMON_PID_NAME,
+    SOCKET_NAME,
+    WAIT_PREFIX,
+    reply_socket_path,
+    send_reply,
+)
 
 STOP_GRACE_SECONDS = 3.0
 
@@ -130,6 +137,10 @@ class Daemon:
         os.set_blocking(self.pipe_r, False)
         self.worker_counts: dict[str, int] | None = None
         self._stuck_logged = False
+        # `sync --wait` callers: answered by the first pass that starts after their request.
+        self.waiters_next: list[str] = []
+        self.waiters_this: list[str] = []
+        self.pass_log = PassLog(verbose=_verbosity())
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -151,6 +162,8 @@ class Daemon:
             pid = _read_pid(self.data_dir)
             holder = f"pid {pid}" if pid else "another process"
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
+        except OSError as exc:  # a read-only or full data dir
+            raise JobsyncdError(f"cannot take the daemon lock {path}: {exc.strerror}") from None
         from .state import write_file_atomically
 
         try:
@@ -206,6 +219,7 @@ class Daemon:
     def _start_pass(self) -> None:
         settings, token = self.settings, self.token
         self.pass_requested = False
+        self.waiters_this, self.waiters_next = self.waiters_next, []
         self.heartbeat = time.monotonic()
 
         def should_stop() -> bool:
@@ -241,15 +255,10 @@ class Daemon:
         self.worker = None
         result, self.worker_result = self.worker_result, None
         _release_memory()
+        self._answer_waiters(result)
         if isinstance(result, PassSummary):
             line = describe(result)
-            if result.skipped == "auth":
-                log.error(
-                    f"{result.message}; trying again at the next interval (send SIGHUP after changing the token)"
-                )
-            elif result.message and not result.ok and not result.message_logged:
-                log.warning(result.message)
-            log.info(line)
+            self.pass_log.report(result, line)
             status = f"{line} at {time.strftime('%H:%M:%S')}"
             if self.worker_counts is not None:
                 held = ", ".join(f"{n} {s}" for s, n in sorted(self.worker_counts.items()))
@@ -260,6 +269,31 @@ class Daemon:
         else:
             log.error(f"the pass failed: {result}")
             self.notifier.status(f"last pass failed: {result}")
+
+    # ---- sync --wait ---------------------------------------------------------------------------
+    def _add_waiter(self, name: bytes) -> None:
+        # Only a reply socket in our own data dir, by a name the CLI makes: never a path a
+        # datagram could point anywhere else.
+        reply = reply_socket_path(self.data_dir, name.decode("ascii", "replace"))
+        if reply is None:
+            return
+        self.waiters_next.append(reply)
+        ack = {"ack": True, "pid": os.getpid(), "interval_seconds": self.interval}
+        send_reply(reply, ack)
+
+    def _answer_waiters(self, result: PassSummary | BaseException | None) -> None:
+        waiters, self.waiters_this = self.waiters_this, []
+        if not waiters:
+            return
+        if isinstance(result, PassSummary):
+            from .runner import exit_code_for
+
+            summary = {**result.public(), "handed_to_daemon": os.getpid()}
+            answer = {"summary": summary, "code": exit_code_for(result), "message": result.message}
+        else:
+            answer = {"summary": None, "code": 1, "message": f"the pass failed: {result}"}
+        for reply in waiters:
+            send_reply(reply, answer)
 
     # ---- reload -------------------------------------------------------------------------------
     def _reload(self) -> None:
@@ -298,12 +332,14 @@ class Daemon:
         if self.sock is not None:
             for _ in range(10_000):
                 try:
-                    self.sock.recv(64)
+                    data = self.sock.recv(256)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     break
                 self.pass_requested = True
+                if data.startswith(WAIT_PREFIX):
+                    self._add_waiter(data[len(WAIT_PREFIX) :])
 
     def run(self) -> int:
         check_server_url(self.settings)
@@ -378,6 +414,10 @@ class Daemon:
 
     def _shutdown(self, lock: Any) -> None:
         log.info("stopping")
+        self._drain()  # a `sync --wait` that came in just now gets its answer too
+        stopped = {"summary": None, "code": 75, "message": "the daemon stopped before its pass"}
+        for reply in self.waiters_this + self.waiters_next:
+            send_reply(reply, stopped)
         if self.worker is not None:
             self.worker.join(STOP_GRACE_SECONDS)
             if self.worker.is_alive():

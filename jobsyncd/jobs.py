@@ -80,8 +80,15 @@ def update_job(
     audio_src: str | None,
     set_meta: dict[str, Any],
     unset_meta: list[str],
+    remove_audio: bool = False,
+    edited_from: str | None = None,
 ) -> tuple[Job, bool]:
-    """Apply the changes; returns the job and whether anything changed."""
+    """Apply the changes; returns the job and whether anything changed.
+
+    `remove_audio` drops the job's audio (`--no-audio`): its audio_file becomes None while
+    audio_sent still names what the server has, which is how the push knows to send
+    `"audio": null`. `edited_from` is the text an editor started from: if the job's text
+    changed meanwhile, nothing changes (the edit would silently undo the other change)."""
     src_fd = audio.open_user_audio(audio_src) if audio_src else None
     copy = None
     committed = False
@@ -101,18 +108,26 @@ def update_job(
                     f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
                     "updated (`jobsyncd retry` a failed delete first)"
                 )
+            if edited_from is not None and job.text != edited_from:
+                raise JobsyncdError(
+                    f"job {job.local_id}'s text changed while you edited it; nothing changed"
+                )
             metadata = json.loads(json.dumps(job.metadata))
             metadata.update(set_meta)
             for key in unset_meta:
                 metadata.pop(key, None)
             new_text = job.text if text is None else text
+            drop_audio = remove_audio and job.audio_file is not None
             if new_text == job.text and metadata == job.metadata and copy is None:
-                return job, False
+                if not drop_audio:
+                    return job, False
             old_audio = job.audio_file
             job.text = new_text
             job.metadata = metadata
             if copy is not None:
                 job.audio_file = copy
+            elif drop_audio:
+                job.audio_file = None
             job.rev += 1
             job.updated_at = rfc3339(utc_now())
             if job.sync_status in (ERROR, FAILED, SYNCED):
@@ -124,9 +139,9 @@ def update_job(
                 job.error_kind = None
             store.append([job])
             committed = True
-            # The old copy goes once the new one is in place, unless the server still needs it
-            # for nothing: a PATCH only ever sends the current file.
-            if copy is not None and old_audio:
+            # The old copy goes once the new one is in place (or the audio is dropped): a
+            # PATCH only ever sends the current file.
+            if (copy is not None or drop_audio) and old_audio:
                 problem = audio.remove_managed(store.data_dir, old_audio)
                 if problem:
                     from . import log
@@ -140,19 +155,37 @@ def update_job(
             os.close(src_fd)
 
 
-def delete_job(store: Store, ref: str) -> Job:
-    with store.locked():
+def _resolve_all(store: Store, refs: list[str]) -> list[Job]:
+    """Every JOB resolved (each once) before anything changes: one that does not resolve
+    raises and nothing is written."""
+    jobs: dict[str, Job] = {}
+    for ref in refs:
         job = store.find(ref)
-        if job.sync_status == PENDING_DELETION:
-            return job
-        job.sync_status = PENDING_DELETION
-        job.error_kind = "delete"
-        job.retry_count = 0
-        job.next_attempt_at = None
-        job.rev += 1
-        job.updated_at = rfc3339(utc_now())
-        store.append([job])
-        return job
+        jobs.setdefault(job.local_id, job)
+    return list(jobs.values())
+
+
+def delete_jobs(store: Store, refs: list[str]) -> list[Job]:
+    with store.locked():
+        jobs = _resolve_all(store, refs)
+        now = rfc3339(utc_now())
+        changed = []
+        for job in jobs:
+            if job.sync_status == PENDING_DELETION:
+                continue
+            job.sync_status = PENDING_DELETION
+            job.error_kind = "delete"
+            job.retry_count = 0
+            job.next_attempt_at = None
+            job.rev += 1
+            job.updated_at = now
+            changed.append(job)
+        store.append(changed)
+        return jobs
+
+
+def delete_job(store: Store, ref: str) -> Job:
+    return delete_jobs(store, [ref])[0]
 
 
 def _forget_server_copy(job: Job) -> None:
@@ -175,16 +208,23 @@ def _put_back(job: Job) -> None:
     job.rev += 1
 
 
-def retry_job(store: Store, ref: str) -> Job:
+def retry_jobs(store: Store, refs: list[str]) -> list[Job]:
     with store.locked():
-        job = store.find(ref)
-        if job.sync_status != FAILED:
-            raise JobsyncdError(
-                f"job {job.local_id} is {job.sync_status}, not failed; only failed jobs can be retried"
-            )
-        _put_back(job)
-        store.append([job])
-        return job
+        jobs = _resolve_all(store, refs)
+        for job in jobs:
+            if job.sync_status != FAILED:
+                raise JobsyncdError(
+                    f"job {job.local_id} is {job.sync_status}, not failed; only failed jobs "
+                    "can be retried (nothing changed)"
+                )
+        for job in jobs:
+            _put_back(job)
+        store.append(jobs)
+        return jobs
+
+
+def retry_job(store: Store, ref: str) -> Job:
+    return retry_jobs(store, [ref])[0]
 
 
 def retry_all(store: Store) -> int:
@@ -219,6 +259,76 @@ def status_report(
         "server_url": server_url,
         "data_dir": store.data_dir,
     }
+
+
+MAX_META_DEPTH = 32  # the metadata object itself is level 1, as on the server
+_DOUBLE_MAX = 1.7976931348623157e308
+
+
+def _meta_int(text: str) -> int:
+    # Checked on the digits first: Python refuses to convert over 4300 of them, and a number
+    # that long is outside the double range anyway.
+    if len(text.lstrip("-")) > 309 or abs(int(text)) > _DOUBLE_MAX:
+        raise UsageProblem(f"--meta: the number {text[:20]}… is outside the double range")
+    return int(text)
+
+
+def _meta_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # 1e400 reads as infinity
+        raise UsageProblem(f"--meta: the number {text[:40]} is outside the double range")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity are not JSON: the value is taken as a string
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar 0, `{}` or `[]` 1), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def parse_meta_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--meta KEY=VALUE`s (contract section 2): split at the first `=`, VALUE as JSON when it
+    parses, else the string. A number outside the double range, or nesting that would take the
+    metadata past 32 levels, is a usage error."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise UsageProblem(f"--meta {pair!r} is not KEY=VALUE")
+        if not key:
+            raise UsageProblem(f"--meta {pair!r} has an empty KEY")
+        try:
+            value = json.loads(
+                raw,
+                parse_int=_meta_int,
+                parse_float=_meta_float,
+                parse_constant=_reject_constant,
+            )
+        except RecursionError:
+            value = None
+            too_deep = True
+        except ValueError:
+            value, too_deep = raw, False
+        else:
+            too_deep = 1 + _depth(value) > MAX_META_DEPTH
+        if too_deep:
+            raise UsageProblem(
+                f"--meta {key}: the value nests too deep (metadata holds at most "
+                f"{MAX_META_DEPTH} levels)"
+            )
+        out[key] = value
+    return out
 
 
 def check_meta_not_conflicting(set_meta: dict[str, Any], unset_meta: list[str]) -> None:

@@ -487,6 +487,35 @@ class Store:
         job = self._fold_one(data, ref.lower())
         if job is not None:
             return job
+        by_server_id = self._by_server_id(data, ref)
+        if len(by_server_id) > 1:
+            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(by_server_id))}")
+        prefix = ref.lower()
+        usable_prefix = len(prefix) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f-]+", prefix)
+        by_prefix = self._by_prefix(data, prefix) if usable_prefix else {}
+        if by_server_id:
+            # One job's server_id and another's local_id prefix: a guess either way could
+            # delete somebody else's job (section 2), so neither wins.
+            both = {**by_prefix, **by_server_id}
+            if len(both) > 1:
+                raise NoSuchJob(
+                    f"{ref!r} is ambiguous: the server_id of {', '.join(sorted(by_server_id))} "
+                    f"and a prefix of {', '.join(sorted(set(by_prefix) - set(by_server_id)))}; "
+                    "give the full local_id"
+                )
+            return next(iter(by_server_id.values()))
+        if not usable_prefix:
+            raise NoSuchJob(
+                f"no job matches {ref!r} (give a local_id, a server_id, or at least "
+                f"{MIN_PREFIX} characters of a local_id)"
+            )
+        if len(by_prefix) == 1:
+            return next(iter(by_prefix.values()))
+        if len(by_prefix) > 1:
+            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(by_prefix))}")
+        raise NoSuchJob(f"no job matches {ref!r}")
+
+    def _by_server_id(self, data: Any, ref: str) -> dict[str, Job]:
         # exact server_id: the second key of every record, right after the 36-character local_id
         needle = b'","server_id":' + json.dumps(ref, ensure_ascii=False).encode() + b","
         matches: dict[str, Job] = {}
@@ -500,16 +529,9 @@ class Store:
                 if found is not None and found.server_id == ref:
                     matches[local_id] = found
             pos = data.find(needle, pos + 1)
-        if len(matches) == 1:
-            return next(iter(matches.values()))
-        if len(matches) > 1:
-            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(matches))}")
-        prefix = ref.lower()
-        if len(prefix) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f-]+", prefix):
-            raise NoSuchJob(
-                f"no job matches {ref!r} (give a local_id, a server_id, or at least "
-                f"{MIN_PREFIX} characters of a local_id)"
-            )
+        return matches
+
+    def _by_prefix(self, data: Any, prefix: str) -> dict[str, Job]:
         needle = b'\n{"local_id":"' + prefix.encode()
         candidates = set()
         if data[: len(needle) - 1] == needle[1:]:
@@ -523,11 +545,7 @@ class Store:
             found = self._fold_one(data, local_id)
             if found is not None:
                 live[local_id] = found
-        if len(live) == 1:
-            return next(iter(live.values()))
-        if len(live) > 1:
-            raise NoSuchJob(f"{ref!r} matches several jobs: {', '.join(sorted(live))}")
-        raise NoSuchJob(f"no job matches {ref!r}")
+        return live
 
     # ---- looking jobs up one by one without folding (a pass that applies a few changes) ---
     def lookup(self, local_id: str) -> Job | None:

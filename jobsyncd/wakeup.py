@@ -56,3 +56,38 @@ def daemon_pid(data_dir: str) -> int | None:
             return int(fh.read().strip())
     except (OSError, ValueError):
         return 0  # held, but the pid is not written yet
+
+
+# `sync --wait`: the CLI binds a reply socket in the data dir and sends WAIT_PREFIX + its name;
+# the daemon acks at once (with its pid and interval) and, when the first pass that starts after
+# the request ends, sends that pass's summary and exit code there.
+WAIT_PREFIX = b"wait "
+_REPLY_NAME_LENGTH = len("wait-") + 16 + len(".sock")
+
+
+def reply_socket_name() -> str:
+    return f"wait-{os.urandom(8).hex()}.sock"
+
+
+def reply_socket_path(data_dir: str, name: str) -> str | None:
+    """The reply socket's path for a name a CLI sent, or None for anything else."""
+    if (
+        len(name) != _REPLY_NAME_LENGTH
+        or not name.startswith("wait-")
+        or not name.endswith(".sock")
+        or any(c not in "0123456789abcdef" for c in name[5:-5])
+    ):
+        return None
+    return os.path.join(data_dir, name)
+
+
+def send_reply(path: str, message: dict) -> None:
+    """One JSON datagram to a waiting CLI; never raises, never waits (it may be gone)."""
+    import json
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(json.dumps(message).encode(), path)
+    except OSError:
+        pass

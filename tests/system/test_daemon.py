@@ -157,6 +157,8 @@ def daemons(cli) -> Iterator[Callable[..., DaemonProc]]:
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> DaemonProc:
+        if "-q" not in global_args:
+            global_args = ("-v", *global_args)  # every pass logged, idle ones too (section 5)
         argv = (*global_args, "daemon", *(("--interval", interval) if interval else ()))
         d = DaemonProc(cli, argv, env or {})
         started.append(d)
@@ -412,10 +414,10 @@ def test_sighup_with_a_shorter_interval_schedules_passes_at_the_new_interval(
     cli.env["JOBSYNCD_CONFIG"] = str(config)
     d = daemons(interval=None)
     wait_first_pass(cli)
-    write_private(config, "interval_seconds = 0.5\n")
+    write_private(config, "interval_seconds = 1\n")  # the contract's least interval
     d.signal(signal.SIGHUP)
-    d.wait_line(r"jobsyncd: reloaded .*interval 0\.5")
-    d.wait_passes(5, timeout=8)  # the reload's own pass and then one every half second
+    d.wait_line(r"jobsyncd: reloaded .*interval 1 s")
+    d.wait_passes(4, timeout=10)  # the reload's own pass and then one every second
 
 
 def test_sighup_with_a_broken_config_is_refused_and_the_daemon_keeps_the_old_server(

@@ -72,11 +72,13 @@ def test_a_404_on_create_fails_the_job_with_the_servers_answer_not_as_gone(cli, 
     assert "gone" not in job["last_error"] and "server_url" in job["last_error"]
 
 
-def test_meta_values_that_overflow_to_infinity_are_kept_as_strings(cli):
-    job = json.loads(
-        cli("create", "--meta", "n=1e400", "--meta", "m=[1e999]", "--json", check=True).stdout
-    )
-    assert job["metadata"] == {"n": "1e400", "m": "[1e999]"}
+def test_meta_values_that_overflow_to_infinity_are_a_usage_error(cli):
+    # Contract v5 section 2: a number outside the double range is a usage error (it was kept
+    # as a string before). tests/system/test_cli_input.py covers the other cases.
+    for value in ("n=1e400", "m=[1e999]"):
+        proc = cli("create", "--meta", value, "--json")
+        assert proc.returncode == 2 and "double range" in proc.stderr
+    assert cli.jobs() == []
 
 
 def test_plain_http_to_a_name_under_localhost_is_refused(cli):
