@@ -488,10 +488,14 @@ class Remote:
         try:
             yield
         except RemoteError as exc:
-            exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
-            if isinstance(exc, InvalidJobObject):
-                exc.reason = self._redact(exc.reason)
-            raise
+            raise self._redact_error(exc)  # noqa: B904 - the same exception, its text redacted
+
+    def _redact_error(self, exc: RemoteError) -> RemoteError:
+        """`exc` with the token replaced in its text (also for errors returned, not raised)."""
+        exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
+        if isinstance(exc, InvalidJobObject):
+            exc.reason = self._redact(exc.reason)
+        return exc
 
     # ---- transport ------------------------------------------------------------------------
     def _send(
@@ -500,15 +504,20 @@ class Remote:
         path: str,
         *,
         max_bytes: int = MAX_JOB_ANSWER_BYTES,
+        answer_limit: float | None = None,
         **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
-        limit = 3 * self.timeout
+        """One request and its whole answer. `answer_limit` (default 3x the timeout) bounds the
+        answer from the end of sending to its last byte, enforced at the socket."""
+        limit = 3 * self.timeout if answer_limit is None else answer_limit
         flight = RequestInFlight(limit)
         _reaper.begin(flight)
         _current.flight = flight
         status = "failed"
         try:
-            response, body = self._send_and_read(method, path, max_bytes, **kwargs)
+            # A long-poll's answer may rightly be silent for its whole limit: no read times out first.
+            read_timeout = self.timeout if answer_limit is None else max(self.timeout, limit)
+            response, body = self._send_and_read(method, path, max_bytes, read_timeout, **kwargs)
             if flight.expired:  # the reaper cut it: what was read is not the whole answer
                 raise self._too_slow(method, path, limit)
             status = str(response.status_code)
@@ -528,13 +537,13 @@ class Remote:
         return Transient(f"{method} {path}: the answer took longer than {limit:g} s (read timeout)")
 
     def _send_and_read(
-        self, method: str, path: str, max_bytes: int, **kwargs: Any
+        self, method: str, path: str, max_bytes: int, read_timeout: float, **kwargs: Any
     ) -> tuple[requests.Response, bytes]:
         try:
             response = self.session.request(
                 method,
                 self.api_base + path,
-                timeout=(self.timeout, self.timeout),
+                timeout=(self.timeout, read_timeout),
                 allow_redirects=False,
                 stream=True,
                 **kwargs,
