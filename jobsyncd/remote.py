@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -415,9 +415,9 @@ def parse_server_job(obj: Any) -> ServerJob:
     )
 
 
-def _server_job_or_invalid(obj: Any) -> Any:
+def _server_job_or_invalid(obj: Any, parse: Callable[[Any], ServerJob]) -> Any:
     try:
-        return parse_server_job(obj)
+        return parse(obj)
     except InvalidJobObject as exc:
         return _invalid_job(obj, exc)
 
@@ -496,9 +496,10 @@ class Remote:
         try:
             yield
         except RemoteError as exc:
-            raise self._redacted(exc) from None
+            raise self._redact_error(exc)  # noqa: B904 - the same exception, its text redacted
 
-    def _redacted(self, exc: RemoteError) -> RemoteError:
+    def _redact_error(self, exc: RemoteError) -> RemoteError:
+        """`exc` with the token replaced in its text (also for errors returned, not raised)."""
         exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
         if isinstance(exc, InvalidJobObject):
             exc.reason = self._redact(exc.reason)
@@ -511,15 +512,20 @@ class Remote:
         path: str,
         *,
         max_bytes: int = MAX_JOB_ANSWER_BYTES,
+        answer_limit: float | None = None,
         **kwargs: Any,
     ) -> tuple[requests.Response, bytes]:
-        limit = 3 * self.timeout
+        """One request and its whole answer. `answer_limit` (default 3x the timeout) bounds the
+        answer from the end of sending to its last byte, enforced at the socket."""
+        limit = 3 * self.timeout if answer_limit is None else answer_limit
         flight = RequestInFlight(limit)
         _reaper.begin(flight)
         _current.flight = flight
         status = "failed"
         try:
-            response, body = self._send_and_read(method, path, max_bytes, **kwargs)
+            # A long-poll's answer may rightly be silent for its whole limit: no read times out first.
+            read_timeout = self.timeout if answer_limit is None else max(self.timeout, limit)
+            response, body = self._send_and_read(method, path, max_bytes, read_timeout, **kwargs)
             if flight.expired:  # the reaper cut it: what was read is not the whole answer
                 raise self._too_slow(method, path, limit)
             status = str(response.status_code)
@@ -539,13 +545,13 @@ class Remote:
         return Transient(f"{method} {path}: the answer took longer than {limit:g} s (read timeout)")
 
     def _send_and_read(
-        self, method: str, path: str, max_bytes: int, **kwargs: Any
+        self, method: str, path: str, max_bytes: int, read_timeout: float, **kwargs: Any
     ) -> tuple[requests.Response, bytes]:
         try:
             response = self.session.request(
                 method,
                 self.api_base + path,
-                timeout=(self.timeout, self.timeout),
+                timeout=(self.timeout, read_timeout),
                 allow_redirects=False,
                 stream=True,
                 **kwargs,
@@ -817,7 +823,8 @@ class Remote:
             or not isinstance(page.get("more"), bool)
         ):
             raise Transient("GET /changes: the server answered junk, not a page of changes")
-        return FeedPage([_feed_item(c) for c in page["changes"]], page["next"], page["more"])
+        items = [_feed_item(c, self._job) for c in page["changes"]]
+        return FeedPage(items, page["next"], page["more"])
 
 
     def batch(self, operations: list[dict[str, Any]]) -> list[Any]:
@@ -828,7 +835,7 @@ class Remote:
         batch raises Transient (an error for each of its jobs)."""
         with self._redacting():
             answers = self._batch(operations)
-        return [self._redacted(a) if isinstance(a, RemoteError) else a for a in answers]
+        return [self._redact_error(a) if isinstance(a, RemoteError) else a for a in answers]
 
     def _batch(self, operations: list[dict[str, Any]]) -> list[Any]:
         response, body = self._send(
@@ -851,11 +858,11 @@ class Remote:
             if i >= len(results):
                 out.append(Transient("POST /batch: the server gave no result for this operation"))
             else:
-                out.append(_batch_answer(op, results[i]))
+                out.append(_batch_answer(op, results[i], self._job))
         return out
 
 
-def _batch_answer(op: dict[str, Any], result: Any) -> Any:
+def _batch_answer(op: dict[str, Any], result: Any, parse: Callable[[Any], ServerJob]) -> Any:
     kind = op.get("op")
     what = f"POST /batch ({kind})"
     status = result.get("status") if isinstance(result, dict) else None
@@ -867,7 +874,7 @@ def _batch_answer(op: dict[str, Any], result: Any) -> Any:
         return None  # 404 counts as done, as for a DELETE of its own
     if status in ((200, 201) if kind == "create" else (200,)) and kind != "delete":
         try:
-            return parse_server_job(result.get("job"))
+            return parse(result.get("job"))
         except RemoteError as exc:
             return exc
     if status == 404:
@@ -880,16 +887,14 @@ def _batch_answer(op: dict[str, Any], result: Any) -> Any:
     return Transient(f"{what}: unexpected answer {status}")
 
 
-def _feed_item(obj: Any) -> Any:
+def _feed_item(obj: Any, parse: Callable[[Any], ServerJob]) -> Any:
     """A tombstone, a ServerJob, or an InvalidJob (skipped by the pass with a warning)."""
     if isinstance(obj, dict) and obj.get("deleted") is True:
-        sid = obj.get("id")
-        if isinstance(sid, int) and not isinstance(sid, bool):
-            sid = str(sid)
+        sid = _usable_id(obj.get("id"))
         local_id = obj.get("local_id")
-        if isinstance(sid, str) and sid and len(sid) <= 256:
-            return Tombstone(sid, local_id if isinstance(local_id, str) else None)
-    return _server_job_or_invalid(obj)
+        if sid is not None:
+            return Tombstone(sid, _usable_id(local_id) if isinstance(local_id, str) else None)
+    return _server_job_or_invalid(obj, parse)
 
 
 class _SeenIds:
