@@ -141,6 +141,7 @@ class Daemon:
         self.waiters_next: list[str] = []
         self.waiters_this: list[str] = []
         self.pass_log = PassLog(verbose=_verbosity())
+        self.live: Any = None  # the long-poll on the change feed (live.LivePoller)
 
     # ---- start-up -------------------------------------------------------------------------
     @property
@@ -215,6 +216,36 @@ class Daemon:
     def _scheduled(self) -> None:
         self.pass_requested = True
 
+    # ---- live: the long-poll on the change feed ---------------------------------------------
+    def _start_live(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        if not self.settings.live:
+            return
+        from .live import LivePoller
+        from .runner import make_remote
+
+        settings, token = self.settings, self.token
+
+        def request_pass() -> None:
+            self.pass_requested = True
+            try:
+                os.write(self.pipe_w, b"l")
+            except OSError:
+                pass
+
+        self.live = LivePoller(
+            make_remote=lambda: make_remote(settings, token),
+            data_dir=self.data_dir,
+            api_base=check_server_url(settings),
+            request_pass=request_pass,
+            pass_running=lambda: self.worker is not None,
+            backoff_base=settings.backoff_base_seconds,
+            interval=self.interval,
+        )
+        self.live.start()
+
     # ---- passes -------------------------------------------------------------------------------
     def _start_pass(self) -> None:
         settings, token = self.settings, self.token
@@ -255,6 +286,8 @@ class Daemon:
         self.worker = None
         result, self.worker_result = self.worker_result, None
         _release_memory()
+        if self.live is not None:
+            self.live.pass_finished()
         self._answer_waiters(result)
         if isinstance(result, PassSummary):
             line = describe(result)
@@ -312,6 +345,7 @@ class Daemon:
                 log.warning(message)
             self.settings, self.token = new, token
             self._reschedule()
+            self._start_live()
             log.info(
                 f"reloaded the configuration (server {new.server_url}, interval {self.interval:g} s)"
             )
@@ -356,9 +390,12 @@ class Daemon:
             log.info(
                 f"started (pid {os.getpid()}, data dir {self.data_dir}, server {self.settings.server_url}, interval {self.interval:g} s)"
             )
+            self._start_live()
             self.notifier.ready()
             self._loop()
         finally:
+            if self.live is not None:
+                self.live.stop()
             self.notifier.stopping()
             self._shutdown(lock)
         return 0

@@ -203,15 +203,9 @@ def run_dry_run_command(
             "later)"
         )
         return 75
-    from .remote import Remote  # costs start-up time: only when a dry run really runs
+    from .runner import make_remote
 
-    remote = Remote(
-        api_base,
-        token=token,
-        timeout=settings.request_timeout_seconds,
-        verify_tls=settings.verify_tls,
-        ca_bundle=settings.ca_bundle,
-    )
+    remote = make_remote(settings, token)
     pull_state = read_pull_state(settings.data_dir)
     etag = pull_state.get("etag") if pull_state.get("server") == api_base else None
     policy = Policy(

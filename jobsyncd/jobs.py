@@ -261,6 +261,19 @@ def status_report(
     }
 
 
+def feed_report(pull_state: dict[str, Any], now: float) -> dict[str, Any]:
+    """`status --json`'s `feed`: how the pull reads the server ("feed", "listing", or
+    "unknown" before the first pass) and how old the stored checkpoint is."""
+    feed = pull_state.get("feed")
+    offered = feed.get("offered") if isinstance(feed, dict) else None
+    mode = "feed" if offered is True else "listing" if offered is False else "unknown"
+    stored = pull_state.get("checkpoint_at")
+    age = None
+    if mode == "feed" and isinstance(stored, (int, float)):
+        age = max(0.0, round(now - stored, 3))
+    return {"mode": mode, "checkpoint_age_seconds": age}
+
+
 MAX_META_DEPTH = 32  # the metadata object itself is level 1, as on the server
 _DOUBLE_MAX = 1.7976931348623157e308
 

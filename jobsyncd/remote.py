@@ -800,7 +800,15 @@ class Remote:
             params["since"] = since
         if wait:
             params["wait"] = f"{wait:g}"
-        response, body = self._send("GET", "/changes", params=params, max_bytes=MAX_PAGE_ANSWER_BYTES)
+        # A long-poll may stay silent for `wait` seconds: its whole-answer limit is
+        # wait + request_timeout_seconds (contract section 5).
+        response, body = self._send(
+            "GET",
+            "/changes",
+            params=params,
+            max_bytes=MAX_PAGE_ANSWER_BYTES,
+            answer_limit=(wait + self.timeout) if wait else None,
+        )
         status = response.status_code
         if status in (404, 405):
             raise FeedNotOffered()

@@ -61,16 +61,9 @@ def execute_pass(
         summary = PassSummary(ok=False, skipped="backoff", retry_after=until - time.time())
         summary.message = f"the server asked to back off; no request before {rfc3339_epoch(until)}"
     else:
-        from .remote import Remote  # costs start-up time: only when a pass really runs
         from .sync import run_pass
 
-        remote = Remote(
-            api_base,
-            token=token,
-            timeout=settings.request_timeout_seconds,
-            verify_tls=settings.verify_tls,
-            ca_bundle=settings.ca_bundle,
-        )
+        remote = make_remote(settings, token)
         pull_state = read_pull_state(settings.data_dir)
         if pull_state.get("server") != api_base:
             pull_state = {"server": api_base}
@@ -106,6 +99,19 @@ def execute_pass(
     except Exception as exc:  # the record is informative: it never fails a pass
         log.warning(f"cannot record the last pass: {exc}")
     return summary
+
+
+def make_remote(settings: Settings, token: str | None) -> Any:
+    """The HTTP client for the configured server (requests is imported only here)."""
+    from .remote import Remote  # costs start-up time: only when a pass or a poll really runs
+
+    return Remote(
+        check_server_url(settings),
+        token=token,
+        timeout=settings.request_timeout_seconds,
+        verify_tls=settings.verify_tls,
+        ca_bundle=settings.ca_bundle,
+    )
 
 
 def rfc3339_epoch(epoch: float) -> str:
@@ -379,19 +385,13 @@ def check_connection(settings: Settings) -> str:
     code says what failed (78, 75, 77 or 1), with the next step in its message."""
     from .config import token_source
     from .errors import ConfigError, CredentialsRefused, TryLater
-    from .remote import AuthRefused, BackOff, Gone, Offline, Remote, RemoteError, TLSFailure
+    from .remote import AuthRefused, BackOff, Gone, Offline, RemoteError, TLSFailure
 
     api_base = check_server_url(settings)
     token, warnings = read_token(settings)
     for message in warnings:
         log.warning(message)
-    remote = Remote(
-        api_base,
-        token=token,
-        timeout=settings.request_timeout_seconds,
-        verify_tls=settings.verify_tls,
-        ca_bundle=settings.ca_bundle,
-    )
+    remote = make_remote(settings, token)
     from .config import default_config_path
 
     where = settings.config_path or os.environ.get("JOBSYNCD_CONFIG") or default_config_path()

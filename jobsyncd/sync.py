@@ -636,10 +636,12 @@ class _Pass:
         unlisted: dict[str, str] = {}  # resync: synced when the pass began, not seen live yet
         tombstones: dict[str, str | None] = {}
         complete = False
+        pages = 0
         try:
             stalls = 0
             while True:
                 page = self.remote.changes(since, FEED_PAGE_LIMIT, 0)
+                pages += 1
                 if page.items and self._index is None and not self.sparse:
                     if (
                         not resync
@@ -673,8 +675,8 @@ class _Pass:
                 if self.should_stop():
                     break
         except (RemoteError, FeedNotOffered) as exc:
-            if isinstance(exc, FeedNotOffered) and since is None and not resync:
-                raise
+            if isinstance(exc, FeedNotOffered) and not pages and not resync:
+                raise  # no feed (any more): listing mode, from this very pass
             stop = _stop_for(exc) if isinstance(exc, RemoteError) else None
             if stop is not None:
                 raise stop from None
@@ -697,6 +699,7 @@ class _Pass:
         settled = self._settle_feed(begin_synced or {}, tombstones, unlisted, resync, complete)
         if settled:
             self.pull_state["checkpoint"] = since
+            self.pull_state["checkpoint_at"] = time.time()
 
     def _settle_feed(
         self,

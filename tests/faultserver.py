@@ -591,6 +591,7 @@ class FaultServer:
         self.feed = False
         self.feed_limit: int | None = None  # force small feed pages
         self.feed_loop = False  # hostile: empty pages with `more` and new checkpoints forever
+        self.feed_ignore_wait = False  # a long-poll answered at once, empty (no busy loop!)
         self.history = uuid.uuid4().hex[:12]
         self.expired_before = 0  # checkpoints older than this answer 410 expired
         self._change_counter = 0
@@ -967,6 +968,8 @@ class FaultServer:
         if self.feed_limit is not None:
             limit = self.feed_limit
         since = (query.get("since") or [""])[-1]
+        if self.feed_ignore_wait:
+            wait = 0.0
         deadline = time.monotonic() + min(max(wait, 0.0), 60.0, MAX_WAIT)
         while True:
             with self._lock:

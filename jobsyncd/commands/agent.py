@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -22,8 +23,8 @@ def status(app: App, as_json) -> None:
     Example:
       jobsyncd status --json | jq .oldest_pending_age_seconds
     """
-    from ..jobs import status_report
-    from ..state import read_last_pass
+    from ..jobs import feed_report, status_report
+    from ..state import read_last_pass, read_pull_state
     from ..wakeup import daemon_pid
 
     settings = app.settings
@@ -33,6 +34,7 @@ def status(app: App, as_json) -> None:
         read_last_pass(settings.data_dir),
         daemon_pid(settings.data_dir),
     )
+    report["feed"] = feed_report(read_pull_state(settings.data_dir), time.time())
     if as_json:
         print_json(report)
         return
@@ -57,6 +59,13 @@ def status(app: App, as_json) -> None:
     else:
         click.echo("last pass:   never")
     click.echo(f"server:      {report['server_url'] or 'not configured'}")
+    feed = report["feed"]
+    if feed["mode"] == "feed":
+        age = feed["checkpoint_age_seconds"]
+        when = "no checkpoint yet" if age is None else f"checkpoint {age:.0f} s old"
+        click.echo(f"pull:        change feed ({when})")
+    elif feed["mode"] == "listing":
+        click.echo("pull:        whole listing (the server offers no change feed)")
     click.echo(f"data dir:    {report['data_dir']}")
 
 
