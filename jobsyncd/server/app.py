@@ -1,126 +1,73 @@
-"""The reference server's HTTP API (contract section 7) as a plain WSGI application.
-
-Owns routing, authentication, request parsing (JSON and a streaming multipart/form-data reader)
-and the error answers; storage.py owns the data. No request, however malformed, gets a traceback.
+"""The reference server's HTTP API (contract section 7) as a plain WSGI application: routing,
+authentication and the answers. settings.py owns the settings, body.py reads request bodies,
+validation.py decides what may be stored, storage/ owns the data. No request, however malformed,
+gets a traceback.
 """
 
 from __future__ import annotations
 
 import email.message
-import email.utils
 import hmac
 import json
 import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
 import platformdirs
 
+from jobsyncd.server import validation
+from jobsyncd.server.body import MAX_JSON_BYTES, Body, Multipart, read_json_body
+from jobsyncd.server.errors import ConfigError, HTTPError
+from jobsyncd.server.settings import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_USER,
+    ENV_AUDIO_DIR,
+    ENV_DB,
+    ENV_MAX_UPLOAD,
+    ENV_TOKEN_FILE,
+    load_tokens,
+    parse_size,
+)
 from jobsyncd.server.storage import AudioDir, AudioUpload, Storage, StoredAudio
 
+__all__ = [
+    "CLOSE_CONNECTION_KEY",
+    "ENV_AUDIO_DIR",
+    "ENV_DB",
+    "ENV_MAX_UPLOAD",
+    "ENV_TOKEN_FILE",
+    "USER_KEY",
+    "ConfigError",
+    "HTTPError",
+    "JobServerApp",
+    "create_app",
+]
+
 API_PREFIX = "/api/v1/jobs"
-MAX_JSON_BYTES = 1 << 20  # JSON bodies, and the non-file fields of a multipart body together
-DEFAULT_MAX_UPLOAD_BYTES = 64 << 20  # the `audio` part
 DRAIN_FACTOR = 4  # after a 413, read and discard up to this many times the limit, then close
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
-MAX_STATUS_CHARS = 100
-DEFAULT_USER = "default"  # the collection of a server without tokens or with a single token
-
-ENV_DB = "JOBSYNCD_SERVER_DB"
-ENV_AUDIO_DIR = "JOBSYNCD_SERVER_AUDIO_DIR"
-ENV_TOKEN_FILE = "JOBSYNCD_SERVER_TOKEN_FILE"
-ENV_MAX_UPLOAD = "JOBSYNCD_SERVER_MAX_UPLOAD_BYTES"
 
 # A WSGI server may offer this environ key (our cli.py does) to close the connection after the
 # answer, when a too-large body could not be drained.
 CLOSE_CONNECTION_KEY = "jobsyncd.close_connection"
 USER_KEY = "jobsyncd.user"
 
-_UUID_RE = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
 _BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{1,70}")
 _JSON_HEADERS = [("Content-Type", "application/json")]
-_CHUNK = 1 << 16
-
-
-class ConfigError(ValueError):
-    """A setting (token file, size limit) that the server refuses to start with."""
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = list(headers)
 
 
 def _status_line(code: int) -> str:
     return f"{code} {HTTPStatus(code).phrase}"
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
-
-
-# -- settings -------------------------------------------------------------------------------------
-
-
-def load_tokens(path: str | os.PathLike[str]) -> list[tuple[bytes, str]]:
-    """The token file: one line without a space (one token, one user), or lines `NAME TOKEN`.
-
-    Blank lines and `#` comments are allowed; anything else raises ConfigError.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read token file {path}: {e}") from None
-    single: list[str] = []
-    named: list[tuple[str, str]] = []
-    for number, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields = stripped.split()
-        if len(fields) == 1:
-            single.append(fields[0])
-        elif len(fields) == 2:
-            named.append((fields[0], fields[1]))
-        else:
-            raise ConfigError(f"token file {path}, line {number}: expected TOKEN or NAME TOKEN")
-    if single and (named or len(single) > 1):
-        raise ConfigError(
-            f"token file {path}: either one line with a single token, or lines NAME TOKEN"
-        )
-    if single:
-        return [(single[0].encode(), DEFAULT_USER)]
-    if not named:
-        raise ConfigError(f"token file {path}: no token in it")
-    names = [name for name, _ in named]
-    tokens = [token for _, token in named]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"token file {path}: a user name appears twice")
-    if len(set(tokens)) != len(tokens):
-        raise ConfigError(f"token file {path}: a token appears twice")
-    return [(token.encode(), name) for name, token in named]
-
-
-def parse_size(text: str, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{what}: not a whole number of bytes: {text!r}") from None
-    if value < 1:
-        raise ConfigError(f"{what}: must be at least 1 byte")
-    return value
+def _error_body(message: str, extra: dict[str, str] | None = None) -> bytes:
+    return json.dumps({"error": message, **(extra or {})}).encode()
 
 
 def create_app(
@@ -148,292 +95,6 @@ def create_app(
     return JobServerApp(Storage(db_path), AudioDir(audio_dir), tokens, max_upload_bytes)
 
 
-# -- request bodies -------------------------------------------------------------------------------
-
-
-class Body:
-    """The request body, never read past its Content-Length; knows whether it was read whole."""
-
-    def __init__(self, environ: dict[str, Any]) -> None:
-        self._input = environ["wsgi.input"]
-        length = environ.get("CONTENT_LENGTH", "")
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if length and not chunked:
-            if not length.isdigit():
-                raise HTTPError(400, "Content-Length is not a number")
-            self.remaining: int | None = int(length)
-        elif chunked:
-            self.remaining = None  # read until the server signals the end
-        else:
-            self.remaining = 0
-        self.exhausted = self.remaining == 0
-
-    def read(self, size: int) -> bytes:
-        if self.exhausted:
-            return b""
-        if self.remaining is not None:
-            size = min(size, self.remaining)
-        try:
-            data = self._input.read(size)
-        except Exception:  # a broken connection or chunked framing: the server's reader decides
-            self.exhausted = True
-            raise HTTPError(400, "could not read the request body") from None
-        if self.remaining is not None:
-            self.remaining -= len(data)
-            if self.remaining == 0:
-                self.exhausted = True
-            elif not data:
-                self.exhausted = True
-                raise HTTPError(400, "request body shorter than its Content-Length")
-        elif not data:
-            self.exhausted = True
-        return data
-
-    def discard(self, allowance: int) -> None:
-        """Read and throw away up to `allowance` bytes of what is left."""
-        try:
-            while not self.exhausted and allowance > 0:
-                data = self.read(min(_CHUNK, allowance))
-                allowance -= len(data)
-        except (HTTPError, OSError, ValueError):
-            pass
-
-
-def _loads(text: str | bytes) -> Any:
-    def refuse(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def _read_json_body(body: Body) -> dict[str, Any]:
-    if body.remaining is not None and body.remaining > MAX_JSON_BYTES:
-        raise HTTPError(413, f"JSON body larger than {MAX_JSON_BYTES} bytes")
-    chunks = []
-    size = 0
-    while True:
-        data = body.read(_CHUNK)
-        if not data:
-            break
-        size += len(data)
-        if size > MAX_JSON_BYTES:
-            raise HTTPError(413, f"JSON body larger than {MAX_JSON_BYTES} bytes")
-        chunks.append(data)
-    try:
-        document = _loads(b"".join(chunks).decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise HTTPError(400, f"malformed JSON: {e}") from None
-    if not isinstance(document, dict):
-        raise HTTPError(400, "the body must be a JSON object")
-    return document
-
-
-class _Multipart:
-    """A streaming multipart/form-data reader (RFC 7578): fields kept in memory up to a limit, the
-    `audio` part streamed into an AudioUpload. The stdlib `cgi` module is gone in Python 3.13."""
-
-    def __init__(self, body: Body, boundary: str, audio_dir: AudioDir, max_audio: int) -> None:
-        self.body = body
-        # A CRLF in front lets the first delimiter look like every other one.
-        self.buf = bytearray(b"\r\n")
-        self.sep = b"\r\n--" + boundary.encode("ascii")
-        self.audio_dir = audio_dir
-        self.max_audio = max_audio
-        self.fields: dict[str, str] = {}
-        self.audio: AudioUpload | None = None
-        self.field_bytes = 0
-
-    def _fill(self) -> None:
-        data = self.body.read(_CHUNK)
-        if not data:
-            raise HTTPError(400, "malformed multipart body: it ends early")
-        self.buf += data
-
-    def _until(self, sep: bytes, sink: Callable[[bytes], None], limit_message: str = "") -> None:
-        keep = len(sep) - 1
-        while True:
-            i = self.buf.find(sep)
-            if i >= 0:
-                sink(bytes(self.buf[:i]))
-                del self.buf[: i + len(sep)]
-                return
-            if len(self.buf) > keep:
-                sink(bytes(self.buf[:-keep]))
-                del self.buf[:-keep]
-            self._fill()
-
-    def _need(self, n: int) -> None:
-        while len(self.buf) < n:
-            self._fill()
-
-    def parse(self) -> tuple[dict[str, str], AudioUpload | None]:
-        try:
-            self._parse()
-        except BaseException:
-            if self.audio is not None:
-                self.audio.discard()
-                self.audio = None
-            raise
-        return self.fields, self.audio
-
-    def _parse(self) -> None:
-        preamble = [0]
-
-        def skip(data: bytes) -> None:
-            preamble[0] += len(data)
-            if preamble[0] > _CHUNK:
-                raise HTTPError(400, "malformed multipart body: no boundary found")
-
-        self._until(self.sep, skip)
-        while True:
-            self._need(2)
-            if self.buf[:2] == b"--":
-                return  # the closing delimiter; an epilogue is ignored
-            # Transport padding (RFC 2046) may precede the CRLF.
-            while self.buf[:1] in (b" ", b"\t"):
-                del self.buf[:1]
-                self._need(2)
-            if self.buf[:2] != b"\r\n":
-                raise HTTPError(400, "malformed multipart body: bad delimiter line")
-            del self.buf[:2]
-            headers = self._headers()
-            self._part(headers)
-
-    def _headers(self) -> email.message.Message:
-        while True:
-            if self.buf.startswith(b"\r\n"):
-                block, rest = b"", 2
-                break
-            i = self.buf.find(b"\r\n\r\n")
-            if i >= 0:
-                block, rest = bytes(self.buf[:i]), i + 4
-                break
-            if len(self.buf) > 16384:
-                raise HTTPError(400, "malformed multipart body: part headers too long")
-            self._fill()
-        del self.buf[:rest]
-        message = email.message.Message()
-        for line in block.decode("utf-8", "replace").split("\r\n"):
-            name, colon, value = line.partition(":")
-            if not colon or not name.strip():
-                raise HTTPError(400, "malformed multipart body: bad part header")
-            message[name.strip()] = value.strip()
-        return message
-
-    def _part(self, headers: email.message.Message) -> None:
-        disposition = headers.get("Content-Disposition", "")
-        if disposition.split(";")[0].strip().lower() != "form-data":
-            raise HTTPError(400, "malformed multipart body: a part is not form-data")
-        name = headers.get_param("name", header="content-disposition")
-        if name is None:
-            raise HTTPError(400, "malformed multipart body: a part has no name")
-        name = email.utils.collapse_rfc2231_value(name)
-        if name in self.fields or (name == "audio" and self.audio is not None):
-            raise HTTPError(400, f"multipart field {name!r} appears twice")
-        if name == "audio":
-            self.audio = upload = self.audio_dir.new_upload()
-            upload.filename = _sanitise_filename(headers.get_filename())
-
-            def write(data: bytes) -> None:
-                if upload.size + len(data) > self.max_audio:
-                    raise HTTPError(413, f"audio larger than {self.max_audio} bytes")
-                upload.write(data)
-
-            self._until(self.sep, write)
-            return
-        chunks: list[bytes] = []
-
-        def keep(data: bytes) -> None:
-            self.field_bytes += len(data)
-            if self.field_bytes > MAX_JSON_BYTES:
-                raise HTTPError(413, f"multipart fields larger than {MAX_JSON_BYTES} bytes")
-            chunks.append(data)
-
-        self._until(self.sep, keep)
-        try:
-            self.fields[name] = b"".join(chunks).decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPError(400, f"multipart field {name!r} is not UTF-8") from None
-
-
-def _sanitise_filename(name: str | None) -> str:
-    """The client's file name as metadata: last path component, no control characters."""
-    if not name:
-        return "audio"
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF)
-    name = name.strip().lstrip(".")[:255]
-    return name or "audio"
-
-
-# -- values ---------------------------------------------------------------------------------------
-
-
-def _utf8_ok(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_local_id(value: Any) -> str:
-    if value is None:
-        raise HTTPError(422, "local_id is required")
-    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
-        raise HTTPError(422, "local_id must be a UUID")
-    return value.lower()
-
-
-def _check_text(value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise HTTPError(422, "text must be a string or null")
-    if value is not None and not _utf8_ok(value):
-        raise HTTPError(422, "text is not valid Unicode")
-    return value
-
-
-def _check_metadata(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise HTTPError(422, "metadata must be a JSON object")
-    try:
-        json.dumps(value)
-    except (ValueError, RecursionError):
-        raise HTTPError(422, "metadata cannot be stored") from None
-    return value
-
-
-def _check_status(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_STATUS_CHARS:
-        raise HTTPError(422, f"status must be a string of 1 to {MAX_STATUS_CHARS} characters")
-    if not _utf8_ok(value):
-        raise HTTPError(422, "status is not valid Unicode")
-    return value
-
-
-def _metadata_field(text: str) -> dict[str, Any]:
-    try:
-        value = _loads(text)
-    except (ValueError, RecursionError):
-        raise HTTPError(422, "metadata must be a JSON object (as a JSON string)") from None
-    return _check_metadata(value)
-
-
-def _check_fields(document: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(document) - set(allowed))
-    if unknown:
-        raise HTTPError(
-            422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
-
-
-_POST_FIELDS = ("local_id", "text", "metadata")
-_PATCH_FIELDS = ("text", "metadata", "status")
-
-
-# -- the application ------------------------------------------------------------------------------
-
-
 class JobServerApp:
     """The WSGI callable. Every answer is JSON with a Content-Length, or 204/304 with no body."""
 
@@ -459,7 +120,7 @@ class JobServerApp:
                 status, headers, payload = (
                     e.status,
                     _JSON_HEADERS + e.headers,
-                    _error_body(e.message),
+                    _error_body(e.message, e.extra),
                 )
             if body is not None and not body.exhausted:
                 multipart = "multipart" in environ.get("CONTENT_TYPE", "").lower()
@@ -591,7 +252,7 @@ class JobServerApp:
             raise HTTPError(
                 413, f"body larger than the limit ({self.max_upload_bytes} bytes of audio)"
             )
-        return _Multipart(body, boundary, self.audio_dir, self.max_upload_bytes).parse()
+        return Multipart(body, boundary, self.audio_dir, self.max_upload_bytes).parse()
 
     def _create(
         self, environ: dict[str, Any], body: Body, user: str
@@ -599,18 +260,20 @@ class JobServerApp:
         media, message = self._media_type(environ)
         upload: AudioUpload | None = None
         if media == "application/json":
-            document = _read_json_body(body)
-            _check_fields(document, _POST_FIELDS)
-            local_id = _check_local_id(document.get("local_id"))
-            text = _check_text(document.get("text"))
-            metadata = _check_metadata(document.get("metadata", {}))
+            document = read_json_body(body)
+            validation.check_fields(document, validation.POST_FIELDS)
+            local_id = validation.check_local_id(document.get("local_id"))
+            text = validation.check_text(document.get("text"))
+            metadata = validation.check_metadata(document.get("metadata", {}))
         else:
             fields, upload = self._multipart(body, message, environ)
             try:
-                _check_fields(fields, _POST_FIELDS)
-                local_id = _check_local_id(fields.get("local_id"))
-                text = _check_text(fields.get("text"))
-                metadata = _metadata_field(fields["metadata"]) if "metadata" in fields else {}
+                validation.check_fields(fields, validation.POST_FIELDS)
+                local_id = validation.check_local_id(fields.get("local_id"))
+                text = validation.check_text(fields.get("text"))
+                metadata = (
+                    validation.metadata_field(fields["metadata"]) if "metadata" in fields else {}
+                )
             except BaseException:
                 if upload is not None:
                     upload.discard()
@@ -645,24 +308,24 @@ class JobServerApp:
         upload: AudioUpload | None = None
         changes: dict[str, Any] = {}
         if media == "application/json":
-            document = _read_json_body(body)
-            _check_fields(document, _PATCH_FIELDS)
+            document = read_json_body(body)
+            validation.check_fields(document, validation.PATCH_FIELDS)
         else:
             fields, upload = self._multipart(body, message, environ)
             document = dict(fields)
         try:
-            _check_fields(document, _PATCH_FIELDS)
+            validation.check_fields(document, validation.PATCH_FIELDS)
             if "text" in document:
-                changes["text"] = _check_text(document["text"])
+                changes["text"] = validation.check_text(document["text"])
             if "metadata" in document:
                 value = document["metadata"]
                 changes["metadata"] = (
-                    _check_metadata(value)
+                    validation.check_metadata(value)
                     if media == "application/json"
-                    else _metadata_field(value)
+                    else validation.metadata_field(value)
                 )
             if "status" in document:
-                changes["status"] = _check_status(document["status"])
+                changes["status"] = validation.check_status(document["status"])
         except BaseException:
             if upload is not None:
                 upload.discard()

@@ -8,7 +8,6 @@ bumped in the same transaction as every create, change and delete; it is the lis
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as _dt
 import hashlib
 import hmac
@@ -17,10 +16,13 @@ import os
 import secrets
 import sqlite3
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from jobsyncd.server.storage.audio import AudioDir, AudioUpload, StoredAudio
+
+__all__ = ["AudioDir", "AudioUpload", "Storage", "StorageError", "StoredAudio", "utc_now"]
 
 SCHEMA_VERSION = 1
 
@@ -70,16 +72,6 @@ def utc_now() -> str:
     """RFC 3339 UTC with milliseconds and a `Z`, as jobsyncd.model writes them."""
     moment = _dt.datetime.now(_dt.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredAudio:
-    """An audio file already renamed into the audio dir, ready to be recorded on a job."""
-
-    name: str  # the server's file name inside the audio dir
-    filename: str  # the client's file name, sanitised, kept as metadata only
-    size: int
-    sha256: str
 
 
 def job_json(row: tuple[Any, ...]) -> str:
@@ -352,70 +344,3 @@ class Storage:
             conn.execute("ROLLBACK")
             raise
         return row is not None, (row[0] if row else None)
-
-
-class AudioDir:
-    """Audio files under names the server chooses; uploads go to a temp file, then are renamed."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.tmp = self.root / ".tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self._sweep_temp_files()
-
-    def _sweep_temp_files(self) -> None:
-        # Left by a server killed mid-upload. Only old ones: another worker may be uploading now.
-        horizon = time.time() - 3600
-        for path in self.tmp.iterdir():
-            try:
-                if path.stat().st_mtime < horizon:
-                    path.unlink()
-            except OSError:
-                pass
-
-    def new_upload(self) -> AudioUpload:
-        return AudioUpload(self)
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def remove(self, name: str | None) -> None:
-        if name:
-            try:
-                (self.root / name).unlink()
-            except FileNotFoundError:
-                pass
-
-
-class AudioUpload:
-    """One audio part being received: written to a temp file while its size and sha256 grow."""
-
-    def __init__(self, audio_dir: AudioDir) -> None:
-        self._dir = audio_dir
-        self.name = uuid.uuid4().hex
-        self._tmp_path = audio_dir.tmp / self.name
-        self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed in commit/discard
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self.filename = "audio"
-
-    def write(self, data: bytes) -> None:
-        self._hash.update(data)
-        self._file.write(data)
-        self.size += len(data)
-
-    def commit(self) -> StoredAudio:
-        """Make the file durable and move it under its final name (atomic on one filesystem)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp_path, self._dir.path(self.name))
-        return StoredAudio(self.name, self.filename, self.size, self._hash.hexdigest())
-
-    def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        try:
-            self._tmp_path.unlink()
-        except FileNotFoundError:
-            pass
