@@ -9,9 +9,12 @@ from __future__ import annotations
 import email.message
 import hmac
 import json
+import math
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from http import HTTPStatus
@@ -30,10 +33,21 @@ from jobsyncd.server.settings import (
     ENV_DB,
     ENV_MAX_UPLOAD,
     ENV_TOKEN_FILE,
+    ENV_TOMBSTONE_DAYS,
     load_tokens,
+    parse_days,
     parse_size,
 )
-from jobsyncd.server.storage import AudioDir, AudioUpload, Storage, StoredAudio
+from jobsyncd.server.storage import (
+    AudioDir,
+    AudioUpload,
+    CheckpointDiverged,
+    CheckpointExpired,
+    SQLStorage,
+    StorageBusy,
+    StoredAudio,
+    open_storage,
+)
 
 __all__ = [
     "CLOSE_CONNECTION_KEY",
@@ -41,14 +55,20 @@ __all__ = [
     "ENV_DB",
     "ENV_MAX_UPLOAD",
     "ENV_TOKEN_FILE",
+    "ENV_TOMBSTONE_DAYS",
     "USER_KEY",
     "ConfigError",
     "HTTPError",
     "JobServerApp",
     "create_app",
+    "default_db_path",
 ]
 
 API_PREFIX = "/api/v1/jobs"
+CHANGES_PATH = "/api/v1/changes"
+MAX_WAIT_SECONDS = 60.0
+DEFAULT_TOMBSTONE_DAYS = 30.0
+PURGE_INTERVAL_SECONDS = 3600.0
 DRAIN_FACTOR = 4  # after a 413, read and discard up to this many times the limit, then close
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
@@ -70,18 +90,23 @@ def _error_body(message: str, extra: dict[str, str] | None = None) -> bytes:
     return json.dumps({"error": message, **(extra or {})}).encode()
 
 
+def default_db_path() -> str:
+    return os.path.join(platformdirs.user_data_dir("jobsyncd-server"), "jobs.sqlite3")
+
+
 def create_app(
     db_path: str | os.PathLike[str] | None = None,
     audio_dir: str | os.PathLike[str] | None = None,
     token_file: str | os.PathLike[str] | None = None,
     max_upload_bytes: int | None = None,
+    tombstone_days: float | None = None,
 ) -> JobServerApp:
     """The WSGI application; arguments left out come from JOBSYNCD_SERVER_* or the defaults.
 
     `gunicorn 'jobsyncd.server:create_app()'` serves it with settings from the environment.
     """
     data_dir = platformdirs.user_data_dir("jobsyncd-server")
-    db_path = db_path or os.environ.get(ENV_DB) or os.path.join(data_dir, "jobs.sqlite3")
+    db_path = db_path or os.environ.get(ENV_DB) or default_db_path()
     audio_dir = audio_dir or os.environ.get(ENV_AUDIO_DIR) or os.path.join(data_dir, "audio")
     token_file = token_file or os.environ.get(ENV_TOKEN_FILE) or None
     if max_upload_bytes is None:
@@ -91,8 +116,17 @@ def create_app(
         )
     elif max_upload_bytes < 1:
         raise ConfigError("max upload bytes must be at least 1")
+    if tombstone_days is None:
+        env_days = os.environ.get(ENV_TOMBSTONE_DAYS)
+        tombstone_days = (
+            parse_days(env_days, ENV_TOMBSTONE_DAYS) if env_days else DEFAULT_TOMBSTONE_DAYS
+        )
+    else:
+        tombstone_days = parse_days(str(tombstone_days), "--tombstone-days")
     tokens = load_tokens(token_file) if token_file else None
-    return JobServerApp(Storage(db_path), AudioDir(audio_dir), tokens, max_upload_bytes)
+    storage = open_storage(str(db_path))
+    storage.purge_tombstones(tombstone_days)  # at start, then hourly (JobServerApp._upkeep)
+    return JobServerApp(storage, AudioDir(audio_dir), tokens, max_upload_bytes, tombstone_days)
 
 
 class JobServerApp:
@@ -100,22 +134,34 @@ class JobServerApp:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: SQLStorage,
         audio_dir: AudioDir,
         tokens: list[tuple[bytes, str]] | None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        tombstone_days: float = DEFAULT_TOMBSTONE_DAYS,
     ) -> None:
         self.storage = storage
         self.audio_dir = audio_dir
         self.tokens = tokens
         self.max_upload_bytes = max_upload_bytes
+        self.tombstone_days = tombstone_days
+        self._upkeep_pid = 0
+        self._upkeep_lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         body: Body | None = None
+        self._start_upkeep()
         try:
             try:
                 body = Body(environ)
                 status, headers, payload = self._handle(environ, body)
+            except StorageBusy as e:
+                print(f"jobsyncd-server: {e}", file=sys.stderr)
+                status, headers, payload = (
+                    503,
+                    [*_JSON_HEADERS, ("Retry-After", "1")],
+                    _error_body("the database is busy; try again shortly"),
+                )
             except HTTPError as e:
                 status, headers, payload = (
                     e.status,
@@ -137,6 +183,26 @@ class JobServerApp:
             headers = [*headers, ("Content-Length", str(len(payload)))]
         start_response(_status_line(status), headers)
         return [payload] if payload else []
+
+    # -- upkeep
+
+    def _start_upkeep(self) -> None:
+        """The hourly tombstone purge, in a thread of each process that serves (started at the
+        first request, so that a process forked by gunicorn gets its own)."""
+        if self._upkeep_pid == os.getpid():
+            return
+        with self._upkeep_lock:
+            if self._upkeep_pid != os.getpid():
+                self._upkeep_pid = os.getpid()
+                threading.Thread(target=self._upkeep, name="jobsyncd-upkeep", daemon=True).start()
+
+    def _upkeep(self) -> None:
+        while True:
+            time.sleep(PURGE_INTERVAL_SECONDS)
+            try:
+                self.storage.purge_tombstones(self.tombstone_days)
+            except Exception as e:  # the next hour tries again; the server keeps serving
+                print(f"jobsyncd-server: tombstone purge failed: {e}", file=sys.stderr)
 
     # -- dispatch
 
@@ -162,6 +228,12 @@ class JobServerApp:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
+        if path == CHANGES_PATH:
+            user = self._user(environ)
+            environ[USER_KEY] = user
+            if method != "GET":
+                raise HTTPError(405, f"{method} not allowed here", [("Allow", "GET")])
+            return self._changes(environ, user)
         if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
             raise HTTPError(404, "not found")
         user = self._user(environ)
@@ -223,6 +295,45 @@ class JobServerApp:
         )
         payload = f'{{"jobs":[{",".join(jobs)}],"next_cursor":{next_cursor}}}'.encode()
         return 200, [*_JSON_HEADERS, ("ETag", etag)], payload
+
+    # -- GET /api/v1/changes (CouchDB's _changes with feed=longpoll is the model)
+
+    def _changes(
+        self, environ: dict[str, Any], user: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        for name in ("since", "limit", "wait"):
+            if len(query.get(name, ())) > 1:
+                raise HTTPError(400, f"{name} given more than once")
+        limit = DEFAULT_LIMIT
+        if "limit" in query:
+            text = query["limit"][0]
+            if not (text.isascii() and text.isdigit()) or int(text) < 1:
+                raise HTTPError(400, "limit must be a whole number of at least 1")
+            limit = min(int(text), MAX_LIMIT)
+        wait = 0.0
+        if "wait" in query:
+            wait = _seconds(query["wait"][0])
+        checkpoint = query.get("since", [""])[0]
+        try:
+            since = self.storage.read_checkpoint(user, checkpoint) if checkpoint else None
+            deadline = time.monotonic() + wait
+            while True:
+                page = self.storage.changes(user, since, limit)
+                remaining = deadline - time.monotonic()
+                if page.changes or remaining <= 0:
+                    break
+                self.storage.wait_for_change(user, page.version, remaining)
+        except CheckpointDiverged as e:
+            raise HTTPError(410, str(e), extra={"reason": "diverged"}) from None
+        except CheckpointExpired as e:
+            raise HTTPError(410, str(e), extra={"reason": "expired"}) from None
+        next_checkpoint = self.storage.make_checkpoint(user, page.next_seq)
+        more = "true" if page.more else "false"
+        payload = (
+            f'{{"changes":[{",".join(page.changes)}],"next":"{next_checkpoint}","more":{more}}}'
+        ).encode()
+        return 200, list(_JSON_HEADERS), payload
 
     # -- POST /api/v1/jobs
 
@@ -341,6 +452,17 @@ class JobServerApp:
             raise HTTPError(404, "no such job")
         self.audio_dir.remove(replaced)
         return 200, list(_JSON_HEADERS), job.encode()
+
+
+def _seconds(text: str) -> float:
+    """A long-poll's `wait`: a number of seconds, 0 or more; above 60 is taken as 60."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise HTTPError(400, "wait must be a number of seconds (0 to 60)")
+    return min(value, MAX_WAIT_SECONDS)
 
 
 def _etag_matches(header: str, etag: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from jobsyncd.server.errors import ConfigError
@@ -13,6 +14,7 @@ ENV_DB = "JOBSYNCD_SERVER_DB"
 ENV_AUDIO_DIR = "JOBSYNCD_SERVER_AUDIO_DIR"
 ENV_TOKEN_FILE = "JOBSYNCD_SERVER_TOKEN_FILE"
 ENV_MAX_UPLOAD = "JOBSYNCD_SERVER_MAX_UPLOAD_BYTES"
+ENV_TOMBSTONE_DAYS = "JOBSYNCD_SERVER_TOMBSTONE_DAYS"
 
 
 def load_tokens(path: str | os.PathLike[str]) -> list[tuple[bytes, str]]:
@@ -62,4 +64,15 @@ def parse_size(text: str, what: str) -> int:
         raise ConfigError(f"{what}: not a whole number of bytes: {text!r}") from None
     if value < 1:
         raise ConfigError(f"{what}: must be at least 1 byte")
+    return value
+
+
+def parse_days(text: str, what: str) -> float:
+    """How long tombstones are kept: a number of days, 0 or more, fractions allowed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: not a number of days: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{what}: must be a number of days, 0 or more")
     return value

@@ -35,9 +35,14 @@ class RunningServer:
     url: str
     workdir: Path
     log: Path
-    db: Path
+    db: Path  # the SQLite file (or, on PostgreSQL, the path it would have had: see db_url)
     audio_dir: Path
     token: str | None = None
+    db_url: str | None = None  # the PostgreSQL URL when the server runs on PostgreSQL
+
+    @property
+    def changes_url(self) -> str:
+        return f"{self.url}/api/v1/changes"
 
     @property
     def jobs_url(self) -> str:
@@ -65,14 +70,18 @@ class RunningServer:
 
 
 def start_server(
-    workdir: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None
+    workdir: Path,
+    *args: str,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+    db_url: str | None = None,
 ) -> RunningServer:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"server-{uuid.uuid4().hex[:8]}.log"
     db, audio = workdir / "jobs.sqlite3", workdir / "audio"
     base = ["--port", "0"]
     if "--db" not in args:
-        base += ["--db", str(db)]
+        base += ["--db", db_url or str(db)]
     if "--audio-dir" not in args:
         base += ["--audio-dir", str(audio)]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSYNCD_SERVER_")}
@@ -89,7 +98,9 @@ def start_server(
     while time.monotonic() < deadline:
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
         if match:
-            return RunningServer(process, match.group(1), workdir, log, db, audio, token)
+            return RunningServer(
+                process, match.group(1), workdir, log, db, audio, token, db_url
+            )
         if process.poll() is not None:
             pytest.fail(f"jobsyncd-server exited {process.returncode}: {log.read_text()}")
         time.sleep(0.02)

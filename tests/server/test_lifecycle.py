@@ -52,6 +52,7 @@ def test_a_restart_keeps_every_job_and_audio_file(
     ]
 
 
+@pytest.mark.sqlite_only
 def test_the_schema_version_is_recorded_for_later_migrations(server: RunningServer) -> None:
     from jobsyncd.server.storage import SCHEMA_VERSION
 
