@@ -59,11 +59,11 @@ def server_factory(tmp_path: Path, db_url: str | None) -> Iterator[Callable[...,
     def factory(
         *args: str, token: str | None = None, workdir: Path | None = None, **kw: object
     ) -> RunningServer:
+        kw.setdefault("db_url", db_url)  # another database: pass db_url=pgtest.create_database()
         running = start_server(
             workdir or tmp_path,
             *args,
             token=token,
-            db_url=db_url,
             **kw,  # type: ignore[arg-type]
         )
         started.append(running)
@@ -81,9 +81,7 @@ def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
 
 
 @pytest.fixture(scope="module")
-def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, engine: str
-) -> Iterator[RunningServer]:
+def shared_server(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[RunningServer]:
     """One server for tests that only need their own jobs (unique local_ids)."""
     url = pgtest.create_database() if engine == "postgres" else None
     running = start_server(tmp_path_factory.mktemp("shared-server"), db_url=url)
