@@ -50,3 +50,19 @@ def drop_database(url: str) -> None:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     except psycopg.Error:
         pass  # a throw-away cluster: what is left goes with it
+
+
+def copy_database(source: str, target: str) -> None:
+    """`target` becomes a copy of `source` (a backup, or its restore); nobody may be connected."""
+    import psycopg
+
+    names = [urlsplit(url).path.lstrip("/") for url in (source, target)]
+    with psycopg.connect(admin_url(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {names[1]} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {names[1]} TEMPLATE {names[0]}")
+
+
+def sibling(url: str) -> str:
+    """The URL of another (new) database name on the same cluster."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/jtest_{uuid.uuid4().hex[:16]}"))

@@ -195,7 +195,28 @@ def test_new_history_without_a_database_exits_2(tmp_path: Any) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-@pytest.mark.sqlite_only
+class Backup:
+    """A copy of a stopped server's database, put back later: the file on SQLite, a template
+    copy of the database on PostgreSQL."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        if server.db_url:
+            self.copy = pgtest.sibling(server.db_url)
+            pgtest.copy_database(server.db_url, self.copy)
+        else:
+            self.data = server.db.read_bytes()
+
+    def restore(self) -> None:
+        if self.server.db_url:
+            pgtest.copy_database(self.copy, self.server.db_url)
+            pgtest.drop_database(self.copy)
+            return
+        for suffix in ("-wal", "-shm"):
+            self.server.db.with_name(self.server.db.name + suffix).unlink(missing_ok=True)
+        self.server.db.write_bytes(self.data)
+
+
 def test_a_database_restored_without_new_history_makes_a_later_checkpoint_diverged(
     server_factory: Callable[..., RunningServer],
 ) -> None:
@@ -203,19 +224,41 @@ def test_a_database_restored_without_new_history_makes_a_later_checkpoint_diverg
     with server.session() as client:
         new_job(client, server.jobs_url)
     assert server.stop() == 0
-    backup = server.db.read_bytes()
+    backup = Backup(server)
     again = server_factory()
     with again.session() as client:
         new_job(client, again.jobs_url)
         _, page = changes(client, again)
     assert again.stop() == 0
-    for suffix in ("-wal", "-shm"):
-        server.db.with_name(server.db.name + suffix).unlink(missing_ok=True)
-    server.db.write_bytes(backup)
+    backup.restore()
     restored = server_factory()
     with restored.session() as client:
         status, error = changes(client, restored, since=page["next"])
     assert (status, error["reason"]) == (410, "diverged")
+
+
+def test_a_restore_with_new_history_makes_every_earlier_checkpoint_diverged(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    server = server_factory()
+    with server.session() as client:
+        kept = new_job(client, server.jobs_url)
+        _, at_backup = changes(client, server)
+    assert server.stop() == 0
+    backup = Backup(server)
+    again = server_factory()
+    with again.session() as client:
+        new_job(client, again.jobs_url)
+    assert again.stop() == 0
+    backup.restore()
+    assert new_history(server).returncode == 0
+    restored = server_factory()
+    with restored.session() as client:
+        # The checkpoint taken at the backup is not ahead of the restored database: only the
+        # new history tells the agent that changes it has seen since are gone.
+        status, error = changes(client, restored, since=at_backup["next"])
+        assert (status, error["reason"]) == (410, "diverged")
+        assert changes(client, restored)[1]["changes"] == [kept]
 
 
 def test_tombstones_kept_0_days_are_purged_at_start_and_older_checkpoints_expire(
