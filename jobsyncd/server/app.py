@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 import platformdirs
 
-from jobsyncd.server import validation
+from jobsyncd.server import batch, validation
 from jobsyncd.server.body import MAX_JSON_BYTES, Body, Multipart, read_json_body
 from jobsyncd.server.errors import ConfigError, HTTPError
 from jobsyncd.server.settings import (
@@ -66,6 +66,7 @@ __all__ = [
 
 API_PREFIX = "/api/v1/jobs"
 CHANGES_PATH = "/api/v1/changes"
+BATCH_PATH = "/api/v1/batch"
 MAX_WAIT_SECONDS = 60.0
 DEFAULT_TOMBSTONE_DAYS = 30.0
 PURGE_INTERVAL_SECONDS = 3600.0
@@ -171,6 +172,8 @@ class JobServerApp:
             if body is not None and not body.exhausted:
                 multipart = "multipart" in environ.get("CONTENT_TYPE", "").lower()
                 limit = self.max_upload_bytes if multipart else MAX_JSON_BYTES
+                if environ.get("PATH_INFO") == BATCH_PATH:
+                    limit = batch.MAX_BATCH_BYTES
                 body.discard(DRAIN_FACTOR * limit)
                 close = environ.get(CLOSE_CONNECTION_KEY)
                 if not body.exhausted and callable(close):
@@ -234,6 +237,12 @@ class JobServerApp:
             if method != "GET":
                 raise HTTPError(405, f"{method} not allowed here", [("Allow", "GET")])
             return self._changes(environ, user)
+        if path == BATCH_PATH:
+            user = self._user(environ)
+            environ[USER_KEY] = user
+            if method != "POST":
+                raise HTTPError(405, f"{method} not allowed here", [("Allow", "POST")])
+            return self._batch(environ, body, user)
         if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
             raise HTTPError(404, "not found")
         user = self._user(environ)
@@ -333,6 +342,36 @@ class JobServerApp:
         payload = (
             f'{{"changes":[{",".join(page.changes)}],"next":"{next_checkpoint}","more":{more}}}'
         ).encode()
+        return 200, list(_JSON_HEADERS), payload
+
+    # -- POST /api/v1/batch
+
+    def _batch(
+        self, environ: dict[str, Any], body: Body, user: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        media, _ = self._media_type(environ)
+        if media != "application/json":
+            raise HTTPError(415, "Content-Type must be application/json")
+        document = read_json_body(body, batch.MAX_BATCH_BYTES, strict_numbers=False)
+        operations = batch.check_document(document)
+        may_be_large = body.size_read > MAX_JSON_BYTES
+        answers: list[str | None] = []
+        checked = []
+        for operation in operations:
+            try:
+                checked.append(batch.check_operation(operation, may_be_large))
+                answers.append(None)
+            except HTTPError as e:
+                answers.append(batch.result(e.status, error=e.message))
+        applied, unlinked = self.storage.apply_batch(user, checked) if checked else ([], [])
+        for name in unlinked:
+            self.audio_dir.remove(name)
+        done = iter(applied)
+        for i, answer in enumerate(answers):
+            if answer is None:
+                status, job = next(done)
+                answers[i] = batch.result(status, job, "no such job" if status == 404 else None)
+        payload = f'{{"results":[{",".join(a or "" for a in answers)}]}}'.encode()
         return 200, list(_JSON_HEADERS), payload
 
     # -- POST /api/v1/jobs

@@ -33,6 +33,7 @@ class Body:
         else:
             self.remaining = 0
         self.exhausted = self.remaining == 0
+        self.size_read = 0  # bytes of JSON read by read_json_body
 
     def read(self, size: int) -> bytes:
         if self.exhausted:
@@ -65,9 +66,13 @@ class Body:
             pass
 
 
-def read_json_body(body: Body) -> dict[str, Any]:
-    if body.remaining is not None and body.remaining > MAX_JSON_BYTES:
-        raise HTTPError(413, f"JSON body larger than {MAX_JSON_BYTES} bytes")
+def read_json_body(
+    body: Body, limit: int = MAX_JSON_BYTES, strict_numbers: bool = True
+) -> dict[str, Any]:
+    """The body as a JSON object. With strict_numbers False, 1e999 reads as infinity, for the
+    caller to refuse where it belongs (one operation of a batch, not the whole batch)."""
+    if body.remaining is not None and body.remaining > limit:
+        raise HTTPError(413, f"JSON body larger than {limit} bytes")
     chunks = []
     size = 0
     while True:
@@ -75,11 +80,12 @@ def read_json_body(body: Body) -> dict[str, Any]:
         if not data:
             break
         size += len(data)
-        if size > MAX_JSON_BYTES:
-            raise HTTPError(413, f"JSON body larger than {MAX_JSON_BYTES} bytes")
+        if size > limit:
+            raise HTTPError(413, f"JSON body larger than {limit} bytes")
         chunks.append(data)
+    body.size_read = size
     try:
-        document = validation.loads(b"".join(chunks).decode("utf-8"))
+        document = validation.loads(b"".join(chunks).decode("utf-8"), strict_numbers)
     except validation.Invalid as e:
         raise HTTPError(422, str(e)) from None
     except (ValueError, RecursionError) as e:

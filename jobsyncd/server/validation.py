@@ -36,13 +36,13 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes, strict_numbers: bool = True) -> Any:
     """Strict JSON (RFC 8259): no NaN/Infinity literals; a number too large for a double, such as
-    1e999 (which Python reads as infinity), raises Invalid."""
+    1e999 (which Python reads as infinity), raises Invalid (unless strict_numbers is False)."""
 
     def parse_float(literal: str) -> float:
         value = float(literal)
-        if not math.isfinite(value):
+        if strict_numbers and not math.isfinite(value):
             raise Invalid(f"the number {literal[:40]} is not a finite double")
         return value
 

@@ -154,7 +154,12 @@ def test_the_openapi_file_is_valid_openapi_3_1() -> None:
 
     document = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
     assert document["openapi"].startswith("3.1")
-    assert set(document["paths"]) == {"/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/changes"}
+    assert set(document["paths"]) == {
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/changes",
+        "/api/v1/batch",
+    }
 
 
 def test_gunicorn_serves_the_app_factory_with_settings_from_the_environment(

@@ -352,6 +352,127 @@ class SQLStorage(abc.ABC):
             )
         return True, row[0]
 
+    # -- batches ----------------------------------------------------------------------------
+
+    def apply_batch(
+        self, user: str, operations: list[tuple[Any, ...]]
+    ) -> tuple[list[tuple[int, str | None]], list[str]]:
+        """Apply checked operations in order, in one transaction: ("create", local_id, text,
+        metadata), ("update", job_id, changes) or ("delete", job_id). Returns one (status, job
+        JSON or None) per operation, as its own request would have answered, and the audio file
+        names to remove after the commit. Each change gets its own counter value, so that a page
+        boundary of the feed never falls between two changes of the same value."""
+        results: list[tuple[int, str | None]] = []
+        unlinked: list[str] = []
+        with self._write(user) as tx:
+            counter = _Counter(self, tx, user)
+            run: list[tuple[Any, ...]] = []
+            for operation in [*operations, ("end",)]:
+                if operation[0] == "create":
+                    run.append(operation)
+                    continue
+                if run:
+                    results += self._create_many(tx, user, run, counter)
+                    run = []
+                if operation[0] == "update":
+                    results.append(self._update_one(tx, user, operation[1], operation[2], counter))
+                elif operation[0] == "delete":
+                    status, audio = self._delete_one(tx, user, operation[1], counter)
+                    results.append((status, None))
+                    if audio:
+                        unlinked.append(audio)
+            if counter.used:
+                counter.finish()
+            else:
+                tx.abort()  # nothing changed: no new counter value, no new ETag
+        return results, unlinked
+
+    def _create_many(
+        self, tx: Tx, user: str, creates: list[tuple[Any, ...]], counter: _Counter
+    ) -> list[tuple[int, str | None]]:
+        local_ids = list(dict.fromkeys(op[1] for op in creates))
+        marks = ", ".join("?" * len(local_ids))
+        select = f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND local_id IN ({marks})'
+        existing = {row[2]: row for row in tx.execute(select, (user, *local_ids)).fetchall()}
+        fresh: list[tuple[Any, ...]] = []
+        taken = set(existing)
+        now = utc_now()
+        for _, local_id, text, metadata in creates:
+            if local_id in taken:
+                continue
+            taken.add(local_id)
+            fresh.append(
+                (
+                    str(uuid.uuid4()),
+                    user,
+                    local_id,
+                    self._text_in(text),
+                    json.dumps(metadata, separators=(",", ":")),
+                    self._text_in(NEW_JOB_STATUS),
+                    now,
+                    now,
+                    counter.next(),
+                )
+            )
+        if fresh:
+            tx.execute(
+                'INSERT INTO jobs (id, "user", local_id, text, metadata, status, created_at, '
+                "updated_at, change_seq) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(fresh))
+                + ' ON CONFLICT ("user", local_id) DO NOTHING',
+                [value for row in fresh for value in row],
+            )
+        rows = {row[2]: row for row in tx.execute(select, (user, *local_ids)).fetchall()}
+        made = {row[2] for row in fresh}
+        results: list[tuple[int, str | None]] = []
+        for _, local_id, *_rest in creates:
+            # The first create of a local_id new to the server is 201; a repeat, 200.
+            status = 201 if local_id in made else 200
+            made.discard(local_id)
+            results.append((status, self.job_json(rows[local_id])))
+        return results
+
+    def _update_one(
+        self, tx: Tx, user: str, job_id: str, changes: dict[str, Any], counter: _Counter
+    ) -> tuple[int, str | None]:
+        sets: list[str] = []
+        params: list[Any] = []
+        for name in ("text", "status"):
+            if name in changes:
+                sets.append(f"{name} = ?")
+                params.append(self._text_in(changes[name]))
+        if "metadata" in changes:
+            sets.append("metadata = ?")
+            params.append(json.dumps(changes["metadata"], separators=(",", ":")))
+        where = 'WHERE "user" = ? AND id = ?'
+        if sets:
+            row = tx.execute(
+                f"UPDATE jobs SET {', '.join(sets)}, updated_at = ?, change_seq = ? {where} "
+                f"RETURNING {COLUMNS}",
+                (*params, utc_now(), counter.peek(), user, job_id),
+            ).fetchone()
+            if row is not None:
+                counter.next()
+        else:
+            row = tx.execute(f"SELECT {COLUMNS} FROM jobs {where}", (user, job_id)).fetchone()
+        return (404, None) if row is None else (200, self.job_json(row))
+
+    def _delete_one(
+        self, tx: Tx, user: str, job_id: str, counter: _Counter
+    ) -> tuple[int, str | None]:
+        row = tx.execute(
+            'DELETE FROM jobs WHERE "user" = ? AND id = ? RETURNING audio_name, local_id',
+            (user, job_id),
+        ).fetchone()
+        if row is None:
+            return 404, None
+        tx.execute(
+            'INSERT INTO tombstones (id, "user", local_id, change_seq, deleted_at) '
+            "VALUES (?, ?, ?, ?, ?)",
+            (job_id, user, row[1], counter.next(), time.time()),
+        )
+        return 204, row[0]
+
     # -- the change feed --------------------------------------------------------------------
 
     def changes(self, user: str, since: int | None, limit: int) -> ChangesPage:
@@ -430,6 +551,38 @@ class SQLStorage(abc.ABC):
             tx.execute("UPDATE server_meta SET value = ? WHERE key = 'history_id'", (history,))
         self.history = history
         return history
+
+
+class _Counter:
+    """The user's change counter within one batch: the first use takes the lock (_bump, which
+    already counts one), later values count on locally, and `finish` stores the last one."""
+
+    def __init__(self, storage: SQLStorage, tx: Tx, user: str) -> None:
+        self._storage = storage
+        self._tx = tx
+        self._user = user
+        self._first = 0
+        self._next = 0
+
+    @property
+    def used(self) -> bool:
+        return self._next > self._first
+
+    def peek(self) -> int:
+        if not self._first:
+            self._first = self._next = self._storage._bump(self._tx, self._user)
+        return self._next
+
+    def next(self) -> int:
+        value = self.peek()
+        self._next += 1
+        return value
+
+    def finish(self) -> None:
+        if self._next - 1 > self._first:
+            self._tx.execute(
+                'UPDATE collections SET version = ? WHERE "user" = ?', (self._next - 1, self._user)
+            )
 
 
 def secrets_hex(nbytes: int) -> str:
