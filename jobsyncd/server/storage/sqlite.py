@@ -143,8 +143,15 @@ class SQLiteStorage(SQLStorage):
         tx = _Tx(conn)
         try:
             yield tx
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if _locked(e):  # a reader that met a checkpoint or recovery: rare, retry later
+                raise StorageBusy("the database is busy; try again") from None
+            raise
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         try:
             conn.execute("ROLLBACK" if tx.aborted else "COMMIT")
