@@ -239,9 +239,9 @@ class PostgresStorage(SQLStorage):
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.waiters.wake_all()  # whatever committed before LISTEN: they re-read
-                    while True:
-                        for note in conn.notifies(timeout=5.0):
-                            self.waiters.wake(note.payload)
+                    # Blocks until a notification or a broken connection (then: reconnect).
+                    for note in conn.notifies():
+                        self.waiters.wake(note.payload)
             except psycopg.Error:
                 self.waiters.wake_all()
                 time.sleep(1.0)
