@@ -87,7 +87,7 @@ def seed(db: Path, count: int) -> None:
                 for i in range(count)
             ),
         )
-        conn.execute("INSERT INTO collections VALUES ('default', 1)")
+        conn.execute("INSERT INTO collections (user, version) VALUES ('default', 1)")
     conn.close()
 
 

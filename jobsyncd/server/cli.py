@@ -8,6 +8,7 @@ write with a Content-Length, and logs one line per request on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -25,11 +26,13 @@ from jobsyncd.server.app import (
     ENV_DB,
     ENV_MAX_UPLOAD,
     ENV_TOKEN_FILE,
+    ENV_TOMBSTONE_DAYS,
     USER_KEY,
     ConfigError,
     create_app,
+    default_db_path,
 )
-from jobsyncd.server.storage import StorageError
+from jobsyncd.server.storage import StorageError, open_storage
 
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 16 << 20
@@ -286,7 +289,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8600, help="port (8600; 0 picks a free one)")
-    parser.add_argument("--db", help=f"SQLite database file (${ENV_DB})")
+    parser.add_argument(
+        "--db",
+        metavar="FILE_OR_URL",
+        help=f"SQLite database file, or a postgresql:// URL (${ENV_DB})",
+    )
     parser.add_argument("--audio-dir", help=f"directory for audio files (${ENV_AUDIO_DIR})")
     parser.add_argument(
         "--token-file", help=f"token file; none accepts everyone (${ENV_TOKEN_FILE})"
@@ -296,11 +303,51 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help=f"largest audio part, default 64 MiB (${ENV_MAX_UPLOAD})",
     )
+    parser.add_argument(
+        "--tombstone-days",
+        type=float,
+        help=f"how long deleted jobs stay in the change feed, default 30 (${ENV_TOMBSTONE_DAYS})",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.epilog = (
+        "jobsyncd-server new-history [--db FILE_OR_URL]: give a restored database a new history "
+        "id (run it with the server stopped)"
+    )
     return parser
 
 
+def _new_history(argv: list[str]) -> int:
+    """`jobsyncd-server new-history`: after a restore, every agent's checkpoint reads as
+    diverged, so that agents resync without losing a job (contract 6.7)."""
+    parser = argparse.ArgumentParser(
+        prog="jobsyncd-server new-history",
+        description="Give a restored database a new history id (run with the server stopped).",
+    )
+    parser.add_argument(
+        "--db", metavar="FILE_OR_URL", help=f"SQLite database file or postgresql:// URL (${ENV_DB})"
+    )
+    args = parser.parse_args(argv)
+    db = args.db or os.environ.get(ENV_DB) or default_db_path()
+    if not db.startswith(("postgresql://", "postgres://")) and not os.path.exists(db):
+        print(f"jobsyncd-server: no database at {db}", file=sys.stderr)
+        return 2
+    try:
+        storage = open_storage(db)
+        try:
+            history = storage.new_history()
+        finally:
+            storage.close()
+    except StorageError as e:
+        print(f"jobsyncd-server: {e}", file=sys.stderr)
+        return 2
+    print(f"jobsyncd-server: {storage.description} has a new history id {history}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["new-history"]:
+        return _new_history(argv[1:])
     args = _parser().parse_args(argv)
     try:
         app = create_app(
@@ -308,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             audio_dir=args.audio_dir,
             token_file=args.token_file,
             max_upload_bytes=args.max_upload_bytes,
+            tombstone_days=args.tombstone_days,
         )
     except (ConfigError, StorageError, OSError) as e:
         print(f"jobsyncd-server: {e}", file=sys.stderr)
@@ -321,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"jobsyncd-server: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     print(
-        f"jobsyncd-server: database {app.storage.db_path}, audio in {app.audio_dir.root}",
+        f"jobsyncd-server: database {app.storage.description}, audio in {app.audio_dir.root}",
         file=sys.stderr,
     )
     if app.tokens is None:

@@ -35,9 +35,14 @@ class RunningServer:
     url: str
     workdir: Path
     log: Path
-    db: Path
+    db: Path  # the SQLite file (or, on PostgreSQL, the path it would have had: see db_url)
     audio_dir: Path
     token: str | None = None
+    db_url: str | None = None  # the PostgreSQL URL when the server runs on PostgreSQL
+
+    @property
+    def changes_url(self) -> str:
+        return f"{self.url}/api/v1/changes"
 
     @property
     def jobs_url(self) -> str:
@@ -65,14 +70,18 @@ class RunningServer:
 
 
 def start_server(
-    workdir: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None
+    workdir: Path,
+    *args: str,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+    db_url: str | None = None,
 ) -> RunningServer:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"server-{uuid.uuid4().hex[:8]}.log"
     db, audio = workdir / "jobs.sqlite3", workdir / "audio"
     base = ["--port", "0"]
     if "--db" not in args:
-        base += ["--db", str(db)]
+        base += ["--db", db_url or str(db)]
     if "--audio-dir" not in args:
         base += ["--audio-dir", str(audio)]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSYNCD_SERVER_")}
@@ -89,7 +98,7 @@ def start_server(
     while time.monotonic() < deadline:
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
         if match:
-            return RunningServer(process, match.group(1), workdir, log, db, audio, token)
+            return RunningServer(process, match.group(1), workdir, log, db, audio, token, db_url)
         if process.poll() is not None:
             pytest.fail(f"jobsyncd-server exited {process.returncode}: {log.read_text()}")
         time.sleep(0.02)
@@ -102,3 +111,60 @@ def new_job(session: requests.Session, url: str, **fields: object) -> dict[str, 
     answer = session.post(url, json=body, timeout=10)
     assert answer.status_code == 201, answer.text
     return answer.json()
+
+
+def gunicorn_script() -> str:
+    beside = Path(sys.executable).parent / "gunicorn"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("gunicorn")
+    if found is None:
+        pytest.fail("gunicorn is not installed (pip install -e '.[test]')")
+    return found
+
+
+def start_gunicorn(
+    workdir: Path,
+    db_url: str | None = None,
+    workers: int = 4,
+    threads: int = 8,
+    env: dict[str, str] | None = None,
+) -> RunningServer:
+    """Real gunicorn with several gthread workers serving create_app() (settings by env)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"gunicorn-{uuid.uuid4().hex[:8]}.log"
+    db, audio = workdir / "jobs.sqlite3", workdir / "audio"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSYNCD_SERVER_")}
+    full_env.update(
+        {"JOBSYNCD_SERVER_DB": db_url or str(db), "JOBSYNCD_SERVER_AUDIO_DIR": str(audio)}
+    )
+    full_env.update(env or {})
+    command = [
+        gunicorn_script(),
+        "-b",
+        "127.0.0.1:0",
+        "-w",
+        str(workers),
+        "-k",
+        "gthread",
+        "--threads",
+        str(threads),
+        "--timeout",
+        "120",
+        "jobsyncd.server:create_app()",
+    ]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=err, cwd=workdir, env=full_env
+        )
+    deadline = time.monotonic() + START_DEADLINE
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        match = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", text)
+        if match and text.count("Booting worker") >= workers:
+            return RunningServer(process, match.group(1), workdir, log, db, audio, None, db_url)
+        if process.poll() is not None:
+            pytest.fail(f"gunicorn exited {process.returncode}: {text}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("gunicorn did not start in time")

@@ -6,6 +6,7 @@ import random
 import threading
 import uuid
 
+import pytest
 import requests
 from serverproc import RunningServer, new_job
 
@@ -53,6 +54,7 @@ def test_a_limit_that_exactly_fills_the_last_page_ends_with_a_null_cursor(
     assert page["next_cursor"] is None
 
 
+@pytest.mark.sqlite_only
 def test_limit_defaults_to_500_and_is_capped_at_5000(server: RunningServer) -> None:
     import sqlite3
 

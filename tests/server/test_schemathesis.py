@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from serverproc import RunningServer, start_server
+from serverproc import RunningServer, new_job, start_server
 
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 
@@ -23,6 +23,9 @@ schema = schemathesis.openapi.from_path(str(OPENAPI))
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(tmp_path_factory.mktemp("schemathesis-server"))
+    # One job first: a feed read from the beginning then answers at once, whatever `wait`.
+    with running.session() as client:
+        new_job(client, running.jobs_url)
     yield running
     if running.process.poll() is None:
         running.process.kill()

@@ -1,0 +1,221 @@
+"""The storage contract, one suite for both engines (SQLite and PostgreSQL), in process: jobs,
+the per-user change log in commit order, tombstones and their purge, checkpoints and histories.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pgtest
+import pytest
+
+from jobsyncd.server.storage import (
+    CheckpointDiverged,
+    CheckpointExpired,
+    SQLStorage,
+    open_storage,
+)
+
+Opener = Callable[[], SQLStorage]
+
+
+@pytest.fixture
+def open_db(engine: str, tmp_path: Path) -> Iterator[Opener]:
+    """Open (again) the test's one database on the engine; every storage opened is closed."""
+    target = pgtest.create_database() if engine == "postgres" else str(tmp_path / "jobs.sqlite3")
+    opened: list[SQLStorage] = []
+
+    def opener() -> SQLStorage:
+        storage = open_storage(target)
+        opened.append(storage)
+        return storage
+
+    yield opener
+    for storage in opened:
+        storage.close()
+    if engine == "postgres":
+        pgtest.drop_database(target)
+
+
+@pytest.fixture
+def storage(open_db: Opener) -> SQLStorage:
+    return open_db()
+
+
+def create(storage: SQLStorage, user: str = "u", text: str = "t") -> dict[str, Any]:
+    job, created = storage.create_job(user, str(uuid.uuid4()), text, {"k": [1, "x"]}, None)
+    assert created
+    return json.loads(job)
+
+
+def feed(storage: SQLStorage, user: str = "u", since: int | None = None, limit: int = 500):
+    page = storage.changes(user, since, limit)
+    return [json.loads(c) for c in page.changes], page
+
+
+def test_a_created_job_reads_back_and_a_repeat_of_its_local_id_returns_it_unchanged(
+    storage: SQLStorage,
+) -> None:
+    local_id = str(uuid.uuid4())
+    first, created = storage.create_job("u", local_id, "hello\x00 é", {"a": {"b": None}}, None)
+    again, created_again = storage.create_job("u", local_id, "other", {}, None)
+    assert created and not created_again
+    assert json.loads(first) == json.loads(again)
+    job = json.loads(first)
+    assert job["text"] == "hello\x00 é" and job["status"] == "submitted"
+    assert json.loads(storage.get_job("u", job["id"]) or "null") == job
+    assert storage.get_job("someone else", job["id"]) is None
+
+
+def test_the_feed_shows_each_job_once_as_its_latest_change_and_deletions_as_tombstones(
+    storage: SQLStorage,
+) -> None:
+    a, b, c = create(storage), create(storage), create(storage)
+    changed, _ = storage.update_job("u", a["id"], {"status": "done", "text": None}, None)
+    assert storage.delete_job("u", b["id"])[0]
+    changes, page = feed(storage)
+    assert [x["id"] for x in changes] == [c["id"], a["id"], b["id"]]
+    assert changes[1] == json.loads(changed or "null")
+    assert changes[1]["text"] is None and changes[1]["status"] == "done"
+    assert changes[2] == {"id": b["id"], "local_id": b["local_id"], "deleted": True}
+    assert not page.more and page.next_seq == page.version == 5
+
+
+def test_the_feed_after_a_counter_holds_only_later_changes(storage: SQLStorage) -> None:
+    create(storage)
+    _, page = feed(storage)
+    later = create(storage)
+    changes, _ = feed(storage, since=page.next_seq)
+    assert [x["id"] for x in changes] == [later["id"]]
+    assert feed(storage, since=page.next_seq + 1)[0] == []
+
+
+def test_pages_of_the_feed_concatenate_to_every_change_with_more_and_next(
+    storage: SQLStorage,
+) -> None:
+    made = [create(storage)["id"] for _ in range(7)]
+    seen: list[str] = []
+    since = None
+    for _ in range(10):
+        changes, page = feed(storage, since=since, limit=3)
+        seen += [x["id"] for x in changes]
+        since = page.next_seq
+        if not page.more:
+            break
+    assert seen == made
+
+
+def test_an_update_that_changes_nothing_and_a_missing_job_leave_the_counter_alone(
+    storage: SQLStorage,
+) -> None:
+    job = create(storage)
+    before = storage.current_version("u")
+    assert storage.update_job("u", job["id"], {}, None)[0] is not None
+    assert storage.update_job("u", str(uuid.uuid4()), {"text": "x"}, None) == (None, None)
+    assert storage.delete_job("u", str(uuid.uuid4())) == (False, None)
+    assert storage.current_version("u") == before
+
+
+def test_users_have_their_own_counters_and_feeds(storage: SQLStorage) -> None:
+    create(storage, "alice")
+    create(storage, "alice")
+    bob = create(storage, "bob")
+    assert [x["id"] for x in feed(storage, "bob")[0]] == [bob["id"]]
+    assert storage.current_version("alice") == 2 and storage.current_version("bob") == 1
+
+
+def test_a_checkpoint_reads_back_only_for_its_user_and_this_history(
+    storage: SQLStorage, open_db: Opener
+) -> None:
+    create(storage)
+    checkpoint = storage.make_checkpoint("u", 1)
+    assert storage.read_checkpoint("u", checkpoint) == 1
+    for bad in ("", "x" * 48, checkpoint[:-1] + ("A" if checkpoint[-1] != "A" else "B")):
+        with pytest.raises(CheckpointDiverged):
+            storage.read_checkpoint("u", bad)
+    with pytest.raises(CheckpointDiverged):
+        storage.read_checkpoint("v", checkpoint)
+    other = open_db()
+    old_history = other.history
+    assert other.new_history() != old_history
+    with pytest.raises(CheckpointDiverged):
+        open_db().read_checkpoint("u", checkpoint)
+
+
+def test_a_checkpoint_ahead_of_the_last_change_is_diverged(storage: SQLStorage) -> None:
+    create(storage)
+    with pytest.raises(CheckpointDiverged):
+        storage.changes("u", 2, 10)
+
+
+def test_purged_tombstones_make_older_checkpoints_expired_but_not_later_ones(
+    storage: SQLStorage,
+) -> None:
+    a, b = create(storage), create(storage)
+    storage.delete_job("u", a["id"])  # counter 3
+    create(storage)  # counter 4
+    assert storage.purge_tombstones(30) == 0
+    assert storage.purge_tombstones(0) == 1
+    with pytest.raises(CheckpointExpired):
+        storage.changes("u", 2, 10)
+    assert [x["id"] for x in feed(storage, since=3)[0]] != []
+    from_start, _ = feed(storage)
+    assert a["id"] not in [x["id"] for x in from_start] and b["id"] in [x["id"] for x in from_start]
+
+
+def test_eight_concurrent_writers_never_let_a_reader_skip_a_change(open_db: Opener) -> None:
+    """The trap of contract section 7: a counter taken by concurrent transactions that commit
+    out of order. A reader that follows `next` while 8 writers create, change and delete jobs
+    must end with exactly the jobs that exist."""
+    reader_storage = open_db()
+    writers = [open_db() for _ in range(8)]
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(storage: SQLStorage) -> None:
+        try:
+            for i in range(25):
+                job = create(storage)
+                if i % 3 == 0:
+                    storage.update_job("u", job["id"], {"text": f"v{i}"}, None)
+                if i % 5 == 0:
+                    storage.delete_job("u", job["id"])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    seen: dict[str, dict[str, Any]] = {}
+    since: int | None = None
+
+    def read_once() -> None:
+        nonlocal since
+        changes, page = feed(reader_storage, since=since, limit=7)
+        ids = [x["id"] for x in changes]
+        assert len(ids) == len(set(ids)), "a job twice in one page"
+        for change in changes:
+            if change.get("deleted"):
+                seen.pop(change["id"], None)
+            else:
+                seen[change["id"]] = change
+        since = page.next_seq
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        read_once()
+    for thread in threads:
+        thread.join()
+    done.set()
+    for _ in range(100):  # drain what is left after the writers stopped
+        before = since
+        read_once()
+        if since == before:
+            break
+    assert not errors, errors
+    _, jobs, _ = reader_storage.list_page("u", 0, 5000)
+    assert seen == {job["id"]: job for job in map(json.loads, jobs)}
