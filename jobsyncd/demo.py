@@ -239,12 +239,35 @@ def run_demo() -> int:
         edited = next(j for j in demo.server_jobs() if j["text"].endswith("(signed)"))
         _show(json.dumps({k: edited[k] for k in ("id", "local_id", "text", "metadata", "status")}))
 
+        import requests
+
+        mark = next(j for j in demo.local_jobs() if j["local_id"] == ids[1])
+        _say(
+            f"A server-side tool marks job {mark['server_id']} as transcribed (an HTTP PATCH, not "
+            "jobsyncd). The idle daemon holds a long-poll on the server's change feed, so the"
+        )
+        _say("change reaches this machine at once, not at the next 60 s pass:")
+        t0 = time.monotonic()
+        requests.patch(
+            f"{demo.url}/api/v1/jobs/{mark['server_id']}",
+            json={"status": "transcribed"},
+            timeout=5,
+        )
+        _wait(
+            lambda: any(
+                j["local_id"] == ids[1] and j["server_status"] == "transcribed"
+                for j in demo.local_jobs()
+            ),
+            20,
+            "the server-side change reaching the agent",
+        )
+        _say(f"jobsyncd show {ids[1][:8]} shows it {time.monotonic() - t0:.2f} s later:")
+        _show(demo.jobsyncd("show", ids[1][:8]))
+
         victim = next(j for j in demo.local_jobs() if j["local_id"] == ids[2])
         _say(
             f"Someone deletes job {victim['server_id']} on the server (an HTTP DELETE, not jobsyncd)."
         )
-        import requests
-
         requests.delete(f"{demo.url}/api/v1/jobs/{victim['server_id']}", timeout=5)
         _say("`jobsyncd sync` hands the pass to the running daemon, which notices the deletion:")
         _show(demo.jobsyncd("sync"))

@@ -55,6 +55,7 @@ class LivePoller:
         self.remote: Any = None
         self.rng = random.Random()
         self.woke_at: str | None = None  # the checkpoint whose poll last asked for a pass
+        self.failure_logged = False
 
     def start(self) -> None:
         self.thread.start()
@@ -131,15 +132,17 @@ class LivePoller:
                 self._sleep(self.interval)
                 return
             delay = self._retry_delay()
-            if self.failures == 1:
+            if not self.failure_logged:
                 log.info(f"the live long-poll failed ({exc}); interval passes until it is back")
+                self.failure_logged = True
             self._sleep(delay)
             return
         finally:
             self.open = False
         if page.items:
-            if self.failures:
+            if self.failure_logged:
                 log.info("the live long-poll is back")
+                self.failure_logged = False
             self.failures = 0
             self.woke_at = checkpoint
             self.request_pass()
