@@ -83,8 +83,11 @@ def late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
     The App's settings are resolved lazily, inside the command, so nothing has read them yet.
     """
+    if value in (None, False, 0):
+        return
+    ctx.meta[f"jobsyncd.{param.name}"] = value  # for shell completion, which runs no command
     app = ctx.find_object(App)
-    if app is None or value in (None, False, 0):
+    if app is None:
         return
     if param.name in ("config_file",):
         app.config_file = value

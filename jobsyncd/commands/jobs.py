@@ -108,8 +108,10 @@ def _store_ids(ctx: click.Context) -> dict[str, str | None]:
     from ..store import STORE_NAME
 
     root = ctx.find_root()
+    late = ctx.meta  # global options given after the command (shared by the contexts)
     settings = load_settings(
-        root.params.get("config_file"), {"data_dir": root.params.get("data_dir")}
+        late.get("jobsyncd.config_file") or root.params.get("config_file"),
+        {"data_dir": late.get("jobsyncd.data_dir") or root.params.get("data_dir")},
     )
     with open(f"{settings.data_dir}/{STORE_NAME}", "rb") as fh:
         data = fh.read()

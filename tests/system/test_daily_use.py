@@ -286,6 +286,15 @@ def test_completion_answers_a_prefix_with_the_matching_local_and_server_ids(cli)
     assert {v for _, v in complete(cli, "jobsyncd update ABD")} == {b.local_id}
 
 
+def test_completion_reads_the_store_a_data_dir_option_names_before_or_after_the_command(cli, tmp_path):
+    other = tmp_path / "other"
+    local_id = cli("--data-dir", str(other), "create", check=True).stdout.strip()
+    prefix = local_id[:4]
+    for words in (f"jobsyncd --data-dir {other} show {prefix}", f"jobsyncd show --data-dir {other} {prefix}"):
+        assert [v for _, v in complete(cli, words)] == [local_id], words
+    assert complete(cli, f"jobsyncd show {prefix}") == []
+
+
 def test_completion_with_no_store_or_a_bad_config_offers_nothing_and_prints_no_error(cli):
     assert complete(cli, "jobsyncd show ab") == []
     assert complete(cli, "jobsyncd show ab", {"JOBSYNCD_CONFIG": "/nonexistent"}) == []
