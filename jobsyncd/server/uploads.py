@@ -39,6 +39,7 @@ SUBDIR = ".uploads"
 MAX_METADATA_CHARS = 4096
 ORPHAN_GRACE_SECONDS = 3600  # a data file without a sidecar this old was left by a crash
 SWEEP_INTERVAL_SECONDS = 600  # expire_due() runs expire() at most this often per process
+WRITER_WAIT_SECONDS = 1.0  # a PATCH waits this long for one still being written, then 423
 DRAIN_FACTOR = 4  # after an early error, read and drop up to this many times the size limit
 _BLOCK = 256 << 10
 _HASH_CACHE_SIZE = 256
@@ -69,6 +70,7 @@ class UploadInfo:
     created_at: float
     expires_at: float
     received: int  # body bytes read for this upload, stored or not (a cut chunk, a 460 chunk)
+    stored: int  # body bytes kept: equal to `offset` unless a byte was ever stored twice
 
     @property
     def complete(self) -> bool:
@@ -88,6 +90,16 @@ class ConsumedUpload:
     size: int
     sha256: str
     filename: str | None
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise
+    return True
 
 
 def parse_metadata(header: str) -> dict[str, bytes]:
@@ -156,23 +168,20 @@ class UploadStore:
             os.close(fd)  # closing releases the lock
 
     @contextlib.contextmanager
-    def _writer(self, upload_id: str) -> Iterator[BinaryIO]:
+    def _writer(self, upload_id: str, wait: float = 0.0) -> Iterator[BinaryIO]:
         """The data file, opened for writing and held by this request alone (else 423)."""
         try:
             f = open(self._data(upload_id), "r+b")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             raise UploadError(404, "no such upload") from None
         try:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    # Another request is still writing (a client that lost its connection and
-                    # came back before the server noticed): it ends at its socket timeout.
-                    raise UploadError(
-                        423, "the upload is being written by another request"
-                    ) from None
-                raise
+            deadline = time.monotonic() + wait
+            while not _try_flock(f.fileno()):
+                if time.monotonic() >= deadline:
+                    # Another request is still writing: a client whose connection broke came
+                    # back before the server noticed. That request ends at its socket timeout.
+                    raise UploadError(423, "the upload is being written by another request")
+                time.sleep(0.02)
             yield f
         finally:
             f.close()
@@ -209,6 +218,7 @@ class UploadStore:
             created_at=record["created_at"],
             expires_at=record["expires_at"],
             received=record.get("received", 0),
+            stored=record.get("stored", 0),
         )
 
     def _load(self, user: str, upload_id: str) -> dict[str, Any]:
@@ -309,6 +319,7 @@ class UploadStore:
             "created_at": now,
             "expires_at": now + self.expiry_seconds,
             "received": 0,
+            "stored": 0,
         }
         # Data file before sidecar: a crash between them leaves an orphan expire() removes.
         os.close(os.open(self._data(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -342,7 +353,8 @@ class UploadStore:
         if checksum is not None and checksum[0] not in CHECKSUM_ALGORITHMS:
             raise UploadError(400, f"checksum algorithm not supported: {checksum[0]}")
         self._load(user, upload_id)
-        with self._writer(upload_id) as f:
+        # A request cut a moment ago may still be finishing on the server: wait for it briefly.
+        with self._writer(upload_id, wait=WRITER_WAIT_SECONDS) as f:
             record = self._load(user, upload_id)  # again: it may have changed while we waited
             if offset != record["offset"]:
                 raise UploadError(
@@ -367,6 +379,7 @@ class UploadStore:
                 if keep:
                     now = self.clock()
                     record["offset"] = offset + keep
+                    record["stored"] = record.get("stored", 0) + keep
                     record["expires_at"] = now + self.expiry_seconds
                 self._write_sidecar(record)
             if keep == written and running is not None:

@@ -1,0 +1,428 @@
+"""The agent's tus 1.0.0 client for resumable audio uploads (contract 6.8).
+
+Owns the upload protocol only: probe the offer, create an upload, resume it chunk by chunk from
+the server's offset (HEAD is the truth) with a sha256 Upload-Checksum per chunk, abandon it.
+Where the URL and offset are recorded is the caller's business (`offset_callback`). Failures are
+the kinds of jobsyncd.remote, plus UploadGone. Spec: tus-resumable-upload-protocol `protocol.md`
+1.0.0, cited per section below.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import urljoin, urlsplit
+
+import requests  # costs ~80 ms of start-up: only the commands that upload import us
+import urllib3.exceptions
+
+from . import remote as _remote
+from .remote import (
+    AuthRefused,
+    BackOff,
+    Offline,
+    Permanent,
+    TLSFailure,
+    Transient,
+    _is_connect_failure,
+    _reason,
+    _server_message,
+    parse_retry_after,
+)
+
+TUS_VERSION = "1.0.0"
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+MAX_ANSWER_BYTES = 64 << 10  # tus answers carry headers, and at most a short JSON error
+_BLOCK = 1 << 20  # file reads for hashing and sending: memory stays at a few blocks
+
+__all__ = [
+    "AuthRefused",
+    "BackOff",
+    "Offline",
+    "Permanent",
+    "TLSFailure",
+    "Transient",
+    "UploadGone",
+    "UploadOutcome",
+    "Uploader",
+]
+
+
+class UploadGone(Transient):
+    """The server no longer has this upload (404/410: expired, terminated, another server's
+    URL, or one for a file of another size): start a new one. A Transient, so that a caller
+    that does not sort it out still counts an error and retries, never fails the job."""
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """Where an upload stands after `resume`: complete, or stopped between chunks."""
+
+    url: str
+    offset: int
+    length: int
+    sha256: str | None  # of the whole local file, when complete; compare with the job's audio
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.length
+
+
+class _ChunkBody:
+    """One chunk of the file as a request body: read block by block while it is sent, counted
+    for the progress callback; a Content-Length from __len__."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int, sent: Callable[[int], None]) -> None:
+        self._f = f
+        self._left = size
+        self._size = size
+        self._sent = sent
+        f.seek(start)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        # Larger blocks than urllib3's 16 KiB: fewer Python round trips per chunk.
+        want = self._left if size < 0 else min(max(size, _BLOCK), self._left)
+        if want <= 0:
+            return b""
+        data = self._f.read(want)
+        if not data:
+            raise OSError("the audio file became shorter during the upload")
+        self._left -= len(data)
+        self._sent(len(data))
+        return data
+
+
+class Uploader:
+    """One server's upload endpoint (`uploads_url`, e.g. `<server>/api/v1/uploads`), on the
+    caller's requests.Session (the Remote's: its auth, TLS settings and proxies)."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        uploads_url: str,
+        chunk_bytes: int,
+        timeout: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        self.session = session
+        self.uploads_url = uploads_url.rstrip("/")
+        self.chunk_bytes = chunk_bytes
+        self.timeout = timeout
+        self.headers = dict(headers or {})
+        self.progress = progress
+        self.checksum_algorithm = "sha256"
+        self.max_size: int | None = None
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _request(
+        self, method: str, url: str, headers: Mapping[str, str], data: Any = None
+    ) -> tuple[requests.Response, bytes]:
+        with _counted():
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    headers={**self.headers, **headers},
+                    data=data,
+                    timeout=(self.timeout, self.timeout),
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except requests.exceptions.SSLError as exc:
+                raise TLSFailure(f"TLS failure talking to {_origin(url)}: {_reason(exc)}") from None
+            except requests.exceptions.ConnectTimeout:
+                raise Offline(f"cannot reach {_origin(url)}: connect timed out") from None
+            except requests.exceptions.ReadTimeout:
+                raise Transient(f"{method} upload: the server did not answer in time") from None
+            except requests.exceptions.ConnectionError as exc:
+                if _is_connect_failure(exc):
+                    raise Offline(f"cannot reach {_origin(url)}: {_reason(exc)}") from None
+                raise Transient(f"{method} upload: connection broken: {_reason(exc)}") from None
+            except (requests.exceptions.RequestException, OSError, ValueError) as exc:
+                raise Transient(f"{method} upload: {_reason(exc)}") from None
+            try:
+                return response, self._read_answer(response, method)
+            finally:
+                response.close()
+
+    def _read_answer(self, response: requests.Response, method: str) -> bytes:
+        deadline = time.monotonic() + 3 * self.timeout  # contract 3: a whole answer in 3x
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(1 << 14):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise Transient(f"{method} upload: the answer is too large")
+                if time.monotonic() > deadline:
+                    raise Transient(f"{method} upload: the answer took too long")
+                chunks.append(chunk)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
+            raise Transient(
+                f"{method} upload: connection broken while reading the answer"
+            ) from None
+        return b"".join(chunks)
+
+    def _fail(self, response: requests.Response, body: bytes, method: str, gone: bool) -> NoReturn:
+        """Raise the kind for a status that is not the success expected."""
+        status = response.status_code
+        what = f"{method} upload: "
+        if status < 300:
+            raise Transient(f"{what}unexpected answer {status}")
+        if status in (401, 403):
+            raise AuthRefused(status)
+        if status in (429, 503):
+            raise BackOff(status, parse_retry_after(response.headers.get("Retry-After")))
+        if gone and status in (404, 410):
+            # tus 1.0.0, Expiration: 404/410 for a removed upload; the client starts anew.
+            raise UploadGone(f"{what}the server no longer has this upload ({status})")
+        if status >= 500 or status == 423:  # 423: a stale request of ours still holds it
+            raise Transient(f"{what}server answered {status}{_server_message(body)}")
+        if 300 <= status < 400:
+            raise Transient(f"{what}the server redirects (status {status}); not followed")
+        if status == 413:
+            raise Permanent(f"{what}the audio is larger than the server accepts (413)")
+        if status in (404, 405):
+            # The creation URL is gone: the server stopped offering uploads since the probe.
+            raise Transient(f"{what}the server does not offer resumable uploads ({status})")
+        raise Permanent(f"{what}refused by the server ({status}){_server_message(body)}")
+
+    def _check_origin(self, url: str) -> None:
+        # The session sends the token with every request: never to another host than ours.
+        if _origin(url) != _origin(self.uploads_url):
+            raise UploadGone(f"the upload URL is not on this server ({_origin(url)})")
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    def probe(self) -> bool:
+        """Does the server offer tus 1.0.0 with creation and a checksum we can use? (tus 1.0.0,
+        Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered."""
+        response, body = self._request("OPTIONS", self.uploads_url, {})
+        if response.status_code in (404, 405):
+            return False
+        if response.status_code not in (200, 204):
+            if response.status_code in (401, 403, 429, 503) or response.status_code >= 500:
+                self._fail(response, body, "OPTIONS", gone=False)
+            return False
+        versions = _header_list(response, "Tus-Version")
+        extensions = _header_list(response, "Tus-Extension")
+        algorithms = _header_list(response, "Tus-Checksum-Algorithm")
+        if TUS_VERSION not in versions or "creation" not in extensions:
+            return False
+        if "checksum" not in extensions or not {"sha256", "sha1"} & set(algorithms):
+            return False  # each chunk must carry a checksum the server verifies (6.8)
+        self.checksum_algorithm = "sha256" if "sha256" in algorithms else "sha1"
+        max_size = response.headers.get("Tus-Max-Size", "").strip()
+        self.max_size = int(max_size) if max_size.isdigit() else None
+        return True
+
+    def start(self, path: str, filename: str) -> str:
+        """Create an upload for the file (tus 1.0.0, Creation > POST); returns its absolute
+        URL (a relative Location is resolved against the creation URL)."""
+        size = _size_of(path)
+        if self.max_size is not None and size > self.max_size:
+            raise Permanent(f"the audio ({size} bytes) is larger than the server accepts")
+        encoded = base64.b64encode(filename.encode("utf-8")).decode("ascii")
+        headers = {
+            "Tus-Resumable": TUS_VERSION,
+            "Upload-Length": str(size),
+            "Upload-Metadata": f"filename {encoded}",
+        }
+        response, body = self._request("POST", self.uploads_url, headers)
+        if response.status_code != 201:
+            self._fail(response, body, "POST", gone=False)
+        location = response.headers.get("Location", "").strip()
+        if not location:
+            raise Transient("POST upload: the server answered without a Location")
+        url = urljoin(self.uploads_url + "/", location)
+        try:
+            self._check_origin(url)
+        except UploadGone:
+            raise Transient("POST upload: the server gave an upload URL on another host") from None
+        return url
+
+    def offset(self, url: str, size: int) -> int:
+        """The server's offset for the upload (tus 1.0.0, Core > HEAD): the only truth about
+        which bytes it has. UploadGone when it is gone or belongs to a file of another size."""
+        self._check_origin(url)
+        response, body = self._request("HEAD", url, {"Tus-Resumable": TUS_VERSION})
+        if response.status_code not in (200, 204):
+            self._fail(response, body, "HEAD", gone=True)
+        offset = _int_header(response, "Upload-Offset")
+        length = _int_header(response, "Upload-Length")
+        if offset is None:
+            raise Transient("HEAD upload: the answer has no Upload-Offset")
+        if (length is not None and length != size) or offset > size:
+            raise UploadGone("the upload on the server is for a file of another size")
+        return offset
+
+    def resume(
+        self,
+        url: str,
+        path: str,
+        offset_callback: Callable[[str, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> UploadOutcome:
+        """Send what the server lacks, in chunks of `chunk_bytes`, each PATCH with an
+        Upload-Checksum. `offset_callback(url, offset)` runs after each chunk the server
+        confirmed; `should_stop()` is asked before each chunk, and a True returns the outcome
+        so far. A 409 re-reads the offset once; a 460 sends the chunk once more."""
+        size = _size_of(path)
+        offset = self.offset(url, size)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise Permanent(f"cannot read the audio file {path}: {exc.strerror}") from None
+        with f:
+            whole = _hash_prefix(f, offset)
+            self._report(offset, size)
+            conflicts = mismatches = 0
+            while offset < size:
+                if should_stop is not None and should_stop():
+                    return UploadOutcome(url, offset, size, None)
+                n = min(self.chunk_bytes, size - offset)
+                digest, after = _hash_range(f, offset, n, whole, self.checksum_algorithm)
+                status, new_offset = self._patch(url, f, offset, n, digest, size)
+                if status == 409:
+                    conflicts += 1
+                    if conflicts > 1:
+                        raise Transient("PATCH upload: the offset conflicted twice (409)")
+                    offset = self.offset(url, size)
+                    whole = _hash_prefix(f, offset)
+                    continue
+                if status == 460:
+                    mismatches += 1
+                    if mismatches > 1:
+                        raise Transient("PATCH upload: checksum mismatch twice (460)")
+                    self._report(offset, size)
+                    continue
+                conflicts = mismatches = 0
+                if new_offset != offset + n:
+                    whole = _hash_prefix(f, new_offset)  # the server kept another amount
+                else:
+                    whole = after
+                offset = new_offset
+                self._report(offset, size)
+                if offset_callback is not None:
+                    offset_callback(url, offset)
+            return UploadOutcome(url, offset, size, whole.hexdigest())
+
+    def _patch(
+        self, url: str, f: BinaryIO, offset: int, n: int, digest: bytes, size: int
+    ) -> tuple[int, int]:
+        """One chunk (tus 1.0.0, Core > PATCH; Checksum > Upload-Checksum). Returns (status,
+        the new offset); 409 and 460 are returned for `resume` to act on."""
+        headers = {
+            "Tus-Resumable": TUS_VERSION,
+            "Content-Type": OFFSET_CONTENT_TYPE,
+            "Upload-Offset": str(offset),
+            "Upload-Checksum": f"{self.checksum_algorithm} {base64.b64encode(digest).decode()}",
+        }
+        sent = [offset]
+
+        def on_sent(count: int) -> None:
+            sent[0] += count
+            self._report(sent[0], size)
+
+        body = _ChunkBody(f, offset, n, on_sent)
+        response, answer = self._request("PATCH", url, headers, data=body)
+        status = response.status_code
+        if status in (409, 460):
+            return status, offset
+        if status not in (200, 204):
+            self._fail(response, answer, "PATCH", gone=True)
+        new_offset = _int_header(response, "Upload-Offset")
+        if new_offset is None or not offset <= new_offset <= offset + n:
+            raise Transient("PATCH upload: the answer has no usable Upload-Offset")
+        return status, new_offset
+
+    def abandon(self, url: str) -> None:
+        """Terminate the upload (tus 1.0.0, Termination > DELETE); one already gone is fine,
+        and a URL on another host is left alone (our token never goes there)."""
+        try:
+            self._check_origin(url)
+        except UploadGone:
+            return
+        response, body = self._request("DELETE", url, {"Tus-Resumable": TUS_VERSION})
+        if response.status_code in (200, 204, 404, 410):
+            return
+        self._fail(response, body, "DELETE", gone=True)
+
+    def _report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    # The daemon's watchdog treats a pass inside a request as waiting on the network, not stuck.
+    _remote._in_flight += 1
+    try:
+        yield
+    finally:
+        _remote._in_flight -= 1
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+
+def _header_list(response: requests.Response, name: str) -> list[str]:
+    return [item.strip() for item in response.headers.get(name, "").split(",") if item.strip()]
+
+
+def _int_header(response: requests.Response, name: str) -> int | None:
+    text = response.headers.get(name, "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def _size_of(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise Permanent(f"cannot read the audio file {path}: {exc.strerror}") from None
+
+
+def _hash_prefix(f: BinaryIO, upto: int) -> Any:
+    """sha256 of the file's first `upto` bytes: what the server already has."""
+    whole = hashlib.sha256()
+    f.seek(0)
+    left = upto
+    while left > 0:
+        data = f.read(min(_BLOCK, left))
+        if not data:
+            raise Transient("the audio file became shorter during the upload")
+        whole.update(data)
+        left -= len(data)
+    return whole
+
+
+def _hash_range(f: BinaryIO, start: int, n: int, whole: Any, algorithm: str) -> tuple[bytes, Any]:
+    """The chunk's checksum, and the whole-file sha256 as it will be once the chunk is in."""
+    chunk = hashlib.new(algorithm)
+    after = whole.copy()
+    f.seek(start)
+    left = n
+    while left > 0:
+        data = f.read(min(_BLOCK, left))
+        if not data:
+            raise Transient("the audio file became shorter during the upload")
+        chunk.update(data)
+        after.update(data)
+        left -= len(data)
+    return chunk.digest(), after
