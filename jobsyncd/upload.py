@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -78,10 +79,14 @@ class _ChunkBody:
     """One chunk of the file as a request body: read block by block while it is sent, counted
     for the progress callback; a Content-Length from __len__."""
 
-    def __init__(self, f: BinaryIO, start: int, size: int, sent: Callable[[int], None]) -> None:
+    def __init__(
+        self, f: BinaryIO, start: int, size: int, whole: Any, sent: Callable[[int], None]
+    ) -> None:
         self._f = f
         self._left = size
         self._size = size
+        self.fed = 0
+        self.whole = whole  # the whole-file sha256, fed as the chunk goes out
         self._sent = sent
         f.seek(start)
 
@@ -97,6 +102,8 @@ class _ChunkBody:
         if not data:
             raise OSError("the audio file became shorter during the upload")
         self._left -= len(data)
+        self.fed += len(data)
+        self.whole.update(data)
         self._sent(len(data))
         return data
 
@@ -282,11 +289,14 @@ class Uploader:
         so far. A 409 re-reads the offset once; a 460 sends the chunk once more."""
         size = _size_of(path)
         offset = self.offset(url, size)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise Permanent(f"cannot read the audio file {path}: {exc.strerror}") from None
-        with f:
+        with contextlib.ExitStack() as files:
+            try:
+                f = files.enter_context(open(path, "rb"))
+                ahead = files.enter_context(
+                    contextlib.closing(_DigestAhead(path, self.checksum_algorithm))
+                )
+            except OSError as exc:
+                raise Permanent(f"cannot read the audio file {path}: {exc.strerror}") from None
             whole = _hash_prefix(f, offset)
             self._report(offset, size)
             conflicts = mismatches = 0
@@ -294,8 +304,11 @@ class Uploader:
                 if should_stop is not None and should_stop():
                     return UploadOutcome(url, offset, size, None)
                 n = min(self.chunk_bytes, size - offset)
-                digest, after = _hash_range(f, offset, n, whole, self.checksum_algorithm)
-                status, new_offset = self._patch(url, f, offset, n, digest, size)
+                digest = ahead.take(offset, n)
+                if offset + n < size:  # hashed while this chunk travels and is stored
+                    ahead.start(offset + n, min(self.chunk_bytes, size - offset - n))
+                body = _ChunkBody(f, offset, n, whole.copy(), self._sending(offset, size))
+                status, new_offset = self._patch(url, offset, body, digest)
                 if status == 409:
                     conflicts += 1
                     if conflicts > 1:
@@ -310,34 +323,35 @@ class Uploader:
                     self._report(offset, size)
                     continue
                 conflicts = mismatches = 0
-                if new_offset != offset + n:
-                    whole = _hash_prefix(f, new_offset)  # the server kept another amount
+                if new_offset == offset + n and body.fed == n:
+                    whole = body.whole
                 else:
-                    whole = after
+                    whole = _hash_prefix(f, new_offset)  # the server kept another amount
                 offset = new_offset
                 self._report(offset, size)
                 if offset_callback is not None:
                     offset_callback(url, offset)
             return UploadOutcome(url, offset, size, whole.hexdigest())
 
-    def _patch(
-        self, url: str, f: BinaryIO, offset: int, n: int, digest: bytes, size: int
-    ) -> tuple[int, int]:
-        """One chunk (tus 1.0.0, Core > PATCH; Checksum > Upload-Checksum). Returns (status,
-        the new offset); 409 and 460 are returned for `resume` to act on."""
-        headers = {
-            "Tus-Resumable": TUS_VERSION,
-            "Content-Type": OFFSET_CONTENT_TYPE,
-            "Upload-Offset": str(offset),
-            "Upload-Checksum": f"{self.checksum_algorithm} {base64.b64encode(digest).decode()}",
-        }
+    def _sending(self, offset: int, size: int) -> Callable[[int], None]:
         sent = [offset]
 
         def on_sent(count: int) -> None:
             sent[0] += count
             self._report(sent[0], size)
 
-        body = _ChunkBody(f, offset, n, on_sent)
+        return on_sent
+
+    def _patch(self, url: str, offset: int, body: _ChunkBody, digest: bytes) -> tuple[int, int]:
+        """One chunk (tus 1.0.0, Core > PATCH; Checksum > Upload-Checksum). Returns (status,
+        the new offset); 409 and 460 are for `resume` to act on."""
+        n = len(body)
+        headers = {
+            "Tus-Resumable": TUS_VERSION,
+            "Content-Type": OFFSET_CONTENT_TYPE,
+            "Upload-Offset": str(offset),
+            "Upload-Checksum": f"{self.checksum_algorithm} {base64.b64encode(digest).decode()}",
+        }
         response, answer = self._request("PATCH", url, headers, data=body)
         status = response.status_code
         if status in (409, 460):
@@ -412,10 +426,54 @@ def _hash_prefix(f: BinaryIO, upto: int) -> Any:
     return whole
 
 
-def _hash_range(f: BinaryIO, start: int, n: int, whole: Any, algorithm: str) -> tuple[bytes, Any]:
-    """The chunk's checksum, and the whole-file sha256 as it will be once the chunk is in."""
+class _DigestAhead:
+    """The next chunk's checksum, computed in a thread while the current chunk is sent and
+    stored (hashlib lets go of the GIL), from a file handle of its own."""
+
+    def __init__(self, path: str, algorithm: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._algorithm = algorithm
+        self._thread: threading.Thread | None = None
+        self._key: tuple[int, int] | None = None
+        self._result: bytes | BaseException | None = None
+
+    def start(self, offset: int, n: int) -> None:
+        self._join()
+        self._key, self._result = (offset, n), None
+
+        def run() -> None:
+            try:
+                self._result = _chunk_digest(self._f, offset, n, self._algorithm)
+            except BaseException as exc:  # handed to take()
+                self._result = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def take(self, offset: int, n: int) -> bytes:
+        self._join()
+        result, key = self._result, self._key
+        self._key = self._result = None
+        if key == (offset, n) and isinstance(result, bytes):
+            return result
+        if key == (offset, n) and isinstance(result, BaseException):
+            raise result
+        return _chunk_digest(self._f, offset, n, self._algorithm)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._join()
+        self._f.close()
+
+
+def _chunk_digest(f: BinaryIO, start: int, n: int, algorithm: str) -> bytes:
+    """The chunk's checksum: the header goes before the body, so the chunk is read twice (the
+    second time from the page cache), never held whole in memory."""
     chunk = hashlib.new(algorithm)
-    after = whole.copy()
     f.seek(start)
     left = n
     while left > 0:
@@ -423,6 +481,5 @@ def _hash_range(f: BinaryIO, start: int, n: int, whole: Any, algorithm: str) -> 
         if not data:
             raise Transient("the audio file became shorter during the upload")
         chunk.update(data)
-        after.update(data)
         left -= len(data)
-    return chunk.digest(), after
+    return chunk.digest()

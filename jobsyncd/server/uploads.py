@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import threading
@@ -41,7 +42,7 @@ ORPHAN_GRACE_SECONDS = 3600  # a data file without a sidecar this old was left b
 SWEEP_INTERVAL_SECONDS = 600  # expire_due() runs expire() at most this often per process
 WRITER_WAIT_SECONDS = 1.0  # a PATCH waits this long for one still being written, then 423
 DRAIN_FACTOR = 4  # after an early error, read and drop up to this many times the size limit
-_BLOCK = 256 << 10
+_BLOCK = 1 << 20
 _HASH_CACHE_SIZE = 256
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _KEY_RE = re.compile(r"[!-+\--~]+")  # printable ASCII without space and comma
@@ -197,13 +198,14 @@ class UploadStore:
         return record if isinstance(record, dict) else None
 
     def _write_sidecar(self, record: dict[str, Any]) -> None:
-        """Crash-safe: a temp file, fsynced, renamed over the old sidecar."""
+        """Crash-safe: a temp file renamed over the old sidecar. Not fsynced: the data it
+        confirms already is, so a power loss can only take the sidecar back to an older
+        offset (the client then sends those bytes again), never claim bytes not on disk."""
         path = self._sidecar(record["id"])
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, json.dumps(record, separators=(",", ":")).encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -289,7 +291,7 @@ class UploadStore:
         f.seek(start)
         left = length - start
         while left > 0:  # only what another worker process received is read back
-            data = f.read(min(_BLOCK << 2, left))
+            data = f.read(min(_BLOCK, left))
             if not data:
                 raise UploadError(500, "the upload's file is shorter than its offset")
             running.update(data)
@@ -367,7 +369,8 @@ class UploadStore:
             )
             mismatch = checksum is not None and not broken and digest != checksum[1]
             keep = 0 if checksum is not None and (broken or mismatch) else written
-            f.truncate(offset + keep)
+            if keep != written:
+                f.truncate(offset + keep)
             if keep:
                 f.flush()
                 os.fsync(f.fileno())  # the data is durable before the sidecar confirms it
@@ -404,34 +407,36 @@ class UploadStore:
     ) -> tuple[int, bool, bytes | None, Any | None]:
         """Copy the body to the file at `offset` block by block (never whole in memory).
         Returns (bytes written, whether the body broke off, its digest, the running sha256)."""
-        f.truncate(offset)  # a tail past the confirmed offset (a crash mid-chunk) is not data
+        if os.fstat(f.fileno()).st_size != offset:
+            f.truncate(offset)  # a tail past the confirmed offset (a crash mid-chunk) is not data
         f.seek(offset)
         chunk_hash = hashlib.new(checksum[0]) if checksum is not None else None
         running = self._hash_at(upload_id, offset)
         written = 0
         broken = False
         room = length - offset
-        while True:
-            want = _BLOCK if content_length is None else min(_BLOCK, content_length - written)
-            if want <= 0:
-                break
-            try:
-                data = body.read(want)
-            except (OSError, ValueError, EOFError):
-                broken = True  # the connection broke or the framing was bad
-                break
-            if not data:
-                broken = content_length is not None  # shorter than its Content-Length
-                break
-            if written + len(data) > room:
-                f.truncate(offset)
-                raise UploadError(413, "the chunk goes past the upload's Upload-Length")
-            f.write(data)
-            written += len(data)
-            if chunk_hash is not None:
-                chunk_hash.update(data)
-            if running is not None:
-                running.update(data)
+        hashes = _HashThread([chunk_hash, running])
+        try:
+            while True:
+                want = _BLOCK if content_length is None else min(_BLOCK, content_length - written)
+                if want <= 0:
+                    break
+                try:
+                    data = body.read(want)
+                except (OSError, ValueError, EOFError):
+                    broken = True  # the connection broke or the framing was bad
+                    break
+                if not data:
+                    broken = content_length is not None  # shorter than its Content-Length
+                    break
+                if written + len(data) > room:
+                    f.truncate(offset)
+                    raise UploadError(413, "the chunk goes past the upload's Upload-Length")
+                f.write(data)
+                written += len(data)
+                hashes.update(data)
+        finally:
+            hashes.finish()
         digest = chunk_hash.digest() if chunk_hash is not None else None
         return written, broken, digest, running
 
@@ -509,6 +514,30 @@ class UploadStore:
         if self.clock() - self._last_sweep < SWEEP_INTERVAL_SECONDS:
             return 0
         return self.expire()
+
+
+class _HashThread:
+    """Feeds blocks to hashes in a thread of its own: hashlib lets go of the GIL on large
+    buffers, so hashing overlaps reading the socket and writing the file. At most a few blocks
+    wait in the queue."""
+
+    def __init__(self, hashes: Iterable[Any]) -> None:
+        self._hashes = [h for h in hashes if h is not None]
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            for h in self._hashes:
+                h.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 # -- the WSGI handler ---------------------------------------------------------------------------
