@@ -40,7 +40,10 @@ from .remote import (
 TUS_VERSION = "1.0.0"
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 MAX_ANSWER_BYTES = 64 << 10  # tus answers carry headers, and at most a short JSON error
-_BLOCK = 1 << 20  # file reads for hashing and sending: memory stays at a few blocks
+_BLOCK = 1 << 20  # file reads for hashing: memory stays at a few blocks
+# A send block must go out within the socket timeout (Python's sendall is bounded as a
+# whole): 64 KiB in 10 s needs ~52 kbit/s, slow field links included.
+_SEND_BLOCK = 64 << 10
 
 __all__ = [
     "AuthRefused",
@@ -95,7 +98,7 @@ class _ChunkBody:
 
     def read(self, size: int = -1) -> bytes:
         # Larger blocks than urllib3's 16 KiB: fewer Python round trips per chunk.
-        want = self._left if size < 0 else min(max(size, _BLOCK), self._left)
+        want = min(max(size, _SEND_BLOCK), self._left)
         if want <= 0:
             return b""
         data = self._f.read(want)

@@ -103,6 +103,10 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
+def _disk_full(e: OSError) -> UploadError:
+    return UploadError(507, f"the server cannot store the upload: {e.strerror}")
+
+
 def parse_metadata(header: str) -> dict[str, bytes]:
     """Upload-Metadata (tus 1.0.0, Creation > Headers > Upload-Metadata): comma-separated
     `key base64value` pairs, keys unique and without spaces or commas, a value may be absent."""
@@ -372,8 +376,12 @@ class UploadStore:
             if keep != written:
                 f.truncate(offset + keep)
             if keep:
-                f.flush()
-                os.fsync(f.fileno())  # the data is durable before the sidecar confirms it
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())  # the data is durable before the sidecar confirms it
+                except OSError as e:
+                    f.truncate(offset)
+                    raise _disk_full(e) from None
             with self._meta_lock():
                 record = self._read_sidecar(upload_id)
                 if record is None:
@@ -432,7 +440,11 @@ class UploadStore:
                 if written + len(data) > room:
                     f.truncate(offset)
                     raise UploadError(413, "the chunk goes past the upload's Upload-Length")
-                f.write(data)
+                try:
+                    f.write(data)
+                except OSError as e:  # a full disk: nothing of the chunk is kept
+                    f.truncate(offset)
+                    raise _disk_full(e) from None
                 written += len(data)
                 hashes.update(data)
         finally:
