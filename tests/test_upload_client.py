@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from jobsyncd.remote import AuthRefused, BearerAuth, Offline, Transient
+from jobsyncd.remote import AuthRefused, BackOff, BearerAuth, Offline, Permanent, Transient
 from jobsyncd.server.cli import WSGIServer
 from jobsyncd.server.uploads import UploadStore, handle
 from jobsyncd.upload import Uploader, UploadGone
@@ -422,3 +422,44 @@ def test_a_server_that_is_not_there_is_offline(env: Env) -> None:
             up = Uploader(session, f"http://127.0.0.1:{port}/api/v1/uploads", CHUNK, timeout=5)
             with pytest.raises(Offline):
                 up.probe()
+
+
+def _answering(status: str, headers: list[tuple[str, str]]) -> Callable[..., list[bytes]]:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response(status, [("Content-Type", "application/json"), *headers])
+        return [b'{"error": "busy"}']
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "kind"),
+    [
+        ("503 Service Unavailable", [("Retry-After", "7")], BackOff),
+        ("429 Too Many Requests", [("Retry-After", "7")], BackOff),
+        ("500 Internal Server Error", [], Transient),
+        ("423 Locked", [], Transient),
+        ("413 Content Too Large", [], Permanent),
+        ("401 Unauthorized", [], AuthRefused),
+    ],
+)
+def test_server_answers_map_to_the_agents_error_kinds(
+    tmp_path: Path, status: str, headers: list[tuple[str, str]], kind: type[Exception]
+) -> None:
+    path = tmp_path / "a.wav"
+    path.write_bytes(b"x" * 1000)
+    server, thread = run_server(_answering(status, headers))
+    try:
+        with requests.Session() as session:
+            base = f"http://127.0.0.1:{server.server_address[1]}/api/v1/uploads"
+            up = Uploader(session, base, chunk_bytes=CHUNK, timeout=5)
+            with pytest.raises(kind) as raised:
+                up.start(str(path), "a.wav")
+            assert not isinstance(raised.value, UploadGone)
+            if kind is BackOff:
+                assert raised.value.retry_after == 7  # type: ignore[attr-defined]
+            with pytest.raises(kind):
+                up.resume(base + "/" + "a" * 32, str(path))
+    finally:
+        stop_server(server, thread)

@@ -441,3 +441,39 @@ def test_an_expired_upload_not_yet_swept_answers_410(tus: TusServer) -> None:
         tus.store.head("alice", info.id)
     assert gone.value.status == 410
     assert not (tus.audio_dir / SUBDIR / info.id).exists()
+
+
+def test_a_chunked_patch_in_the_servers_own_runner_is_stored_whole(tmp_path: Path) -> None:
+    from jobsyncd.server.cli import WSGIServer
+
+    store = UploadStore(tmp_path / "audio", MAX_BYTES)
+    server = WSGIServer(("127.0.0.1", 0), lambda e, s: handle(e, s, "alice", store))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/v1/uploads"
+        blocks = [os.urandom(100_000) for _ in range(5)]
+        with requests.Session() as s:
+            s.headers.update(TUS)
+            upload = create(s, url, 500_000)
+            r = s.patch(
+                upload,
+                data=iter(blocks),  # no Content-Length: Transfer-Encoding: chunked
+                headers={"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+            )
+            assert r.status_code == 204, r.text
+            assert r.headers["Upload-Offset"] == "500000"
+        consumed = store.consume("alice", upload.rsplit("/", 1)[1])
+        assert consumed.path.read_bytes() == b"".join(blocks)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_x_http_method_override_is_honoured_on_a_post(tus: TusServer) -> None:
+    with tus.session() as s:
+        url = create(s, tus.url, 10)
+        r = s.post(url, headers={"X-HTTP-Method-Override": "DELETE"})
+        assert r.status_code == 204
+        assert s.head(url).status_code == 404
