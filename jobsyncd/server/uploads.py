@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import re
 import secrets
 import threading
@@ -423,32 +422,31 @@ class UploadStore:
         written = 0
         broken = False
         room = length - offset
-        hashes = _HashThread([chunk_hash, running])
-        try:
-            while True:
-                want = _BLOCK if content_length is None else min(_BLOCK, content_length - written)
-                if want <= 0:
-                    break
-                try:
-                    data = body.read(want)
-                except (OSError, ValueError, EOFError):
-                    broken = True  # the connection broke or the framing was bad
-                    break
-                if not data:
-                    broken = content_length is not None  # shorter than its Content-Length
-                    break
-                if written + len(data) > room:
-                    f.truncate(offset)
-                    raise UploadError(413, "the chunk goes past the upload's Upload-Length")
-                try:
-                    f.write(data)
-                except OSError as e:  # a full disk: nothing of the chunk is kept
-                    f.truncate(offset)
-                    raise _disk_full(e) from None
-                written += len(data)
-                hashes.update(data)
-        finally:
-            hashes.finish()
+        # Both hashes run as blocks arrive: at ~1.4 GB/s each they keep up with any network.
+        hashes = [h for h in (chunk_hash, running) if h is not None]
+        while True:
+            want = _BLOCK if content_length is None else min(_BLOCK, content_length - written)
+            if want <= 0:
+                break
+            try:
+                data = body.read(want)
+            except (OSError, ValueError, EOFError):
+                broken = True  # the connection broke or the framing was bad
+                break
+            if not data:
+                broken = content_length is not None  # shorter than its Content-Length
+                break
+            if written + len(data) > room:
+                f.truncate(offset)
+                raise UploadError(413, "the chunk goes past the upload's Upload-Length")
+            try:
+                f.write(data)
+            except OSError as e:  # a full disk: nothing of the chunk is kept
+                f.truncate(offset)
+                raise _disk_full(e) from None
+            written += len(data)
+            for h in hashes:
+                h.update(data)
         digest = chunk_hash.digest() if chunk_hash is not None else None
         return written, broken, digest, running
 
@@ -526,30 +524,6 @@ class UploadStore:
         if self.clock() - self._last_sweep < SWEEP_INTERVAL_SECONDS:
             return 0
         return self.expire()
-
-
-class _HashThread:
-    """Feeds blocks to hashes in a thread of its own: hashlib lets go of the GIL on large
-    buffers, so hashing overlaps reading the socket and writing the file. At most a few blocks
-    wait in the queue."""
-
-    def __init__(self, hashes: Iterable[Any]) -> None:
-        self._hashes = [h for h in hashes if h is not None]
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            for h in self._hashes:
-                h.update(data)
-
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
 
 
 # -- the WSGI handler ---------------------------------------------------------------------------
