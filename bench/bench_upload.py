@@ -127,7 +127,7 @@ def client(mode: str, base: str, path: str, chunk: int, stop_at: int) -> None:
     """One upload in this process; prints seconds, the outcome and this process's peak RSS."""
     import requests
 
-    from jobsyncd.remote import RemoteError
+    from jobsyncd.remote import Remote, RemoteError
     from jobsyncd.upload import Uploader
 
     session = requests.Session()
@@ -151,7 +151,7 @@ def client(mode: str, base: str, path: str, chunk: int, stop_at: int) -> None:
             except requests.RequestException as exc:
                 result["error"] = type(exc).__name__
     else:
-        up = Uploader(session, base + "/api/v1/uploads", chunk_bytes=chunk, timeout=60)
+        up = Uploader(Remote(base + "/api/v1", timeout=60), chunk_bytes=chunk)
         url = os.environ.get("BENCH_UPLOAD_URL") or up.start(path, "bench.wav")
         result["url"] = url
         should_stop = (lambda: False) if stop_at <= 0 else None

@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
-from urllib.parse import urljoin, urlsplit
+from typing import Any, BinaryIO, NoReturn, TypeVar
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests  # costs ~80 ms of start-up: only the commands that upload import us
-import urllib3.exceptions
 
-from . import remote as _remote
 from .remote import (
     AuthRefused,
     BackOff,
     Offline,
     Permanent,
+    Remote,
     TLSFailure,
     Transient,
-    _is_connect_failure,
-    _reason,
     _server_message,
     parse_retry_after,
 )
@@ -111,80 +108,62 @@ class _ChunkBody:
         return data
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _redacted(method: _F) -> _F:
+    @functools.wraps(method)
+    def wrapper(self: Uploader, *args: Any, **kwargs: Any) -> Any:
+        with self._redacting():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Uploader:
-    """One server's upload endpoint (`uploads_url`, e.g. `<server>/api/v1/uploads`), on the
-    caller's requests.Session (the Remote's: its auth, TLS settings and proxies)."""
+    """The resumable uploads of one server, `<api_base>/uploads`, sent through its Remote: the
+    same session (token, TLS, proxies), timeouts, whole-answer limit, watchdog accounting and
+    token redaction as every other request of the agent."""
 
     def __init__(
         self,
-        session: requests.Session,
-        uploads_url: str,
+        remote: Remote,
         chunk_bytes: int,
-        timeout: float = 10.0,
-        headers: Mapping[str, str] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be at least 1")
-        self.session = session
-        self.uploads_url = uploads_url.rstrip("/")
+        self.remote = remote
+        self.uploads_url = remote.api_base + "/uploads"
         self.chunk_bytes = chunk_bytes
-        self.timeout = timeout
-        self.headers = dict(headers or {})
         self.progress = progress
         self.checksum_algorithm = "sha256"
         self.max_size: int | None = None
 
     # -- transport ----------------------------------------------------------------------------
 
+    def _path(self, url: str) -> str:
+        """The URL as a path under the API base; UploadGone when it is elsewhere: the session
+        sends the token with every request, never to another host than ours."""
+        base, target = urlsplit(self.remote.api_base), urlsplit(url)
+        if _origin(target) != _origin(base) or not target.path.startswith(base.path + "/"):
+            raise UploadGone(f"the upload URL is not on this server ({_origin(target)})")
+        return target.path[len(base.path) :]
+
     def _request(
         self, method: str, url: str, headers: Mapping[str, str], data: Any = None
     ) -> tuple[requests.Response, bytes]:
-        with _counted():
-            try:
-                response = self.session.request(
-                    method,
-                    url,
-                    headers={**self.headers, **headers},
-                    data=data,
-                    timeout=(self.timeout, self.timeout),
-                    allow_redirects=False,
-                    stream=True,
-                )
-            except requests.exceptions.SSLError as exc:
-                raise TLSFailure(f"TLS failure talking to {_origin(url)}: {_reason(exc)}") from None
-            except requests.exceptions.ConnectTimeout:
-                raise Offline(f"cannot reach {_origin(url)}: connect timed out") from None
-            except requests.exceptions.ReadTimeout:
-                raise Transient(f"{method} upload: the server did not answer in time") from None
-            except requests.exceptions.ConnectionError as exc:
-                if _is_connect_failure(exc):
-                    raise Offline(f"cannot reach {_origin(url)}: {_reason(exc)}") from None
-                raise Transient(f"{method} upload: connection broken: {_reason(exc)}") from None
-            except (requests.exceptions.RequestException, OSError, ValueError) as exc:
-                raise Transient(f"{method} upload: {_reason(exc)}") from None
-            try:
-                return response, self._read_answer(response, method)
-            finally:
-                response.close()
+        # Remote._send maps transport failures to Offline/TLSFailure/Transient and bounds the
+        # answer; the statuses are sorted here, tus has its own (409, 410, 423, 460).
+        return self.remote._send(
+            method, self._path(url), headers=dict(headers), data=data, max_bytes=MAX_ANSWER_BYTES
+        )
 
-    def _read_answer(self, response: requests.Response, method: str) -> bytes:
-        deadline = time.monotonic() + 3 * self.timeout  # contract 3: a whole answer in 3x
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            for chunk in response.iter_content(1 << 14):
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    raise Transient(f"{method} upload: the answer is too large")
-                if time.monotonic() > deadline:
-                    raise Transient(f"{method} upload: the answer took too long")
-                chunks.append(chunk)
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
-            raise Transient(
-                f"{method} upload: connection broken while reading the answer"
-            ) from None
-        return b"".join(chunks)
+    def _redacting(self) -> contextlib.AbstractContextManager[None]:
+        # The token is replaced by *** in every error text leaving these methods (contract 3),
+        # by the Remote's own redaction where it has one.
+        redacting = getattr(self.remote, "_redacting", None)
+        return redacting() if redacting is not None else contextlib.nullcontext()
 
     def _fail(self, response: requests.Response, body: bytes, method: str, gone: bool) -> NoReturn:
         """Raise the kind for a status that is not the success expected."""
@@ -210,13 +189,9 @@ class Uploader:
             raise Transient(f"{what}the server does not offer resumable uploads ({status})")
         raise Permanent(f"{what}refused by the server ({status}){_server_message(body)}")
 
-    def _check_origin(self, url: str) -> None:
-        # The session sends the token with every request: never to another host than ours.
-        if _origin(url) != _origin(self.uploads_url):
-            raise UploadGone(f"the upload URL is not on this server ({_origin(url)})")
-
     # -- the protocol -------------------------------------------------------------------------
 
+    @_redacted
     def probe(self) -> bool:
         """Does the server offer tus 1.0.0 with creation and a checksum we can use? (tus 1.0.0,
         Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered."""
@@ -239,6 +214,7 @@ class Uploader:
         self.max_size = int(max_size) if max_size.isdigit() else None
         return True
 
+    @_redacted
     def start(self, path: str, filename: str) -> str:
         """Create an upload for the file (tus 1.0.0, Creation > POST); returns its absolute
         URL (a relative Location is resolved against the creation URL)."""
@@ -259,15 +235,15 @@ class Uploader:
             raise Transient("POST upload: the server answered without a Location")
         url = urljoin(self.uploads_url + "/", location)
         try:
-            self._check_origin(url)
+            self._path(url)
         except UploadGone:
-            raise Transient("POST upload: the server gave an upload URL on another host") from None
+            raise Transient("POST upload: the server gave an upload URL outside its API") from None
         return url
 
+    @_redacted
     def offset(self, url: str, size: int) -> int:
         """The server's offset for the upload (tus 1.0.0, Core > HEAD): the only truth about
         which bytes it has. UploadGone when it is gone or belongs to a file of another size."""
-        self._check_origin(url)
         response, body = self._request("HEAD", url, {"Tus-Resumable": TUS_VERSION})
         if response.status_code not in (200, 204):
             self._fail(response, body, "HEAD", gone=True)
@@ -279,6 +255,7 @@ class Uploader:
             raise UploadGone("the upload on the server is for a file of another size")
         return offset
 
+    @_redacted
     def resume(
         self,
         url: str,
@@ -366,11 +343,12 @@ class Uploader:
             raise Transient("PATCH upload: the answer has no usable Upload-Offset")
         return status, new_offset
 
+    @_redacted
     def abandon(self, url: str) -> None:
         """Terminate the upload (tus 1.0.0, Termination > DELETE); one already gone is fine,
         and a URL on another host is left alone (our token never goes there)."""
         try:
-            self._check_origin(url)
+            self._path(url)
         except UploadGone:
             return
         response, body = self._request("DELETE", url, {"Tus-Resumable": TUS_VERSION})
@@ -383,18 +361,7 @@ class Uploader:
             self.progress(done, total)
 
 
-@contextlib.contextmanager
-def _counted() -> Iterator[None]:
-    # The daemon's watchdog treats a pass inside a request as waiting on the network, not stuck.
-    _remote._in_flight += 1
-    try:
-        yield
-    finally:
-        _remote._in_flight -= 1
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
+def _origin(parts: SplitResult) -> str:
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
     return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
 

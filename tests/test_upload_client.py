@@ -7,6 +7,7 @@ middle of a chunk or flips one byte, and counts the bytes that went towards the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -17,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
-from jobsyncd.remote import AuthRefused, BackOff, BearerAuth, Offline, Permanent, Transient
+from jobsyncd.remote import AuthRefused, BackOff, Offline, Permanent, Remote, Transient
 from jobsyncd.server.cli import WSGIServer
 from jobsyncd.server.uploads import UploadStore, handle
 from jobsyncd.upload import Uploader, UploadGone
@@ -139,17 +139,15 @@ class Env:
     server_url: str  # http://127.0.0.1:PORT
     proxy: Proxy
     tmp: Path
-    sessions: list[requests.Session]
+    remotes: list[Remote]
     location_prefix: dict[str, str]  # "absolute": a prefix the server puts on its Location
 
     def uploader(self, via_proxy: bool = False, token: str = "tok-alice", **kw: Any) -> Uploader:
-        session = requests.Session()
-        session.trust_env = False
-        session.auth = BearerAuth(token)
-        self.sessions.append(session)
         base = self.proxy.url if via_proxy else self.server_url
+        remote = Remote(base + "/api/v1", token, timeout=5)
+        self.remotes.append(remote)
         kw.setdefault("chunk_bytes", CHUNK)
-        return Uploader(session, base + "/api/v1/uploads", timeout=5, **kw)
+        return Uploader(remote, **kw)
 
     def audio(self, size: int = SIZE, name: str = "dictation.wav") -> Path:
         path = self.tmp / name
@@ -196,8 +194,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
     try:
         yield e
     finally:
-        for session in e.sessions:
-            session.close()
+        for remote in e.remotes:
+            remote.close()
         proxy.close()
         stop_server(server, thread)
 
@@ -225,9 +223,9 @@ def test_probe_says_not_offered_on_404_or_405(env: Env, status: str) -> None:
 
     server, thread = run_server(plain)
     try:
-        with requests.Session() as session:
-            base = f"http://127.0.0.1:{server.server_address[1]}/api/v1/uploads"
-            assert Uploader(session, base, chunk_bytes=CHUNK, timeout=5).probe() is False
+        remote = Remote(f"http://127.0.0.1:{server.server_address[1]}/api/v1", timeout=5)
+        with contextlib.closing(remote):
+            assert Uploader(remote, chunk_bytes=CHUNK).probe() is False
     finally:
         stop_server(server, thread)
 
@@ -418,8 +416,8 @@ def test_a_server_that_is_not_there_is_offline(env: Env) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connection refused
-        with requests.Session() as session:
-            up = Uploader(session, f"http://127.0.0.1:{port}/api/v1/uploads", CHUNK, timeout=5)
+        with contextlib.closing(Remote(f"http://127.0.0.1:{port}/api/v1", timeout=5)) as remote:
+            up = Uploader(remote, CHUNK)
             with pytest.raises(Offline):
                 up.probe()
 
@@ -451,9 +449,11 @@ def test_server_answers_map_to_the_agents_error_kinds(
     path.write_bytes(b"x" * 1000)
     server, thread = run_server(_answering(status, headers))
     try:
-        with requests.Session() as session:
-            base = f"http://127.0.0.1:{server.server_address[1]}/api/v1/uploads"
-            up = Uploader(session, base, chunk_bytes=CHUNK, timeout=5)
+        with contextlib.closing(
+            Remote(f"http://127.0.0.1:{server.server_address[1]}/api/v1", timeout=5)
+        ) as remote:
+            base = remote.api_base + "/uploads"
+            up = Uploader(remote, chunk_bytes=CHUNK)
             with pytest.raises(kind) as raised:
                 up.start(str(path), "a.wav")
             assert not isinstance(raised.value, UploadGone)
