@@ -70,6 +70,11 @@ _FIELDS: tuple[tuple[str, Any], ...] = (
     ("error_kind", None),
     # next_attempt_at: when a job in `error` is due again (backoff with jitter, fixed at failure).
     ("next_attempt_at", None),
+    # A resumable upload of the job's audio in progress (contract 6.8): its URL, the audio file
+    # it is for, and the offset the server last confirmed.
+    ("upload_url", None),
+    ("upload_for", None),
+    ("upload_offset", 0),
 )
 FIELD_NAMES = tuple(name for name, _ in _FIELDS)
 _FIELD_SET = frozenset(FIELD_NAMES)
@@ -103,6 +108,9 @@ class Job:
     audio_sent: str | None
     error_kind: str | None
     next_attempt_at: str | None
+    upload_url: str | None
+    upload_for: str | None
+    upload_offset: int
 
     def __init__(self, local_id: str, **fields: Any) -> None:
         unknown = set(fields) - _FIELD_SET
@@ -159,6 +167,10 @@ class Job:
             rec["error_kind"] = self.error_kind
         if self.next_attempt_at is not None:
             rec["next_attempt_at"] = self.next_attempt_at
+        if self.upload_url is not None:
+            rec["upload_url"] = self.upload_url
+            rec["upload_for"] = self.upload_for
+            rec["upload_offset"] = self.upload_offset
         return rec
 
     @classmethod

@@ -69,7 +69,11 @@ def execute_pass(
             pull_state = {"server": api_base}
         before = dict(pull_state)
         policy = Policy(
-            settings.max_retries, settings.backoff_base_seconds, force_delete, reupload=reupload
+            settings.max_retries,
+            settings.backoff_base_seconds,
+            force_delete,
+            reupload=reupload,
+            upload_chunk_bytes=settings.upload_chunk_bytes,
         )
         progress = progress_factory(store) if progress_factory else None
         try:

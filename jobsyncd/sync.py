@@ -15,6 +15,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,8 @@ class Policy:
     force_delete: bool = False
     # --reupload: synced jobs a complete listing lacks go back to pending, to be created again
     reupload: bool = False
+    # audio larger than this goes up as a resumable upload when the server offers it; 0: never
+    upload_chunk_bytes: int = 4 << 20
 
 
 @dataclasses.dataclass
@@ -212,6 +215,8 @@ class _Pass:
         self.last_flush = time.monotonic()
         self._holders: dict[str, str] | None = None  # server_id -> local_id, built when needed
         self.via: Any = remote  # what a push talks to: the server, or a batch's answers
+        self._uploader: Any = None  # upload.Uploader once the server offers uploads
+        self._uploads_checked = False
         self.attempted: set[str] = set()  # jobs a batch carried in this pass
         self.done = 0
         # A pull of a few changes into a store not folded: jobs are looked up one by one in the
@@ -295,6 +300,102 @@ class _Pass:
         self.done += jobs
         if self.progress is not None:
             self.progress(self.done)
+
+    # ---- resumable uploads (6.8) -----------------------------------------------------------------
+    def _wants_upload(self, path: str) -> bool:
+        chunk = self.policy.upload_chunk_bytes
+        if chunk <= 0 or not hasattr(self.remote, "_send"):
+            return False
+        try:
+            if os.path.getsize(path) <= chunk:
+                return False
+        except OSError:
+            return False  # the multipart path reports the unreadable file
+        return self._uploads_offered()
+
+    def _uploads_offered(self) -> bool:
+        if self._uploads_checked:
+            return self._uploader is not None
+        self._uploads_checked = True
+        state = self.pull_state.get("uploads")
+        now = time.time()
+        if isinstance(state, dict) and state.get("offered") is False:
+            checked = state.get("checked_at")
+            if isinstance(checked, (int, float)) and now - FEED_PROBE_SECONDS < checked <= now:
+                return False  # asked again after a day
+        from .upload import Uploader  # imports requests' helpers: only for passes that upload
+
+        uploader = Uploader(self.remote, self.policy.upload_chunk_bytes)
+        offered = uploader.probe()
+        self.pull_state["uploads"] = {"offered": offered, "checked_at": now}
+        if offered:
+            self._uploader = uploader
+        return offered
+
+    def _upload(self, snap: Job, path: str) -> tuple[tuple[str, str], str | None]:
+        """Send `path` as a resumable upload, from where the server says it stands; returns
+        ((upload id, filename), the file's sha256). The URL and each confirmed offset are
+        recorded in the job's record as they go (crash-safe), so no confirmed byte is ever
+        sent twice. Raises _UploadStopped when stopped between chunks."""
+        from .upload import UploadGone
+
+        uploader = self._uploader
+        assert uploader is not None
+        name = os.path.basename(path)
+        url = snap.upload_url if snap.upload_for == path else None
+        if snap.upload_url and url is None:
+            self._abandon(snap.upload_url)  # an upload of audio the job no longer has
+            self._record_upload(snap.local_id, None, None, 0)
+        for _ in range(2):
+            if url is None:
+                url = uploader.start(path, name)
+                self._record_upload(snap.local_id, url, path, 0)
+
+            def confirmed(at: str, offset: int, url: str = url) -> None:
+                self._record_upload(snap.local_id, url, path, offset)
+
+            try:
+                outcome = uploader.resume(
+                    url,
+                    path,
+                    offset_callback=confirmed,
+                    should_stop=lambda: self.should_stop() or self._audio_moved(snap, path),
+                )
+            except UploadGone:
+                self._record_upload(snap.local_id, None, None, 0)
+                url = None  # expired or terminated: start again from zero
+                continue
+            if not outcome.complete:
+                raise _UploadStopped()
+            return (url.rstrip("/").rsplit("/", 1)[1], name), outcome.sha256
+        raise Transient("the server lost the job's upload twice in one pass")
+
+    def _audio_moved(self, snap: Job, path: str) -> bool:
+        """An `update --audio` (or a delete) landed while this audio was going up."""
+        cur = self.store.lookup(snap.local_id)
+        return cur is None or cur.audio_file != path or cur.sync_status == PENDING_DELETION
+
+    def _record_upload(self, local_id: str, url: str | None, path: str | None, offset: int) -> None:
+        with self.store.locked():
+            cur = self.store.lookup(local_id)
+            if cur is None:
+                return
+            cur = cur.copy()
+            cur.upload_url, cur.upload_for, cur.upload_offset = url, path, offset
+            self.store.append([cur])
+
+    def _abandon(self, url: str) -> None:
+        """DELETE an upload nobody will finish; best effort (else it expires on the server)."""
+        try:
+            from .upload import Uploader
+
+            (self._uploader or Uploader(self.remote, max(self.policy.upload_chunk_bytes, 1))).abandon(
+                url
+            )
+        except RemoteError as exc:
+            stop = _stop_for(exc)
+            if stop is not None and stop.skipped in ("auth", "backoff"):
+                raise stop from None
 
     # ---- batches (6.3) ---------------------------------------------------------------------------
     def _batch_wanted(self) -> bool:
@@ -390,6 +491,14 @@ class _Pass:
         """Push one job; `via` answers in place of the server (a batch's result for it)."""
         self.via = via if via is not None else self.remote
         try:
+            self._push_one(snap)
+        except _UploadStopped:
+            # Stopped between chunks (the audio changed, or the daemon stops): no error; the
+            # next pass resumes it, or abandons it for the new audio.
+            self.summary.again = True
+
+    def _push_one(self, snap: Job) -> None:
+        try:
             if snap.sync_status == PENDING_DELETION:
                 self._push_delete(snap)
             elif snap.server_id is None or snap.error_kind == UNCONFIRMED:
@@ -405,7 +514,15 @@ class _Pass:
             self._failure(snap, exc)
 
     def _push_create(self, snap: Job) -> None:
-        sj = self.via.create(snap.local_id, snap.text, snap.metadata, snap.audio_file)
+        audio, upload, digest = snap.audio_file, None, None
+        if audio and self._wants_upload(audio):
+            upload, digest = self._upload(snap, audio)
+            audio = None
+        if upload is None:
+            sj = self.via.create(snap.local_id, snap.text, snap.metadata, audio)
+        else:
+            sj = self.via.create(snap.local_id, snap.text, snap.metadata, None, upload=upload)
+            _check_uploaded(sj, digest)
         self.unsent.discard(snap.local_id)
         if sj.local_id is not None and sj.local_id.lower() != snap.local_id:
             raise Transient(
@@ -436,7 +553,12 @@ class _Pass:
     def _push_update(self, snap: Job) -> None:
         fields, send_audio = changed_fields(snap)
         assert snap.server_id is not None
-        sj = self.via.update(snap.server_id, fields, send_audio)
+        if send_audio and self._wants_upload(send_audio):
+            upload, digest = self._upload(snap, send_audio)
+            sj = self.via.update(snap.server_id, fields, None, upload=upload)
+            _check_uploaded(sj, digest)
+        else:
+            sj = self.via.update(snap.server_id, fields, send_audio)
         self.summary.updated += 1
         log.job_line("updated", snap.local_id, ", ".join([*sorted(fields), *(["audio"] if send_audio else [])]))
         audio_on_server = (
@@ -449,6 +571,8 @@ class _Pass:
         )
 
     def _push_delete(self, snap: Job) -> None:
+        if snap.upload_url:
+            self._abandon(snap.upload_url)
         server_id = snap.server_id
         if server_id is None and snap.create_sent:
             # Its create may have reached the server (answer lost): the idempotent POST finds
@@ -492,6 +616,8 @@ class _Pass:
         cur.server_status = sj.status
         cur.base = {"text": sj.text, "metadata": sj.metadata}
         cur.audio_sent = audio_on_server
+        if cur.upload_url is not None and cur.upload_for == audio_on_server:
+            cur.upload_url, cur.upload_for, cur.upload_offset = None, None, 0  # attached: done
         cur.last_sync_attempt_at = stamp
         if cur.rev == snap.rev and cur.sync_status == snap.sync_status:
             if not created:
@@ -1132,6 +1258,19 @@ def _groups_by_size(jobs: list[Job]) -> Iterator[list[Job]]:
         size += op_size
     if group:
         yield group
+
+
+class _UploadStopped(Exception):
+    """A resumable upload stopped between chunks (the audio changed, or the pass stops)."""
+
+
+def _check_uploaded(sj: ServerJob, digest: str | None) -> None:
+    """The server's sha256 of an attached upload must be the local file's (6.8)."""
+    theirs = sj.audio.get("sha256") if isinstance(sj.audio, dict) else None
+    if digest is not None and theirs is not None and theirs != digest:
+        raise Transient(
+            f"the server's copy of the audio has sha256 {str(theirs)[:64]}, not the file's {digest}"
+        )
 
 
 class _Answered:
