@@ -242,8 +242,11 @@ def status_report(
     jobs = store.load()
     counts = {s.value: 0 for s in SyncStatus}
     oldest = None
+    uploads = []
     for job in jobs.values():
         counts[job.sync_status] += 1
+        if job.upload_url is not None:
+            uploads.append({"local_id": job.local_id, "offset": job.upload_offset})
         if job.sync_status in (PENDING, PENDING_DELETION, ERROR):
             if oldest is None or job.updated_at < oldest:
                 oldest = job.updated_at
@@ -258,6 +261,8 @@ def status_report(
         "last_pass": last_pass,
         "server_url": server_url,
         "data_dir": store.data_dir,
+        # resumable uploads under way: the offset the server last confirmed (contract 6.8)
+        "uploads_in_progress": uploads,
     }
 
 

@@ -157,6 +157,8 @@ def test_a_sync_killed_mid_upload_resumes_and_sends_each_byte_once(agent, ref_se
             proc.wait(10)
         killed_at = last_record(agent, lid)["upload_offset"]
         assert 0 < killed_at < size
+        in_progress = agent.json("status")["uploads_in_progress"]
+        assert in_progress == [{"local_id": lid, "offset": killed_at}]
         proxy.delay = 0.0
         agent("sync", check=True)
         job = server_job(ref_server, lid)
