@@ -735,8 +735,14 @@ class _Pass:
 
     def pull_feed(self, begin_synced: dict[str, str] | None) -> None:
         checkpoint = self.pull_state.get("checkpoint")
+        if not isinstance(checkpoint, str):
+            # No checkpoint (the first pull from this server URL, or a state file lost): the
+            # history behind the synced jobs here is unknown, so read as after a restore:
+            # nothing is removed, and synced jobs this server lacks are created again on it.
+            self._read_feed(None, begin_synced, "diverged")
+            return
         try:
-            self._read_feed(checkpoint if isinstance(checkpoint, str) else None, begin_synced, None)
+            self._read_feed(checkpoint, begin_synced, None)
         except FeedGone as gone:
             self.pull_state.pop("checkpoint", None)
             log.warning(
