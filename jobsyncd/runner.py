@@ -76,6 +76,8 @@ def execute_pass(
             upload_chunk_bytes=settings.upload_chunk_bytes,
         )
         progress = progress_factory(store) if progress_factory else None
+        # On a terminal, resumable uploads show a bar in bytes (one per upload).
+        upload_bar = _ByteProgress() if progress_factory else None
         try:
             summary = run_pass(
                 store,
@@ -84,11 +86,14 @@ def execute_pass(
                 should_stop=should_stop,
                 progress=progress,
                 pull_state=pull_state,
+                upload_progress=upload_bar,
             )
         finally:
             remote.close()
             if progress is not None:
                 progress.close()
+            if upload_bar is not None:
+                upload_bar.close()
         try:
             if summary.retry_after is not None:
                 write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
@@ -140,6 +145,32 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.__exit__(None, None, None)
+
+
+class _ByteProgress:
+    """Click's progress bar in bytes on stderr for each resumable upload of a pass."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None or done < self.done:
+            self.close()
+            import click
+
+            self.bar = click.progressbar(length=total, label="uploading", file=sys.stderr)
+            self.bar.__enter__()
+            self.done = 0
+        self.bar.update(done - self.done)
+        self.done = done
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _progress_factory(store: Store) -> _Progress | None:

@@ -216,6 +216,7 @@ class _Pass:
         self._holders: dict[str, str] | None = None  # server_id -> local_id, built when needed
         self.via: Any = remote  # what a push talks to: the server, or a batch's answers
         self._uploader: Any = None  # upload.Uploader once the server offers uploads
+        self.upload_progress: Callable[[int, int], Any] | None = None
         self._uploads_checked = False
         self.attempted: set[str] = set()  # jobs a batch carried in this pass
         self.done = 0
@@ -325,7 +326,7 @@ class _Pass:
                 return False  # asked again after a day
         from .upload import Uploader  # imports requests' helpers: only for passes that upload
 
-        uploader = Uploader(self.remote, self.policy.upload_chunk_bytes)
+        uploader = Uploader(self.remote, self.policy.upload_chunk_bytes, self.upload_progress)
         offered = uploader.probe()
         self.pull_state["uploads"] = {"offered": offered, "checked_at": now}
         if offered:
@@ -1378,8 +1379,10 @@ def run_pass(
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int], Any] | None = None,
     pull_state: dict[str, Any] | None = None,
+    upload_progress: Callable[[int, int], Any] | None = None,
 ) -> PassSummary:
-    """Run one pass. `pull_state` (the listing's ETag) is read and updated in place."""
+    """Run one pass. `pull_state` (what is known of the server: ETag, checkpoint, offers) is
+    read and updated in place; `upload_progress(done, total)` sees each upload's bytes."""
     run = _Pass(
         store,
         remote,
@@ -1390,6 +1393,7 @@ def run_pass(
         progress,
         pull_state if pull_state is not None else {},
     )
+    run.upload_progress = upload_progress
     # A store not folded yet in which no line names a status that needs a push: skip the push
     # and fold the store only if the listing changed. A no-change pass then reads no job at all.
     lazy = not store.loaded and not store.may_hold_due_jobs()
