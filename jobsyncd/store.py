@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import JobsyncdError, NoSuchJob, SymlinkRefused, TryLater
+from .errors import ConfigError, JobsyncdError, NoSuchJob, SymlinkRefused, TryLater
 from .model import STATUSES, Job
 
 STORE_NAME = "jobs.jsonl"
@@ -106,6 +106,14 @@ def prepare_data_dir(path: str) -> str:
             f"the data dir {path} belongs to another user (uid {st.st_uid}); refusing to use it"
         )
     if st.st_mode & 0o077:
+        strangers = _not_ours(path)
+        if strangers:
+            # Never change the mode of a directory that is not jobsyncd's own (`--data-dir /`
+            # or `~` would lock others out of it): refuse, naming what is in it.
+            raise ConfigError(
+                f"the data dir {path} is open to other users and holds files that are not "
+                f"jobsyncd's ({', '.join(strangers[:3])}); use a directory of its own"
+            )
         try:
             os.chmod(path, 0o700)
         except OSError as exc:
@@ -116,6 +124,22 @@ def prepare_data_dir(path: str) -> str:
     # A data dir that cannot be written still serves reads (list, show, status); a write
     # fails then with one line naming the file.
     return path
+
+
+_OWN_SUFFIXES = (".lock", ".json", ".tmp", ".sock", ".pid")
+
+
+def _not_ours(path: str) -> list[str]:
+    """Entries of `path` that jobsyncd does not make (empty when it holds only ours)."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return []
+    return [
+        n
+        for n in names
+        if n != "audio" and not n.startswith("jobs.jsonl") and not n.endswith(_OWN_SUFFIXES)
+    ]
 
 
 class FileLock:

@@ -28,7 +28,9 @@ COMMANDS = [
 OPTIONS = [
     "--text", "--text-file", "--edit", "--audio", "--no-audio", "--meta", "--unset-meta",
     "--json", "--status", "--limit", "--reverse", "--search", "--all", "--force-delete",
-    "--wait", "--config", "--data-dir", "--server", "-q", "-v", "--help", "--",
+    # No --data-dir: a generated "/" or "/nonexistent/x" would act on the real file system
+    # (tests/system/test_cli_input.py covers odd data dirs inside a temporary directory).
+    "--wait", "--config", "--server", "-q", "-v", "--help", "--",
 ]
 HOSTILE = [
     "", "-", "=", "k=", "k=1e400", "k=" + "[" * 40 + "]" * 40, "k=NaN", "n=3", "x=" + "9" * 400,

@@ -321,3 +321,22 @@ def test_daemon_on_a_read_only_data_dir_fails_in_one_line(cli):
         assert proc.returncode == 1, (args, proc.stderr)
         line = one_error_line(proc.stderr.split("jobsyncd: ", 1)[-1].join(["jobsyncd: ", ""]))
         assert "Read-only file system" in line and "unexpected" not in line
+
+
+def test_a_shared_directory_given_as_the_data_dir_is_refused_and_its_mode_left_alone(cli, tmp_path):
+    """`--data-dir /` or `~` must never chmod the directory: only a directory of jobsyncd's own
+    (empty, or holding only its files) is made private."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("someone else's")
+    proc = cli("--data-dir", str(shared), "create", "--text", "x")
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.startswith("jobsyncd: error:") and "notes.txt" in proc.stderr
+    assert (shared.stat().st_mode & 0o777) == 0o755
+    assert not (shared / "jobs.lock").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    empty.chmod(0o755)
+    cli("--data-dir", str(empty), "create", "--text", "x", check=True)
+    assert (empty.stat().st_mode & 0o777) == 0o700
