@@ -396,7 +396,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--polls", type=int, default=500)
     parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--only", choices=["a", "b", "c", "d"], help="run one part only")
     args = parser.parse_args()
+    want = {args.only} if args.only else {"a", "b", "c", "d"}
     work = Path(tempfile.mkdtemp(prefix="jobsyncd-bench-feed-"))
     pg = bool(os.environ.get(PG_ENV))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; PostgreSQL: {pg}")
@@ -410,7 +412,7 @@ def main() -> int:
         print(
             f"\n(a) load: {args.agents} agents x {args.jobs} jobs (create, update, delete), each holding a long-poll"
         )
-        for kind, engine in setups:
+        for kind, engine in setups if "a" in want else []:
             db = pg_database() if engine == "postgres" else str(work / f"load-{kind}.sqlite3")
             with server(kind, work, db or "", token_file) as (base, _pid, _log):
                 r = load(base, tokens, args.jobs)
@@ -421,7 +423,7 @@ def main() -> int:
                 f"feed mismatches {r['mismatches']:.0f}"
             )
         print(f"\n(b) fan-out: {args.polls} idle long-polls, one change (target p99 < 1000 ms)")
-        for kind, engine in setups:
+        for kind, engine in setups if "b" in want else []:
             db = pg_database() if engine == "postgres" else str(work / f"fan-{kind}.sqlite3")
             with server(kind, work, db or "", None) as (base, pid, _log):
                 r = fan_out(base, pid, args.polls)
@@ -430,7 +432,7 @@ def main() -> int:
                 f"p99 {r['p99']:6.1f} ms, max {r['max']:6.1f} ms; server memory {r['rss']:.0f} MiB"
             )
         print(f"\n(c) one change at {args.big} jobs: /changes after it vs the full listing")
-        for engine in ["sqlite"] + (["postgres"] if pg else []):
+        for engine in (["sqlite"] + (["postgres"] if pg else [])) if "c" in want else []:
             if engine == "sqlite":
                 db = str(work / "big.sqlite3")
                 seed_sqlite(Path(db), args.big)
@@ -446,7 +448,7 @@ def main() -> int:
                 f"full listing: {r['listing_s'] * 1000:.0f} ms in {r['pages']:.0f} pages"
             )
         print("\n(d) POST /api/v1/batch of 500 new creates (target < 100 ms)")
-        for engine in ["sqlite"] + (["postgres"] if pg else []):
+        for engine in (["sqlite"] + (["postgres"] if pg else [])) if "d" in want else []:
             db = pg_database() if engine == "postgres" else str(work / "batch.sqlite3")
             with server("single", work, db or "", None) as (base, _pid, log):
                 ms = batch_creates(base, 7)

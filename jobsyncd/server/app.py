@@ -146,6 +146,7 @@ class JobServerApp:
         self.tokens = tokens
         self.max_upload_bytes = max_upload_bytes
         self.tombstone_days = tombstone_days
+        self.purge_interval = PURGE_INTERVAL_SECONDS
         self._upkeep_pid = 0
         self._upkeep_lock = threading.Lock()
 
@@ -201,7 +202,7 @@ class JobServerApp:
 
     def _upkeep(self) -> None:
         while True:
-            time.sleep(PURGE_INTERVAL_SECONDS)
+            time.sleep(self.purge_interval)
             try:
                 self.storage.purge_tombstones(self.tombstone_days)
             except Exception as e:  # the next hour tries again; the server keeps serving

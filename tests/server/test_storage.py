@@ -219,3 +219,30 @@ def test_eight_concurrent_writers_never_let_a_reader_skip_a_change(open_db: Open
     assert not errors, errors
     _, jobs, _ = reader_storage.list_page("u", 0, 5000)
     assert seen == {job["id"]: job for job in map(json.loads, jobs)}
+
+
+def test_the_app_purges_tombstones_again_while_it_serves(tmp_path: Path) -> None:
+    """Purged at start, then every purge_interval (an hour; shortened here) by each process."""
+    import io
+    import time
+
+    from jobsyncd.server import create_app
+
+    app = create_app(
+        db_path=tmp_path / "jobs.sqlite3", audio_dir=tmp_path / "audio", tombstone_days=0
+    )
+    app.purge_interval = 0.05
+    job = create(app.storage, "default")
+    app.storage.delete_job("default", job["id"])
+    assert feed(app.storage, "default")[0] == [
+        {"id": job["id"], "local_id": job["local_id"], "deleted": True}
+    ]
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/changes", "wsgi.input": io.BytesIO()}
+    app(environ, lambda *args: None)  # the first request starts the upkeep thread
+    deadline = time.monotonic() + 10
+    while feed(app.storage, "default")[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert feed(app.storage, "default")[0] == []
+    with pytest.raises(CheckpointExpired):
+        app.storage.changes("default", 1, 10)
+    app.storage.close()

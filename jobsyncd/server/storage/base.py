@@ -97,6 +97,7 @@ class SQLStorage(abc.ABC):
         self._epoch = ""
         self.history = ""
         self._watch_lock = threading.Lock()
+        self._flights = SingleFlight()
 
     def _load_meta(self) -> None:
         with self._read() as tx:
@@ -479,7 +480,15 @@ class SQLStorage(abc.ABC):
         """The user's changes after counter `since` (None: from the beginning), oldest first, a
         job once as its latest change, read in one snapshot. Raises CheckpointDiverged for a
         checkpoint ahead of the last change, CheckpointExpired for one older than the kept
-        tombstones."""
+        tombstones.
+
+        Identical reads in flight at once share one query: a change wakes every long-poll of
+        its user together, and 500 of them need one read, not 500. A read that joined one begun
+        just before a commit may miss that change; the long-poll loop then sees the counter
+        moved and reads again."""
+        return self._flights.do((user, since, limit), lambda: self._changes(user, since, limit))
+
+    def _changes(self, user: str, since: int | None, limit: int) -> ChangesPage:
         with self._read() as tx:
             version, purged = self._version(tx, user)
             if since is not None and since > version:
@@ -551,6 +560,45 @@ class SQLStorage(abc.ABC):
             tx.execute("UPDATE server_meta SET value = ? WHERE key = 'history_id'", (history,))
         self.history = history
         return history
+
+
+class _Flight:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    """Concurrent calls with the same key run the function once and share its result (the
+    pattern of Go's singleflight package)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[Any, _Flight] = {}
+
+    def do(self, key: Any, function: Any) -> Any:
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if leader:
+            try:
+                flight.result = function()
+            except BaseException as e:
+                flight.error = e
+            finally:
+                with self._lock:
+                    del self._flights[key]
+                flight.done.set()
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.result
 
 
 class _Counter:
