@@ -111,7 +111,7 @@ class LivePoller:
             self._poll_once(checkpoint)
 
     def _poll_once(self, checkpoint: str) -> None:
-        from .remote import BackOff, RemoteError
+        from .api import BackOff, RemoteError
 
         if self.remote is None:
             self.remote = self.make_remote()

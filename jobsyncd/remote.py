@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import requests  # costs ~80 ms of start-up: only the commands that talk to a server import us
@@ -33,7 +33,26 @@ import urllib3.connectionpool
 import urllib3.exceptions
 
 from . import log
-from .api import BatchNotOffered, BatchTooLarge, FeedGone, FeedNotOffered, FeedPage, Tombstone
+from .api import (  # the kinds live in api.py (no requests); re-exported here
+    AuthRefused,
+    BackOff,
+    BatchNotOffered,
+    BatchTooLarge,
+    FeedGone,
+    FeedNotOffered,
+    FeedPage,
+    Gone,
+    InvalidJob,
+    InvalidJobObject,
+    NotModified,
+    Offline,
+    Permanent,
+    RemoteError,
+    ServerJob,
+    TLSFailure,
+    Tombstone,
+    Transient,
+)
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
 MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
@@ -144,46 +163,6 @@ def last_request_finished() -> float | None:
     return _reaper.last_finished
 
 
-class RemoteError(Exception):
-    """Base of the kinds below; str() never contains the token."""
-
-
-class Offline(RemoteError):
-    pass
-
-
-class TLSFailure(RemoteError):
-    pass
-
-
-class AuthRefused(RemoteError):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"the server refused the credentials (HTTP {status})")
-        self.status = status
-
-
-class BackOff(RemoteError):
-    def __init__(self, status: int, retry_after: float) -> None:
-        super().__init__(f"the server asked to back off for {retry_after:.0f} s (HTTP {status})")
-        self.retry_after = retry_after
-
-
-class Transient(RemoteError):
-    pass
-
-
-class Permanent(RemoteError):
-    pass
-
-
-class Gone(RemoteError):
-    pass
-
-
-class NotModified(RemoteError):
-    """The listing has not changed since the ETag we sent (304)."""
-
-
 class BearerAuth(requests.auth.AuthBase):
     def __init__(self, token: str | None) -> None:
         self._token = token
@@ -216,38 +195,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float:
         if seconds != seconds:  # NaN
             seconds = BACKOFF_DEFAULT
     return min(max(seconds, BACKOFF_MIN), BACKOFF_MAX)
-
-
-@dataclass
-class ServerJob:
-    id: str
-    local_id: str | None
-    text: str
-    metadata: dict[str, Any]
-    status: str | None
-    audio: dict[str, Any] | None
-    created_at: str | None
-    updated_at: str | None
-
-
-@dataclass(frozen=True)
-class InvalidJob:
-    """A job object of a listing page that is not valid (contract 6.4): skipped, not applied.
-    `id` is the job's id when it has a usable one."""
-
-    id: str | None
-    local_id: str | None
-    reason: str
-
-
-class InvalidJobObject(Transient):
-    """An answer held a job object that is not valid; `server_id` is its id when usable."""
-
-    def __init__(self, server_id: str | None, reason: str) -> None:
-        named = f" {server_id!r}" if server_id is not None else ""
-        super().__init__(f"the server answered an invalid job{named}: {reason}")
-        self.server_id = server_id
-        self.reason = reason
 
 
 MAX_ID_CHARS = 256

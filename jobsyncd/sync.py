@@ -19,10 +19,26 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audio, log
-from .api import BatchNotOffered, BatchTooLarge, FeedGone, FeedNotOffered, Tombstone
+from .api import (
+    AuthRefused,
+    BackOff,
+    BatchNotOffered,
+    BatchTooLarge,
+    FeedGone,
+    FeedNotOffered,
+    Gone,
+    NotModified,
+    Offline,
+    Permanent,
+    RemoteError,
+    ServerJob,
+    TLSFailure,
+    Tombstone,
+    Transient,
+)
 from .model import (
     Job,
     SyncStatus,
@@ -33,20 +49,10 @@ from .model import (
     rfc3339,
     utc_now,
 )
-from .remote import (
-    AuthRefused,
-    BackOff,
-    Gone,
-    NotModified,
-    Offline,
-    Permanent,
-    Remote,
-    RemoteError,
-    ServerJob,
-    TLSFailure,
-    Transient,
-)
 from .store import Store
+
+if TYPE_CHECKING:
+    from .remote import Remote  # the pass takes any object with its methods (a fake in tests)
 
 PENDING = SyncStatus.PENDING.value
 SYNCED = SyncStatus.SYNCED.value
@@ -808,7 +814,7 @@ class _Pass:
                 if self.should_stop():
                     break
         except (RemoteError, FeedNotOffered) as exc:
-            if isinstance(exc, FeedNotOffered) and not pages and not resync:
+            if isinstance(exc, FeedNotOffered) and not pages:
                 raise  # no feed (any more): listing mode, from this very pass
             stop = _stop_for(exc) if isinstance(exc, RemoteError) else None
             if stop is not None:

@@ -609,6 +609,7 @@ class FaultServer:
         self._seq_counter = itertools.count(1)
         self._audio: dict = {}
         self._requests: list = []
+        self._all_requests: list = []
         self._faults: list[Fault] = []
         self._errors: list = []
         self._version = 0
@@ -702,9 +703,15 @@ class FaultServer:
 
     @property
     def requests(self) -> list:
-        """[(method, path_with_query, headers_dict), ...] in arrival order (a copy)."""
+        """[(method, path_with_query, headers_dict), ...] in arrival order (a copy), without
+        the probes for features turned off (see `all_requests`)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def all_requests(self) -> list:
+        with self._lock:
+            return list(self._all_requests)
 
     @property
     def errors(self) -> list:
@@ -729,6 +736,7 @@ class FaultServer:
     def clear_requests(self):
         with self._lock:
             self._requests.clear()
+            self._all_requests.clear()
 
     def wait_for(self, predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         """Poll predicate() until true or timeout; returns its last truthiness."""
@@ -814,7 +822,19 @@ class FaultServer:
         for k, v in headers.items():
             h[k] = v
         with self._lock:
-            self._requests.append((method, path, h))
+            self._all_requests.append((method, path, h))
+            if not self._is_probe(path):
+                self._requests.append((method, path, h))
+
+    def _is_probe(self, path: str) -> bool:
+        """A client asking for a feature this server has turned off (the change feed, batches,
+        uploads): kept in `all_requests` only, so that the tests of job requests count those."""
+        bare = path.split("?", 1)[0]
+        return (
+            (bare == API_PREFIX + "/changes" and not self.feed)
+            or (bare == API_PREFIX + "/batch" and not self.batch)
+            or bare.startswith(API_PREFIX + "/uploads")
+        )
 
     def _take_fault(self, method, path, page):
         with self._lock:

@@ -49,7 +49,7 @@ def create(cli, text: str, *meta: str) -> str:
 
 
 def posts(srv, path: str) -> int:
-    return sum(1 for m, p, _ in srv.requests if m == "POST" and p.split("?")[0] == path)
+    return sum(1 for m, p, _ in srv.all_requests if m == "POST" and p.split("?")[0] == path)
 
 
 def by_id(cli) -> dict[str, dict]:

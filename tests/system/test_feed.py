@@ -52,7 +52,7 @@ def by_id(cli) -> dict[str, dict]:
 
 
 def gets(srv, path: str) -> int:
-    return sum(1 for m, p, _ in srv.requests if m == "GET" and p.split("?")[0] == path)
+    return sum(1 for m, p, _ in srv.all_requests if m == "GET" and p.split("?")[0] == path)
 
 
 def test_a_pass_reads_the_changes_not_the_listing(agent, srv):
