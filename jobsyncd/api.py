@@ -105,6 +105,10 @@ class FeedPage:
     more: bool
 
 
+class NotAFeed(Transient):
+    """A 200 on /changes that is not a page of changes (a server that answers every path)."""
+
+
 class FeedNotOffered(Exception):
     """404 or 405 on /changes: the server has no change feed; listing mode is used."""
 

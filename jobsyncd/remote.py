@@ -44,6 +44,7 @@ from .api import (  # the kinds live in api.py (no requests); re-exported here
     Gone,
     InvalidJob,
     InvalidJobObject,
+    NotAFeed,
     NotModified,
     Offline,
     Permanent,
@@ -784,7 +785,10 @@ class Remote:
         self._check_status(response, body, "GET", "/changes")
         if status != 200:
             raise Transient(f"GET /changes: unexpected answer {status}")
-        page = self._json(response, body, "GET", "/changes")
+        try:
+            page = self._json(response, body, "GET", "/changes")
+        except Transient as exc:
+            raise NotAFeed(str(exc)) from None
         if (
             not isinstance(page, dict)
             or not isinstance(page.get("changes"), list)
@@ -793,7 +797,7 @@ class Remote:
             or len(page["next"]) > 4096
             or not isinstance(page.get("more"), bool)
         ):
-            raise Transient("GET /changes: the server answered junk, not a page of changes")
+            raise NotAFeed("GET /changes: the server answered junk, not a page of changes")
         items = [_feed_item(c, self._job) for c in page["changes"]]
         return FeedPage(items, page["next"], page["more"])
 

@@ -553,6 +553,11 @@ class Store:
                 if found is not None and found.server_id == ref:
                     matches[local_id] = found
             pos = data.find(needle, pos + 1)
+        if len(matches) > 1:
+            # A store older than the one-binding invariant: the id belongs to the job a load
+            # keeps it on (_enforce_one_binding), so `show ID` and `list` agree.
+            keeper = min(matches.values(), key=_keeper_order)
+            return {keeper.local_id: keeper}
         return matches
 
     def _by_prefix(self, data: Any, prefix: str) -> dict[str, Job]:

@@ -30,6 +30,7 @@ from .api import (
     FeedGone,
     FeedNotOffered,
     Gone,
+    NotAFeed,
     NotModified,
     Offline,
     Permanent,
@@ -816,6 +817,11 @@ class _Pass:
         except (RemoteError, FeedNotOffered) as exc:
             if isinstance(exc, FeedNotOffered) and not pages:
                 raise  # no feed (any more): listing mode, from this very pass
+            feed = self.pull_state.get("feed")
+            confirmed = isinstance(feed, dict) and feed.get("offered") is True
+            if isinstance(exc, NotAFeed) and not pages and not confirmed:
+                # A server that answers every path (200, not a feed): it has no feed.
+                raise FeedNotOffered() from None
             stop = _stop_for(exc) if isinstance(exc, RemoteError) else None
             if stop is not None:
                 raise stop from None

@@ -134,7 +134,7 @@ def sync(app: App, as_json, force_delete, reupload, wait, dry_run) -> None:
     remove-local, reupload), or JSON Lines with --json.
 
     \b
-    Examples:
+    Example:
       */5 * * * * jobsyncd -q sync        (a crontab line that mails only trouble)
       jobsyncd sync --dry-run --json      (what the next pass would do, for a script)
     """

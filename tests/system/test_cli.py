@@ -417,6 +417,9 @@ def test_status_json_has_the_contract_keys_with_no_server_configured(cli):
         "last_pass": None,
         "server_url": None,
         "data_dir": str(cli.data_dir),
+        # keys contract v5 allows status --json to add:
+        "feed": {"mode": "unknown", "checkpoint_age_seconds": None},
+        "uploads_in_progress": [],
     }
     assert os.path.isabs(report["data_dir"])
 

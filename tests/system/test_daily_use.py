@@ -218,7 +218,9 @@ def test_every_id_the_table_shows_is_accepted_by_show(cli, tmp_path):
             assert show(cli, server)["local_id"] == job["local_id"]
         assert len(local) >= 8
         by_id[job["local_id"]] = row
-    assert len(by_id) == len(rows) == 6
+    # The two jobs sharing the server id "same" break the store's one-binding invariant: a load
+    # keeps the binding on one and drops the other, a mere synced copy (with a warning).
+    assert len(by_id) == len(rows) == 5
     assert "job-" + "9" * 30 in by_id[long_sid.local_id]
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", by_id[long_sid.local_id])
     assert " yes " in by_id[long_sid.local_id]

@@ -63,7 +63,7 @@ def test_a_create_the_server_refused_can_be_deleted_without_contacting_it(cli, f
 
 def test_a_404_on_create_fails_the_job_with_the_servers_answer_not_as_gone(cli, fault_server):
     cli.env["JOBSYNCD_SERVER_URL"] = fault_server.url
-    fault_server.add_fault(method="POST", status=404, times=1)
+    fault_server.add_fault(method="POST", path=r"/api/v1/jobs", status=404, times=1)
     cli("create", "--text", "x", check=True)
     code, summary, _ = _sync(cli)
     assert code == 1 and summary["failed"] == 1

@@ -75,6 +75,8 @@ class Server:
 def server(request) -> Iterator[Server]:
     if request.param == "fault":
         with FaultServer() as srv:
+            # The same offers as the reference server: the change feed and batches.
+            srv.feed = srv.batch = True
             yield Server("fault", srv.url, srv.port)
     else:
         ref = request.getfixturevalue("ref_server")
