@@ -240,6 +240,14 @@ class SQLStorage(abc.ABC):
             ).fetchone()
         return None if row is None else self.job_json(row)
 
+    def find_local(self, user: str, local_id: str) -> str | None:
+        """The user's job created under `local_id` (JSON), or None."""
+        with self._read() as tx:
+            row = tx.execute(
+                f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND local_id = ?', (user, local_id)
+            ).fetchone()
+        return None if row is None else self.job_json(row)
+
     def exists(self, user: str, job_id: str) -> bool:
         with self._read() as tx:
             row = tx.execute(
@@ -298,7 +306,8 @@ class SQLStorage(abc.ABC):
     def update_job(
         self, user: str, job_id: str, changes: dict[str, Any], audio: StoredAudio | None
     ) -> tuple[str | None, str | None]:
-        """(job JSON or None when unknown, the replaced audio file's name to remove)."""
+        """(job JSON or None when unknown, the replaced audio file's name to remove).
+        `changes["audio"] = None` removes the job's audio (`audio` must then be None)."""
         sets: list[str] = []
         params: list[Any] = []
         if "text" in changes:
@@ -313,6 +322,10 @@ class SQLStorage(abc.ABC):
         if audio is not None:
             sets.append("audio_name = ?, audio_filename = ?, audio_size = ?, audio_sha256 = ?")
             params.extend((audio.name, audio.filename, audio.size, audio.sha256))
+        elif "audio" in changes:
+            sets.append(
+                "audio_name = NULL, audio_filename = NULL, audio_size = NULL, audio_sha256 = NULL"
+            )
         with self._write(user) as tx:
             # The lock first: the audio name read below is then the one this update replaces.
             version = self._bump(tx, user) if sets else 0
@@ -332,7 +345,8 @@ class SQLStorage(abc.ABC):
             row = tx.execute(
                 f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND id = ?', (user, job_id)
             ).fetchone()
-        return self.job_json(row), (old[0] if audio is not None else None)
+        replaced = audio is not None or "audio" in changes
+        return self.job_json(row), (old[0] if replaced else None)
 
     def delete_job(self, user: str, job_id: str) -> tuple[bool, str | None]:
         """(deleted, the job's audio file name to remove). The job leaves a tombstone."""
