@@ -31,6 +31,7 @@ PATCH_FIELDS = ("text", "metadata", "status")
 UPLOAD_FIELDS = ("audio_upload", "audio_filename")
 JSON_POST_FIELDS = (*POST_FIELDS, *UPLOAD_FIELDS)
 JSON_PATCH_FIELDS = (*PATCH_FIELDS, "audio", *UPLOAD_FIELDS)
+BATCH_PATCH_FIELDS = (*PATCH_FIELDS, "audio")  # an upload is attached by a request of its own
 
 
 class Invalid(ValueError):

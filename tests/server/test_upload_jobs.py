@@ -257,6 +257,34 @@ def test_a_batch_operation_naming_an_upload_is_422(
     assert upload_status(alice, server, upload_id) == 200
 
 
+def test_a_batch_update_with_audio_null_removes_the_audio_as_its_own_patch_would(
+    server: RunningServer, alice: requests.Session
+) -> None:
+    """The agent sends `update --no-audio` in a batch when the push carries no file."""
+    data = os.urandom(3_000)
+    created = post_job(
+        alice, server, audio_upload=finished_upload(alice, server, data), audio_filename="a.wav"
+    ).json()
+    upload_id = finished_upload(alice, server, b"u" * 300)
+    operations = [
+        {"op": "update", "id": created["id"], "fields": {"audio": None, "text": "no audio"}},
+        {"op": "update", "id": created["id"], "fields": {"audio": "x.wav"}},
+        {
+            "op": "update",
+            "id": created["id"],
+            "fields": {"audio_upload": upload_id, "audio_filename": "b.wav"},
+        },
+    ]
+    answer = alice.post(f"{server.url}/api/v1/batch", json={"operations": operations}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["status"] for r in results] == [200, 422, 422]
+    assert results[0]["job"]["audio"] is None
+    assert results[0]["job"]["text"] == "no audio"
+    assert [p for p in server.audio_dir.iterdir() if p.is_file()] == []
+    assert upload_status(alice, server, upload_id) == 200
+
+
 def token_server(
     server_factory: Callable[..., RunningServer], tmp_path: Path, max_bytes: int | None = None
 ) -> RunningServer:

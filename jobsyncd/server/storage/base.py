@@ -389,7 +389,12 @@ class SQLStorage(abc.ABC):
                     results += self._create_many(tx, user, run, counter)
                     run = []
                 if operation[0] == "update":
-                    results.append(self._update_one(tx, user, operation[1], operation[2], counter))
+                    status, job, audio = self._update_one(
+                        tx, user, operation[1], operation[2], counter
+                    )
+                    results.append((status, job))
+                    if audio:
+                        unlinked.append(audio)
                 elif operation[0] == "delete":
                     status, audio = self._delete_one(tx, user, operation[1], counter)
                     results.append((status, None))
@@ -448,9 +453,18 @@ class SQLStorage(abc.ABC):
 
     def _update_one(
         self, tx: Tx, user: str, job_id: str, changes: dict[str, Any], counter: _Counter
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, str | None]:
+        """(status, job JSON or None, the removed audio file's name when `"audio": None`)."""
         sets: list[str] = []
         params: list[Any] = []
+        removed = None
+        where = 'WHERE "user" = ? AND id = ?'
+        if "audio" in changes:
+            old = tx.execute(f"SELECT audio_name FROM jobs {where}", (user, job_id)).fetchone()
+            removed = old and old[0]
+            sets.append(
+                "audio_name = NULL, audio_filename = NULL, audio_size = NULL, audio_sha256 = NULL"
+            )
         for name in ("text", "status"):
             if name in changes:
                 sets.append(f"{name} = ?")
@@ -458,7 +472,6 @@ class SQLStorage(abc.ABC):
         if "metadata" in changes:
             sets.append("metadata = ?")
             params.append(json.dumps(changes["metadata"], separators=(",", ":")))
-        where = 'WHERE "user" = ? AND id = ?'
         if sets:
             row = tx.execute(
                 f"UPDATE jobs SET {', '.join(sets)}, updated_at = ?, change_seq = ? {where} "
@@ -469,7 +482,7 @@ class SQLStorage(abc.ABC):
                 counter.next()
         else:
             row = tx.execute(f"SELECT {COLUMNS} FROM jobs {where}", (user, job_id)).fetchone()
-        return (404, None) if row is None else (200, self.job_json(row))
+        return (404, None, None) if row is None else (200, self.job_json(row), removed)
 
     def _delete_one(
         self, tx: Tx, user: str, job_id: str, counter: _Counter
