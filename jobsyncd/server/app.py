@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -24,7 +25,7 @@ from urllib.parse import parse_qs
 import platformdirs
 
 from jobsyncd.server import batch, validation
-from jobsyncd.server.body import MAX_JSON_BYTES, Body, Multipart, read_json_body
+from jobsyncd.server.body import MAX_JSON_BYTES, Body, Multipart, read_json_body, sanitise_filename
 from jobsyncd.server.errors import ConfigError, HTTPError
 from jobsyncd.server.settings import (
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -48,6 +49,7 @@ from jobsyncd.server.storage import (
     StoredAudio,
     open_storage,
 )
+from jobsyncd.server.uploads import UploadError, UploadStore, handle
 
 __all__ = [
     "CLOSE_CONNECTION_KEY",
@@ -67,6 +69,8 @@ __all__ = [
 API_PREFIX = "/api/v1/jobs"
 CHANGES_PATH = "/api/v1/changes"
 BATCH_PATH = "/api/v1/batch"
+UPLOADS_PATH = "/api/v1/uploads"
+REPEAT_WAIT_SECONDS = 2.0  # how long a create whose upload another request took looks for its job
 MAX_WAIT_SECONDS = 60.0
 DEFAULT_TOMBSTONE_DAYS = 30.0
 PURGE_INTERVAL_SECONDS = 3600.0
@@ -127,7 +131,10 @@ def create_app(
     tokens = load_tokens(token_file) if token_file else None
     storage = open_storage(str(db_path))
     storage.purge_tombstones(tombstone_days)  # at start, then hourly (JobServerApp._upkeep)
-    return JobServerApp(storage, AudioDir(audio_dir), tokens, max_upload_bytes, tombstone_days)
+    audio = AudioDir(audio_dir)
+    uploads = UploadStore(audio.root, max_upload_bytes)
+    uploads.expire()  # at start, then hourly (JobServerApp._upkeep)
+    return JobServerApp(storage, audio, tokens, max_upload_bytes, tombstone_days, uploads)
 
 
 class JobServerApp:
@@ -140,9 +147,11 @@ class JobServerApp:
         tokens: list[tuple[bytes, str]] | None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         tombstone_days: float = DEFAULT_TOMBSTONE_DAYS,
+        uploads: UploadStore | None = None,
     ) -> None:
         self.storage = storage
         self.audio_dir = audio_dir
+        self.uploads = uploads or UploadStore(audio_dir.root, max_upload_bytes)
         self.tokens = tokens
         self.max_upload_bytes = max_upload_bytes
         self.tombstone_days = tombstone_days
@@ -153,6 +162,9 @@ class JobServerApp:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         body: Body | None = None
         self._start_upkeep()
+        path = environ.get("PATH_INFO", "")
+        if path == UPLOADS_PATH or path.startswith(UPLOADS_PATH + "/"):
+            return self._uploads(environ, start_response)
         try:
             try:
                 body = Body(environ)
@@ -188,6 +200,30 @@ class JobServerApp:
         start_response(_status_line(status), headers)
         return [payload] if payload else []
 
+    # -- /api/v1/uploads (tus 1.0.0: uploads.py reads and drains the body itself)
+
+    def _uploads(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        user: str | None = None
+        if environ.get("REQUEST_METHOD") != "OPTIONS":  # the offer needs no token
+            try:
+                user = self._user(environ)
+            except HTTPError:
+                user = None  # handle() answers 401 (and drains the body) for all but OPTIONS
+        environ[USER_KEY] = user or "-"
+        try:
+            return handle(environ, start_response, user, self.uploads, UPLOADS_PATH)
+        except Exception:
+            print("jobsyncd-server: internal error:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            payload = _error_body("internal error")
+            close = environ.get(CLOSE_CONNECTION_KEY)
+            if callable(close):
+                close()  # the body may be left unread
+            start_response(
+                _status_line(500), [*_JSON_HEADERS, ("Content-Length", str(len(payload)))]
+            )
+            return [payload]
+
     # -- upkeep
 
     def _start_upkeep(self) -> None:
@@ -207,6 +243,10 @@ class JobServerApp:
                 self.storage.purge_tombstones(self.tombstone_days)
             except Exception as e:  # the next hour tries again; the server keeps serving
                 print(f"jobsyncd-server: tombstone purge failed: {e}", file=sys.stderr)
+            try:
+                self.uploads.expire()
+            except Exception as e:
+                print(f"jobsyncd-server: upload expiry failed: {e}", file=sys.stderr)
 
     # -- dispatch
 
@@ -410,12 +450,14 @@ class JobServerApp:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         media, message = self._media_type(environ)
         upload: AudioUpload | None = None
+        named: tuple[str, str] | None = None
         if media == "application/json":
             document = read_json_body(body)
-            validation.check_fields(document, validation.POST_FIELDS)
+            validation.check_fields(document, validation.JSON_POST_FIELDS)
             local_id = validation.check_local_id(document.get("local_id"))
             text = validation.check_text(document.get("text"))
             metadata = validation.check_metadata(document.get("metadata", {}))
+            named = _named_upload(document)
         else:
             fields, upload = self._multipart(body, message, environ)
             try:
@@ -429,7 +471,17 @@ class JobServerApp:
                 if upload is not None:
                     upload.discard()
                 raise
-        stored = self._commit(upload)
+        if named is not None:
+            # A repeat of a create whose answer was lost: the stored job, the upload left alone.
+            existing = self.storage.find_local(user, local_id)
+            if existing is not None:
+                return 200, list(_JSON_HEADERS), existing.encode()
+            stored = self._consume(user, *named)
+            if stored is None:  # a concurrent identical create took the upload
+                existing = self._wait_for_local(user, local_id)
+                return 200, list(_JSON_HEADERS), existing.encode()
+        else:
+            stored = self._commit(upload)
         try:
             job, created = self.storage.create_job(user, local_id, text, metadata, stored)
         except BaseException:
@@ -438,6 +490,34 @@ class JobServerApp:
         if not created and stored is not None:
             self.audio_dir.remove(stored.name)  # a repeat: the existing job stays unchanged
         return (201 if created else 200), list(_JSON_HEADERS), job.encode()
+
+    def _consume(self, user: str, upload_id: str, filename: str) -> StoredAudio | None:
+        """Take the user's finished upload into the audio dir under a new name, as a committed
+        multipart part; None when it went between the check and the taking (404)."""
+        try:
+            self.uploads.finished(user, upload_id)
+        except UploadError:
+            raise HTTPError(422, "audio_upload: no finished upload with this id") from None
+        name = uuid.uuid4().hex
+        try:
+            consumed = self.uploads.consume(user, upload_id, dest=self.audio_dir.path(name))
+        except UploadError as e:
+            if e.status == 404:
+                return None
+            raise HTTPError(422, "audio_upload: no finished upload with this id") from None
+        return StoredAudio(name, sanitise_filename(filename), consumed.size, consumed.sha256)
+
+    def _wait_for_local(self, user: str, local_id: str) -> str:
+        """The job another request is creating under `local_id` with the same upload; 422 when
+        none appears within REPEAT_WAIT_SECONDS (the upload went some other way)."""
+        deadline = time.monotonic() + REPEAT_WAIT_SECONDS
+        while True:
+            job = self.storage.find_local(user, local_id)
+            if job is not None:
+                return job
+            if time.monotonic() >= deadline:
+                raise HTTPError(422, "audio_upload: no finished upload with this id")
+            time.sleep(0.05)
 
     def _commit(self, upload: AudioUpload | None) -> StoredAudio | None:
         if upload is None:
@@ -458,14 +538,27 @@ class JobServerApp:
         media, message = self._media_type(environ)
         upload: AudioUpload | None = None
         changes: dict[str, Any] = {}
+        named: tuple[str, str] | None = None
         if media == "application/json":
             document = read_json_body(body)
-            validation.check_fields(document, validation.PATCH_FIELDS)
+            validation.check_fields(document, validation.JSON_PATCH_FIELDS)
+            named = _named_upload(document)
+            if "audio" in document:
+                if document["audio"] is not None:
+                    raise HTTPError(422, "audio must be null (to remove the audio), or left out")
+                if named is not None:
+                    raise HTTPError(422, '"audio": null and audio_upload cannot go together')
+                changes["audio"] = None
         else:
             fields, upload = self._multipart(body, message, environ)
             document = dict(fields)
         try:
-            validation.check_fields(document, validation.PATCH_FIELDS)
+            allowed = (
+                validation.JSON_PATCH_FIELDS
+                if media == "application/json"
+                else validation.PATCH_FIELDS
+            )
+            validation.check_fields(document, allowed)
             if "text" in document:
                 changes["text"] = validation.check_text(document["text"])
             if "metadata" in document:
@@ -481,7 +574,12 @@ class JobServerApp:
             if upload is not None:
                 upload.discard()
             raise
-        stored = self._commit(upload)
+        if named is not None:
+            stored = self._consume(user, *named)
+            if stored is None:
+                raise HTTPError(422, "audio_upload: no finished upload with this id")
+        else:
+            stored = self._commit(upload)
         try:
             job, replaced = self.storage.update_job(user, job_id, changes, stored)
         except BaseException:
@@ -492,6 +590,21 @@ class JobServerApp:
             raise HTTPError(404, "no such job")
         self.audio_dir.remove(replaced)
         return 200, list(_JSON_HEADERS), job.encode()
+
+
+def _named_upload(document: dict[str, Any]) -> tuple[str, str] | None:
+    """(upload id, file name) of `audio_upload` + `audio_filename`, both or neither (else 422)."""
+    upload_id = document.get("audio_upload")
+    filename = document.get("audio_filename")
+    if upload_id is None and filename is None:
+        return None
+    if upload_id is None or filename is None:
+        raise HTTPError(422, "audio_upload and audio_filename go together (both or neither)")
+    if not isinstance(upload_id, str) or not upload_id:
+        raise HTTPError(422, "audio_upload must be the id of a finished upload")
+    if not isinstance(filename, str) or validation.has_lone_surrogate(filename):
+        raise HTTPError(422, "audio_filename must be a string")
+    return upload_id, filename
 
 
 def _seconds(text: str) -> float:

@@ -57,8 +57,12 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
         changes = operation.get("fields")
         if not isinstance(changes, dict):
             raise HTTPError(422, "fields must be a JSON object")
-        validation.check_fields(changes, validation.PATCH_FIELDS)
+        validation.check_fields(changes, validation.BATCH_PATCH_FIELDS)
         checked: dict[str, Any] = {}
+        if "audio" in changes:
+            if changes["audio"] is not None:
+                raise HTTPError(422, "audio must be null (to remove the audio), or left out")
+            checked["audio"] = None
         if "text" in changes:
             checked["text"] = validation.check_text(changes["text"])
         if "metadata" in changes:

@@ -26,6 +26,12 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 POST_FIELDS = ("local_id", "text", "metadata")
 PATCH_FIELDS = ("text", "metadata", "status")
+# A JSON request of its own (not an operation of a batch) may also attach a finished resumable
+# upload, and a JSON PATCH remove the audio with "audio": null.
+UPLOAD_FIELDS = ("audio_upload", "audio_filename")
+JSON_POST_FIELDS = (*POST_FIELDS, *UPLOAD_FIELDS)
+JSON_PATCH_FIELDS = (*PATCH_FIELDS, "audio", *UPLOAD_FIELDS)
+BATCH_PATCH_FIELDS = (*PATCH_FIELDS, "audio")  # an upload is attached by a request of its own
 
 
 class Invalid(ValueError):

@@ -62,7 +62,7 @@ def test_a_bad_json_create_is_refused_and_stores_nothing(
         ({"status": ""}, 422),
         ({"status": 3}, 422),
         ({"local_id": GOOD_ID}, 422),
-        ({"audio": None}, 422),
+        ({"audio": "x.wav"}, 422),  # only null (removes the audio) is a value
         ([], 400),
     ],
 )

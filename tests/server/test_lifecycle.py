@@ -159,6 +159,8 @@ def test_the_openapi_file_is_valid_openapi_3_1() -> None:
         "/api/v1/jobs/{id}",
         "/api/v1/changes",
         "/api/v1/batch",
+        "/api/v1/uploads",
+        "/api/v1/uploads/{id}",
     }
 
 

@@ -241,6 +241,14 @@ class SQLStorage(abc.ABC):
             ).fetchone()
         return None if row is None else self.job_json(row)
 
+    def find_local(self, user: str, local_id: str) -> str | None:
+        """The user's job created under `local_id` (JSON), or None."""
+        with self._read() as tx:
+            row = tx.execute(
+                f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND local_id = ?', (user, local_id)
+            ).fetchone()
+        return None if row is None else self.job_json(row)
+
     def exists(self, user: str, job_id: str) -> bool:
         with self._read() as tx:
             row = tx.execute(
@@ -299,7 +307,8 @@ class SQLStorage(abc.ABC):
     def update_job(
         self, user: str, job_id: str, changes: dict[str, Any], audio: StoredAudio | None
     ) -> tuple[str | None, str | None]:
-        """(job JSON or None when unknown, the replaced audio file's name to remove)."""
+        """(job JSON or None when unknown, the replaced audio file's name to remove).
+        `changes["audio"] = None` removes the job's audio (`audio` must then be None)."""
         sets: list[str] = []
         params: list[Any] = []
         if "text" in changes:
@@ -314,6 +323,10 @@ class SQLStorage(abc.ABC):
         if audio is not None:
             sets.append("audio_name = ?, audio_filename = ?, audio_size = ?, audio_sha256 = ?")
             params.extend((audio.name, audio.filename, audio.size, audio.sha256))
+        elif "audio" in changes:
+            sets.append(
+                "audio_name = NULL, audio_filename = NULL, audio_size = NULL, audio_sha256 = NULL"
+            )
         with self._write(user) as tx:
             # The lock first: the audio name read below is then the one this update replaces.
             version = self._bump(tx, user) if sets else 0
@@ -333,7 +346,8 @@ class SQLStorage(abc.ABC):
             row = tx.execute(
                 f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND id = ?', (user, job_id)
             ).fetchone()
-        return self.job_json(row), (old[0] if audio is not None else None)
+        replaced = audio is not None or "audio" in changes
+        return self.job_json(row), (old[0] if replaced else None)
 
     def delete_job(self, user: str, job_id: str) -> tuple[bool, str | None]:
         """(deleted, the job's audio file name to remove). The job leaves a tombstone."""
@@ -376,7 +390,12 @@ class SQLStorage(abc.ABC):
                     results += self._create_many(tx, user, run, counter)
                     run = []
                 if operation[0] == "update":
-                    results.append(self._update_one(tx, user, operation[1], operation[2], counter))
+                    status, job, audio = self._update_one(
+                        tx, user, operation[1], operation[2], counter
+                    )
+                    results.append((status, job))
+                    if audio:
+                        unlinked.append(audio)
                 elif operation[0] == "delete":
                     status, audio = self._delete_one(tx, user, operation[1], counter)
                     results.append((status, None))
@@ -435,9 +454,18 @@ class SQLStorage(abc.ABC):
 
     def _update_one(
         self, tx: Tx, user: str, job_id: str, changes: dict[str, Any], counter: _Counter
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, str | None]:
+        """(status, job JSON or None, the removed audio file's name when `"audio": None`)."""
         sets: list[str] = []
         params: list[Any] = []
+        removed = None
+        where = 'WHERE "user" = ? AND id = ?'
+        if "audio" in changes:
+            old = tx.execute(f"SELECT audio_name FROM jobs {where}", (user, job_id)).fetchone()
+            removed = old and old[0]
+            sets.append(
+                "audio_name = NULL, audio_filename = NULL, audio_size = NULL, audio_sha256 = NULL"
+            )
         for name in ("text", "status"):
             if name in changes:
                 sets.append(f"{name} = ?")
@@ -445,7 +473,6 @@ class SQLStorage(abc.ABC):
         if "metadata" in changes:
             sets.append("metadata = ?")
             params.append(json.dumps(changes["metadata"], separators=(",", ":")))
-        where = 'WHERE "user" = ? AND id = ?'
         if sets:
             row = tx.execute(
                 f"UPDATE jobs SET {', '.join(sets)}, updated_at = ?, change_seq = ? {where} "
@@ -456,7 +483,7 @@ class SQLStorage(abc.ABC):
                 counter.next()
         else:
             row = tx.execute(f"SELECT {COLUMNS} FROM jobs {where}", (user, job_id)).fetchone()
-        return (404, None) if row is None else (200, self.job_json(row))
+        return (404, None, None) if row is None else (200, self.job_json(row), removed)
 
     def _delete_one(
         self, tx: Tx, user: str, job_id: str, counter: _Counter
