@@ -62,7 +62,8 @@ def utc_now() -> str:
 
 
 class Cursor(Protocol):
-    rowcount: int
+    @property  # read-only: sqlite3.Cursor's rowcount cannot be assigned
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
