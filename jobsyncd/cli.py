@@ -136,11 +136,12 @@ def print_job(job: Job, as_json: bool) -> None:
         print_json(job.public())
         return
     for key, value in job.public().items():
+        shown = value
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, ensure_ascii=False)
+            shown = json.dumps(value, ensure_ascii=False)
         elif value is None:
-            value = "-"
-        click.echo(f"{key + ':':22}{value}")
+            shown = "-"
+        click.echo(f"{key + ':':22}{shown}")
 
 
 class IntervalSeconds(_FloatParamType):
@@ -251,6 +252,23 @@ def cli(
     ctx.obj.set_verbosity(verbose, quiet)
 
 
+def _usage_message(exc: click.UsageError) -> str:
+    message = exc.format_message()
+    if type(exc).__name__ == "NoArgsIsHelpError":  # plain `jobsyncd`: not the whole help
+        message = "give a command, e.g. `jobsyncd status`"
+    if exc.ctx is not None and exc.ctx.command_path:
+        message = f"{message} (see '{exc.ctx.command_path} --help')"
+    return message
+
+
+def _traceback_with_vv() -> None:
+    """The traceback of the exception being handled, on stderr, only with -vv."""
+    if _state["verbose"] >= 2:
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     bad = _not_utf8_argument(args)
@@ -262,21 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
-        message = exc.format_message()
-        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `jobsyncd`: not the whole help
-            message = "give a command, e.g. `jobsyncd status`"
-        if exc.ctx is not None and exc.ctx.command_path:
-            message = f"{message} (see '{exc.ctx.command_path} --help')"
-        log.error(_one_line(message))
+        log.error(_one_line(_usage_message(exc)))
         code = 2
     except click.Abort:
         log.error("aborted")
         code = 130
     except JobsyncdError as exc:
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         log.error(_one_line(str(exc)))
         code = exc.exit_code
     except click.ClickException as exc:
@@ -294,18 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
     except OSError as exc:
         # A file or directory the system refused that no layer above named: still one line.
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         where = f" {exc.filename}" if exc.filename else ""
         log.error(_one_line(f"cannot use{where}: {exc.strerror or exc}"))
         code = 1
     except Exception as exc:  # a bug: say so in one line, the traceback only with -vv
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         log.error(_one_line(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)"))
         code = 1
     sys.exit(code or 0)

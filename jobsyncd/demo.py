@@ -88,6 +88,7 @@ class _Demo:
     def jobsyncd(self, *args: str) -> str:
         proc = subprocess.run(
             [PY, "-c", "from jobsyncd.cli import main; main()", *args],
+            check=False,  # the exit code is checked below, with the command's stderr
             env=self.env,
             capture_output=True,
             text=True,

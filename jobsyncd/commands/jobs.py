@@ -290,12 +290,19 @@ def update(
     """
     from ..jobs import check_meta_not_conflicting, update_job
 
-    if text is None and text_file is None and not edit and audio_src is None and not no_audio:
-        if not metas and not unset:
-            raise click.UsageError(
-                "give at least one of --text, --text-file, --edit, --audio, --no-audio, "
-                "--meta, --unset-meta"
-            )
+    if (
+        text is None
+        and text_file is None
+        and not edit
+        and audio_src is None
+        and not no_audio
+        and not metas
+        and not unset
+    ):
+        raise click.UsageError(
+            "give at least one of --text, --text-file, --edit, --audio, --no-audio, "
+            "--meta, --unset-meta"
+        )
     if audio_src is not None and no_audio:
         raise click.UsageError("--audio and --no-audio cannot be used together")
     set_meta = _parse_metas(metas)

@@ -194,36 +194,38 @@ class PostgresStorage(SQLStorage):
         import psycopg
 
         try:
-            with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS server_meta "
-                        "(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            with (
+                psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn,
+                conn.transaction(),
+            ):
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS server_meta "
+                    "(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                row = conn.execute(
+                    "SELECT value FROM server_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"{self.description}: database schema {version} is newer than this "
+                        f"server understands ({SCHEMA_VERSION}); upgrade jobsyncd"
                     )
-                    row = conn.execute(
-                        "SELECT value FROM server_meta WHERE key = 'schema_version'"
-                    ).fetchone()
-                    version = int(row[0]) if row else 0
-                    if version > SCHEMA_VERSION:
-                        raise StorageError(
-                            f"{self.description}: database schema {version} is newer than this "
-                            f"server understands ({SCHEMA_VERSION}); upgrade jobsyncd"
+                if version == 0:
+                    for statement in iter_statements(_SCHEMA):
+                        conn.execute(statement)
+                    for key, value in (
+                        ("cursor_secret", secrets_hex(32)),
+                        ("etag_epoch", secrets_hex(4)),
+                        ("history_id", secrets_hex(16)),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                    ):
+                        conn.execute(
+                            "INSERT INTO server_meta VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                            (key, value),
                         )
-                    if version == 0:
-                        for statement in iter_statements(_SCHEMA):
-                            conn.execute(statement)
-                        for key, value in (
-                            ("cursor_secret", secrets_hex(32)),
-                            ("etag_epoch", secrets_hex(4)),
-                            ("history_id", secrets_hex(16)),
-                            ("schema_version", str(SCHEMA_VERSION)),
-                        ):
-                            conn.execute(
-                                "INSERT INTO server_meta VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                                (key, value),
-                            )
-                    # Later releases migrate here: `if version == 1: ...`.
+                # Later releases migrate here: `if version == 1: ...`.
         except psycopg.Error as e:
             raise StorageError(f"{self.description}: {e}".strip()) from None
 
