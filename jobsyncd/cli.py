@@ -10,13 +10,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__, log
 from .errors import JobsyncdError
 from .model import Job
+
+if TYPE_CHECKING:  # for the annotations only: importing them costs start-up time
+    from .config import Settings
+    from .store import Store
+
+    _FloatParamType = click.ParamType[float]
+else:  # click before 8.2 (setup.cfg allows 8.1) has no subscriptable ParamType at run time
+    _FloatParamType = click.ParamType
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 _state = {"verbose": 0}
 EPILOG = (
@@ -40,8 +52,8 @@ class App:
         self.overrides = {"data_dir": data_dir, "server_url": server}
         self.verbose = verbose
         self.quiet = quiet
-        self._settings = None
-        self._store = None
+        self._settings: Settings | None = None
+        self._store: Store | None = None
 
     def set_verbosity(self, verbose: int, quiet: bool) -> None:
         self.verbose, self.quiet = verbose, quiet
@@ -49,7 +61,7 @@ class App:
         log.configure(verbose=verbose, quiet=quiet)
 
     @property
-    def settings(self):
+    def settings(self) -> Settings:
         if self._settings is None:
             from .config import load_settings
 
@@ -59,7 +71,7 @@ class App:
         return self._settings
 
     @property
-    def store(self):
+    def store(self) -> Store:
         if self._store is None:
             from .store import Store, prepare_data_dir
 
@@ -101,18 +113,18 @@ def late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         app.set_verbosity(app.verbose, True)
 
 
-def global_options(command: Any) -> Any:
+def global_options(command: _Fn) -> _Fn:
     """Accept the global options after the command too (contract section 2: `jobsyncd sync -q`
     is `jobsyncd -q sync`); hidden in the command's own help, which says so."""
-    late = {"hidden": True, "expose_value": False, "callback": late_option}
-    command = click.option("-q", "--quiet", is_flag=True, **late)(command)
-    command = click.option("-v", "--verbose", count=True, **late)(command)
+    late = partial(click.option, hidden=True, expose_value=False, callback=late_option)
+    command = late("-q", "--quiet", is_flag=True)(command)
+    command = late("-v", "--verbose", count=True)(command)
     if not any(
         "--server" in getattr(p, "opts", ()) for p in getattr(command, "__click_params__", ())
     ):
-        command = click.option("--server", **late)(command)
-    command = click.option("--data-dir", **late)(command)
-    return click.option("--config", "config_file", **late)(command)
+        command = late("--server")(command)
+    command = late("--data-dir")(command)
+    return late("--config", "config_file")(command)
 
 
 def print_json(obj: Any) -> None:
@@ -124,19 +136,22 @@ def print_job(job: Job, as_json: bool) -> None:
         print_json(job.public())
         return
     for key, value in job.public().items():
+        shown = value
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, ensure_ascii=False)
+            shown = json.dumps(value, ensure_ascii=False)
         elif value is None:
-            value = "-"
-        click.echo(f"{key + ':':22}{value}")
+            shown = "-"
+        click.echo(f"{key + ':':22}{shown}")
 
 
-class IntervalSeconds(click.ParamType):
+class IntervalSeconds(_FloatParamType):
     """`daemon --interval`: a finite number in interval_seconds' range, else a usage error."""
 
     name = "seconds"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         try:
             seconds = float(value)
         except (TypeError, ValueError):
@@ -178,7 +193,10 @@ class _LazyGroup(click.Group):
             return None
         import importlib
 
-        return importlib.import_module(f"jobsyncd.commands.{module}").COMMANDS[name]
+        command: click.Command = importlib.import_module(f"jobsyncd.commands.{module}").COMMANDS[
+            name
+        ]
+        return command
 
 
 # command -> its module under jobsyncd/commands/, in the order --help lists them
@@ -212,7 +230,14 @@ COMMANDS = {
     __version__, "--version", prog_name="jobsyncd", message="%(prog)s %(version)s"
 )
 @click.pass_context
-def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> None:
+def cli(
+    ctx: click.Context,
+    config_file: str | None,
+    data_dir: str | None,
+    server: str | None,
+    verbose: int,
+    quiet: bool,
+) -> None:
     """jobsyncd: an offline-first sync agent for jobs.
 
     Jobs are saved locally first and pushed to the job server by `jobsyncd sync` or a running
@@ -227,6 +252,23 @@ def cli(ctx: click.Context, config_file, data_dir, server, verbose, quiet) -> No
     ctx.obj.set_verbosity(verbose, quiet)
 
 
+def _usage_message(exc: click.UsageError) -> str:
+    message = exc.format_message()
+    if type(exc).__name__ == "NoArgsIsHelpError":  # plain `jobsyncd`: not the whole help
+        message = "give a command, e.g. `jobsyncd status`"
+    if exc.ctx is not None and exc.ctx.command_path:
+        message = f"{message} (see '{exc.ctx.command_path} --help')"
+    return message
+
+
+def _traceback_with_vv() -> None:
+    """The traceback of the exception being handled, on stderr, only with -vv."""
+    if _state["verbose"] >= 2:
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     bad = _not_utf8_argument(args)
@@ -238,21 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
-        message = exc.format_message()
-        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `jobsyncd`: not the whole help
-            message = "give a command, e.g. `jobsyncd status`"
-        if exc.ctx is not None and exc.ctx.command_path:
-            message = f"{message} (see '{exc.ctx.command_path} --help')"
-        log.error(_one_line(message))
+        log.error(_one_line(_usage_message(exc)))
         code = 2
     except click.Abort:
         log.error("aborted")
         code = 130
     except JobsyncdError as exc:
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         log.error(_one_line(str(exc)))
         code = exc.exit_code
     except click.ClickException as exc:
@@ -270,18 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
     except OSError as exc:
         # A file or directory the system refused that no layer above named: still one line.
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         where = f" {exc.filename}" if exc.filename else ""
         log.error(_one_line(f"cannot use{where}: {exc.strerror or exc}"))
         code = 1
     except Exception as exc:  # a bug: say so in one line, the traceback only with -vv
-        if _state["verbose"] >= 2:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_with_vv()
         log.error(_one_line(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)"))
         code = 1
     sys.exit(code or 0)

@@ -233,7 +233,8 @@ def _coerce(key: str, value: Any, origin: str, from_text: bool = False) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value != value or value in (float("inf"), float("-inf")):
+            # NaN is the one value unequal to itself (math.isnan would overflow on a huge int).
+            if value != value or value in (float("inf"), float("-inf")):  # noqa: PLR0124
                 raise ConfigError(f"{key} from {origin} must be a finite number")
             if kind == "int":
                 if isinstance(value, float) and not value.is_integer():
@@ -450,12 +451,11 @@ def check_server_url(settings: Settings) -> str:
             raise ConfigError(f"server URL {url!r} has an invalid host name {host!r}") from None
     if parts.username or parts.password:
         raise ConfigError("server URL must not carry credentials; use token_file or JOBSYNCD_TOKEN")
-    if parts.scheme == "http" and not settings.allow_insecure_http:
-        if not is_loopback_host(host):
-            raise ConfigError(
-                f"refusing plain http:// to {host}: use https://, or set "
-                "allow_insecure_http = true if you really mean it"
-            )
+    if parts.scheme == "http" and not settings.allow_insecure_http and not is_loopback_host(host):
+        raise ConfigError(
+            f"refusing plain http:// to {host}: use https://, or set "
+            "allow_insecure_http = true if you really mean it"
+        )
     api_base = url.rstrip("/") + "/api/v1"
     _check_requests_can_parse(api_base)
     return api_base

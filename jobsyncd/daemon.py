@@ -71,7 +71,8 @@ class PassSchedule:
     def every(self, interval: float) -> None:
         self.interval = interval
         self.scheduler.clear()
-        self.scheduler.every(interval).seconds.do(self.on_due)
+        # schedule types the interval as int; its timedelta takes the float (1.5 s) as it is
+        self.scheduler.every(interval).seconds.do(self.on_due)  # type: ignore[arg-type]
         self._offset = self._wall_minus_monotonic()
 
     def run_pending(self) -> None:

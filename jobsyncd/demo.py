@@ -20,6 +20,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -60,7 +61,7 @@ def _make_wav(path: str) -> None:
 class _Demo:
     def __init__(self, root: str) -> None:
         self.root = root
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSYNCD_")}
         for name in (
             "NOTIFY_SOCKET",
@@ -87,6 +88,7 @@ class _Demo:
     def jobsyncd(self, *args: str) -> str:
         proc = subprocess.run(
             [PY, "-c", "from jobsyncd.cli import main; main()", *args],
+            check=False,  # the exit code is checked below, with the command's stderr
             env=self.env,
             capture_output=True,
             text=True,
@@ -120,9 +122,10 @@ class _Demo:
         )
         self.procs.append(server)
         assert server.stderr is not None
+        stderr = server.stderr  # bound so the drain thread below sees it narrowed
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            line = server.stderr.readline()
+            line = stderr.readline()
             if not line:
                 break
             match = re.search(r"listening on http://[^\s:]+:(\d+)", line)
@@ -131,10 +134,10 @@ class _Demo:
                 break
         if not self.url:
             raise click.ClickException("demo: the reference server did not start")
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
         self.env["JOBSYNCD_SERVER_URL"] = self.url
 
-    def start_daemon(self) -> subprocess.Popen:
+    def start_daemon(self) -> subprocess.Popen[bytes]:
         log_path = os.path.join(self.root, "daemon.log")
         self.daemon_log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         daemon = subprocess.Popen(
@@ -146,12 +149,13 @@ class _Demo:
         self.procs.append(daemon)
         return daemon
 
-    def server_jobs(self) -> list[dict]:
+    def server_jobs(self) -> list[dict[str, Any]]:
         import requests  # costs start-up time; only the demo and the sync pass need it
 
-        jobs, cursor = [], None
+        jobs: list[dict[str, Any]] = []
+        cursor: str | None = None
         for _ in range(1000):
-            params = {"cursor": cursor} if cursor else {}
+            params: dict[str, str] = {"cursor": cursor} if cursor else {}
             page = requests.get(self.url + "/api/v1/jobs", params=params, timeout=5).json()
             jobs += page["jobs"]
             cursor = page.get("next_cursor")
@@ -159,7 +163,7 @@ class _Demo:
                 break
         return jobs
 
-    def local_jobs(self) -> list[dict]:
+    def local_jobs(self) -> list[dict[str, Any]]:
         return [
             json.loads(line)
             for line in self.jobsyncd("list", "--json").splitlines()

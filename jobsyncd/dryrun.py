@@ -72,11 +72,11 @@ def plan_push(jobs: dict[str, Job], policy: Policy, now: _dt.datetime) -> Iterat
             yield Action("update", job.local_id, job.server_id, tuple(names))
 
 
-def plan_pull(
+def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's order
     jobs: dict[str, Job], remote: Any, policy: Policy, etag: str | None, summary: PassSummary
 ) -> Iterator[Action]:
     """The pull's actions; sets summary.ok / deletion_guard / message like a pass would."""
-    from .remote import NotModified, RemoteError, ServerJob
+    from .api import NotModified, RemoteError, ServerJob
 
     by_server_id = {j.server_id: j.local_id for j in jobs.values() if j.server_id is not None}
     synced = {j.server_id: j.local_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id}
@@ -139,7 +139,7 @@ def plan_pull(
             stop = _stop_for(exc)
             if stop is not None:
                 raise stop from None
-            from .remote import Gone
+            from .api import Gone
 
             if isinstance(exc, Gone):
                 yield Action("remove-local", local_id, server_id)

@@ -73,6 +73,22 @@ def _is_delete(job: Job) -> bool:
     )
 
 
+def _check_updatable(job: Job, ref: str, copy: str | None, edited_from: str | None) -> None:
+    """Raise when the update must not go ahead: the reference moved to another job while the
+    audio was copied, the job is being deleted, or its text changed under the editor."""
+    if copy is not None and not os.path.basename(copy).startswith(job.local_id):
+        raise JobsyncdError(f"{ref!r} changed meaning during the update; try again")
+    if _is_delete(job):
+        raise JobsyncdError(
+            f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
+            "updated (`jobsyncd retry` a failed delete first)"
+        )
+    if edited_from is not None and job.text != edited_from:
+        raise JobsyncdError(
+            f"job {job.local_id}'s text changed while you edited it; nothing changed"
+        )
+
+
 def update_job(
     store: Store,
     ref: str,
@@ -101,26 +117,20 @@ def update_job(
                 copy = audio.import_copy(store.data_dir, src_fd, audio_src or "", first.local_id)
         with store.locked():
             job = store.find(ref)
-            if copy is not None and not os.path.basename(copy).startswith(job.local_id):
-                raise JobsyncdError(f"{ref!r} changed meaning during the update; try again")
-            if _is_delete(job):
-                raise JobsyncdError(
-                    f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
-                    "updated (`jobsyncd retry` a failed delete first)"
-                )
-            if edited_from is not None and job.text != edited_from:
-                raise JobsyncdError(
-                    f"job {job.local_id}'s text changed while you edited it; nothing changed"
-                )
+            _check_updatable(job, ref, copy, edited_from)
             metadata = json.loads(json.dumps(job.metadata))
             metadata.update(set_meta)
             for key in unset_meta:
                 metadata.pop(key, None)
             new_text = job.text if text is None else text
             drop_audio = remove_audio and job.audio_file is not None
-            if new_text == job.text and metadata == job.metadata and copy is None:
-                if not drop_audio:
-                    return job, False
+            if (
+                new_text == job.text
+                and metadata == job.metadata
+                and copy is None
+                and not drop_audio
+            ):
+                return job, False
             old_audio = job.audio_file
             job.text = new_text
             job.metadata = metadata
@@ -247,9 +257,10 @@ def status_report(
         counts[job.sync_status] += 1
         if job.upload_url is not None:
             uploads.append({"local_id": job.local_id, "offset": job.upload_offset})
-        if job.sync_status in (PENDING, PENDING_DELETION, ERROR):
-            if oldest is None or job.updated_at < oldest:
-                oldest = job.updated_at
+        if job.sync_status in (PENDING, PENDING_DELETION, ERROR) and (
+            oldest is None or job.updated_at < oldest
+        ):
+            oldest = job.updated_at
     age = None
     if oldest:
         age = max(0.0, round((utc_now() - parse_rfc3339(oldest)).total_seconds(), 3))

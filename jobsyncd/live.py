@@ -89,7 +89,7 @@ class LivePoller:
         self.wake.clear()
 
     def _retry_delay(self) -> float:
-        nominal = min(self.backoff_base * 2 ** min(self.failures - 1, 30), self.interval)
+        nominal = min(self.backoff_base * 2.0 ** min(self.failures - 1, 30), self.interval)
         return nominal / 2 + self.rng.random() * nominal / 2
 
     def _run(self) -> None:

@@ -21,7 +21,8 @@ journal = False
 
 
 def configure(verbose: int = 0, quiet: bool = False, daemon: bool = False) -> None:
-    global level, timestamps, journal, per_job
+    # The log's settings are process-wide by design: one CLI run or one daemon per process.
+    global level, timestamps, journal, per_job  # noqa: PLW0603
     per_job = verbose >= 1 and not quiet
     level = ERROR if quiet else {0: WARNING, 1: INFO}.get(verbose, DEBUG)
     if daemon and not quiet:

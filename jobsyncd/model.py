@@ -11,8 +11,9 @@ import json
 import operator
 import os
 import sys
+from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 
 class SyncStatus(str, Enum):
@@ -193,7 +194,7 @@ class Job:
 _public_values = operator.attrgetter(*PUBLIC_KEYS)
 
 
-def _make_from_record() -> Any:
+def _make_from_record() -> Callable[[dict[str, Any]], Job]:
     # Straight-line attribute stores, generated once: folding 100,000 records this way is
     # several times faster than a setattr loop, and slots keep each job small in memory.
     # The few values that repeat across jobs (statuses) are interned: one string, not 100,000.
@@ -216,7 +217,8 @@ def _make_from_record() -> Any:
     lines.append("    return j")
     namespace: dict[str, Any] = {"Job": Job, "intern": sys.intern}
     exec("\n".join(lines), namespace)  # noqa: S102 - code built from our own constants
-    return namespace["from_record"]
+    from_record: Callable[[dict[str, Any]], Job] = namespace["from_record"]
+    return from_record
 
 
 _from_record = _make_from_record()
@@ -314,7 +316,15 @@ def parse_meta(pair: str) -> tuple[str, Any]:
     return key, parse_meta_value(raw)
 
 
-def backoff_delay(base_seconds: float, retry_count: int, rng: Any = None) -> float:
+class RandomSource(Protocol):
+    """What backoff needs of a random generator: `random.Random`, or a fixed one in tests."""
+
+    def random(self) -> float: ...
+
+
+def backoff_delay(
+    base_seconds: float, retry_count: int, rng: RandomSource | None = None
+) -> float:
     """Seconds until a job in `error` is due again: between half and all of base * 2^(n-1).
 
     "Equal jitter" (AWS Architecture Blog, "Exponential Backoff and Jitter"): never sooner than half
@@ -322,7 +332,7 @@ def backoff_delay(base_seconds: float, retry_count: int, rng: Any = None) -> flo
     """
     if base_seconds <= 0 or retry_count <= 0:
         return 0.0
-    nominal = base_seconds * (2 ** min(retry_count - 1, 30))
+    nominal = base_seconds * (1 << min(retry_count - 1, 30))  # 2**n, typed int (n >= 0 here)
     if rng is None:
         import random
 

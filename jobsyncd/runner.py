@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import log
 from .config import Settings, check_server_url, read_token
@@ -27,8 +27,19 @@ from .state import (
 from .store import FileLock, Store
 from .sync import PassSummary, Policy
 
+if TYPE_CHECKING:  # for the annotation only: importing it loads requests
+    from .remote import Remote
+
 SYNC_LOCK_NAME = "sync.lock"
 PROGRESS_MIN_JOBS = 50
+
+
+class Progress(Protocol):
+    """Where a pass reports how many jobs it has pushed so far; closed when the pass ends."""
+
+    def __call__(self, done: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def exit_code_for(summary: PassSummary) -> int:
@@ -47,7 +58,7 @@ def execute_pass(
     token: str | None,
     force_delete: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
-    progress_factory: Callable[[int], Any] | None = None,
+    progress_factory: Callable[[Store], Progress | None] | None = None,
     reupload: bool = False,
 ) -> PassSummary:
     """One pass under the sync lock, honouring and recording the back-off window.
@@ -110,7 +121,7 @@ def execute_pass(
     return summary
 
 
-def make_remote(settings: Settings, token: str | None) -> Any:
+def make_remote(settings: Settings, token: str | None) -> Remote:
     """The HTTP client for the configured server (requests is imported only here)."""
     from .remote import Remote  # costs start-up time: only when a pass or a poll really runs
 
@@ -418,9 +429,9 @@ def check_connection(settings: Settings) -> str:
     """`config check`: the configuration, then at most two authenticated GETs (the change feed,
     else the listing). Returns the line to print on success; raises the error kind whose exit
     code says what failed (78, 75, 77 or 1), with the next step in its message."""
+    from .api import AuthRefused, BackOff, Gone, Offline, RemoteError, TLSFailure
     from .config import token_source
     from .errors import ConfigError, CredentialsRefused, TryLater
-    from .remote import AuthRefused, BackOff, Gone, Offline, RemoteError, TLSFailure
 
     api_base = check_server_url(settings)
     token, warnings = read_token(settings)

@@ -144,7 +144,7 @@ def _stop_for(exc: RemoteError) -> _StopPass | None:
 
 def longest_backoff(policy: Policy) -> float:
     """The furthest a job's next attempt can legitimately be: base * 2^(max_retries-1) (6.9)."""
-    return policy.backoff_base_seconds * (2 ** min(max(policy.max_retries - 1, 0), 30))
+    return policy.backoff_base_seconds * float(1 << min(max(policy.max_retries - 1, 0), 30))
 
 
 def changed_fields(job: Job) -> tuple[dict[str, Any], str | None]:
@@ -435,7 +435,7 @@ class _Pass:
         return []
 
     def _send_batch(self, group: list[Job]) -> None:
-        ops = [_batch_operation(j) for j in group]
+        ops = [op for op in map(_batch_operation, group) if op is not None]  # all are, by choice
         try:
             answers = self.remote.batch(ops)
         except BatchTooLarge:
@@ -765,7 +765,7 @@ class _Pass:
             )
             self._read_feed(None, begin_synced, gone.reason)
 
-    def _read_feed(
+    def _read_feed(  # noqa: C901 - one loop over pages with its error cases, read top to bottom
         self, since: str | None, begin_synced: dict[str, str] | None, resync: str | None
     ) -> None:
         """Read the feed from `since` to its end, applying jobs as they come; tombstones and
@@ -928,7 +928,7 @@ class _Pass:
         # server_id -> (local_id, old server_id, server job): listed under a local job's
         # local_id while that job is bound to another server id
         self._rebinds: dict[str, tuple[str, str, ServerJob]] = {}
-        self._index: dict[str, str] | None = None
+        self._index = None
         self.sparse = False
 
     def _index_store(self, begin_synced: dict[str, str] | None) -> dict[str, str]:

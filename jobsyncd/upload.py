@@ -22,17 +22,8 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests  # costs ~80 ms of start-up: only the commands that upload import us
 
-from .remote import (
-    AuthRefused,
-    BackOff,
-    Offline,
-    Permanent,
-    Remote,
-    TLSFailure,
-    Transient,
-    _server_message,
-    parse_retry_after,
-)
+from .api import AuthRefused, BackOff, Offline, Permanent, TLSFailure, Transient
+from .remote import Remote, _server_message, parse_retry_after
 
 TUS_VERSION = "1.0.0"
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import socket
+from typing import Any
 
 SOCKET_NAME = "daemon.sock"
 DAEMON_LOCK_NAME = "daemon.lock"
@@ -81,7 +82,7 @@ def reply_socket_path(data_dir: str, name: str) -> str | None:
     return os.path.join(data_dir, name)
 
 
-def send_reply(path: str, message: dict) -> None:
+def send_reply(path: str, message: dict[str, Any]) -> None:
     """One JSON datagram to a waiting CLI; never raises, never waits (it may be gone)."""
     import json
 

@@ -15,7 +15,7 @@ from ..cli import App, IntervalSeconds, global_options, pass_app, print_json
 @global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
-def status(app: App, as_json) -> None:
+def status(app: App, as_json: bool) -> None:
     """Health of this agent (needs no server): counts per status, the oldest change not yet
     on the server, the daemon, the last pass.
 
@@ -121,7 +121,9 @@ def compact(app: App) -> None:
     help="Print what a pass would do (GET requests only, nothing written), one action a line.",
 )
 @pass_app
-def sync(app: App, as_json, force_delete, reupload, wait, dry_run) -> None:
+def sync(
+    app: App, as_json: bool, force_delete: bool, reupload: bool, wait: bool, dry_run: bool
+) -> None:
     """Run one sync pass now and exit 0, 1, 75 or 77 (for cron and scripts).
 
     With a daemon running, the pass is handed to it and sync exits 0 at once; with --wait it
@@ -173,7 +175,7 @@ def sync(app: App, as_json, force_delete, reupload, wait, dry_run) -> None:
     help="Seconds between scheduled passes.",
 )
 @pass_app
-def daemon(app: App, interval) -> None:
+def daemon(app: App, interval: float | None) -> None:
     """Run in the foreground, syncing on a schedule and on request (never forks).
 
     A pass at start, every interval, and within a second of a create, update, delete, retry or

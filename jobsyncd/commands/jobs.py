@@ -225,7 +225,15 @@ EDIT_HELP = "Write the text in $VISUAL, else $EDITOR (one trailing newline is re
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_app
-def create(app: App, text, text_file, edit, audio_src, metas, as_json) -> None:
+def create(
+    app: App,
+    text: str | None,
+    text_file: str | None,
+    edit: bool,
+    audio_src: str | None,
+    metas: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Save a new pending job (and ask a running daemon to sync now).
 
     \b
@@ -263,7 +271,16 @@ def create(app: App, text, text_file, edit, audio_src, metas, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_app
 def update(
-    app: App, job_ref, text, text_file, edit, audio_src, no_audio, metas, unset, as_json
+    app: App,
+    job_ref: str,
+    text: str | None,
+    text_file: str | None,
+    edit: bool,
+    audio_src: str | None,
+    no_audio: bool,
+    metas: tuple[str, ...],
+    unset: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Change a job locally and mark it pending (an unchanged job stays as it is).
 
@@ -273,12 +290,19 @@ def update(
     """
     from ..jobs import check_meta_not_conflicting, update_job
 
-    if text is None and text_file is None and not edit and audio_src is None and not no_audio:
-        if not metas and not unset:
-            raise click.UsageError(
-                "give at least one of --text, --text-file, --edit, --audio, --no-audio, "
-                "--meta, --unset-meta"
-            )
+    if (
+        text is None
+        and text_file is None
+        and not edit
+        and audio_src is None
+        and not no_audio
+        and not metas
+        and not unset
+    ):
+        raise click.UsageError(
+            "give at least one of --text, --text-file, --edit, --audio, --no-audio, "
+            "--meta, --unset-meta"
+        )
     if audio_src is not None and no_audio:
         raise click.UsageError("--audio and --no-audio cannot be used together")
     set_meta = _parse_metas(metas)
@@ -308,7 +332,7 @@ def update(
 @global_options
 @click.argument("job_refs", metavar="JOB...", nargs=-1, required=True, shell_complete=complete_job)
 @pass_app
-def delete(app: App, job_refs) -> None:
+def delete(app: App, job_refs: tuple[str, ...]) -> None:
     """Mark jobs for deletion; the next pass deletes them on the server and here.
 
     Every JOB is resolved first: one that matches no job (or several) changes nothing.
@@ -343,7 +367,14 @@ def delete(app: App, job_refs) -> None:
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N (after the order).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
 @pass_app
-def list_(app: App, statuses, search, reverse, limit, as_json) -> None:
+def list_(
+    app: App,
+    statuses: tuple[str, ...],
+    search: str | None,
+    reverse: bool,
+    limit: int | None,
+    as_json: bool,
+) -> None:
     """List jobs, oldest first (by created_at). Every id shown is one `show` accepts.
 
     \b
@@ -405,7 +436,7 @@ def _print_table(every: list[Job], jobs: list[Job]) -> None:
 @click.argument("job_ref", metavar="JOB", shell_complete=complete_job)
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @pass_app
-def show(app: App, job_ref, as_json) -> None:
+def show(app: App, job_ref: str, as_json: bool) -> None:
     """Show one job.
 
     \b
@@ -420,7 +451,7 @@ def show(app: App, job_ref, as_json) -> None:
 @click.argument("job_refs", metavar="[JOB]...", nargs=-1, shell_complete=complete_job)
 @click.option("--all", "all_", is_flag=True, help="Retry every failed job; prints how many.")
 @pass_app
-def retry(app: App, job_refs, all_) -> None:
+def retry(app: App, job_refs: tuple[str, ...], all_: bool) -> None:
     """Put failed jobs back where they were going, with retry_count 0.
 
     Every JOB is resolved and checked first: one that is not failed changes nothing.

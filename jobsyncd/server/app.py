@@ -485,7 +485,7 @@ class JobServerApp:
         try:
             job, created = self.storage.create_job(user, local_id, text, metadata, stored)
         except BaseException:
-            self.audio_dir.remove(stored and stored.name)
+            self.audio_dir.remove(stored.name if stored else None)
             raise
         if not created and stored is not None:
             self.audio_dir.remove(stored.name)  # a repeat: the existing job stays unchanged
@@ -583,10 +583,10 @@ class JobServerApp:
         try:
             job, replaced = self.storage.update_job(user, job_id, changes, stored)
         except BaseException:
-            self.audio_dir.remove(stored and stored.name)
+            self.audio_dir.remove(stored.name if stored else None)
             raise
         if job is None:
-            self.audio_dir.remove(stored and stored.name)
+            self.audio_dir.remove(stored.name if stored else None)
             raise HTTPError(404, "no such job")
         self.audio_dir.remove(replaced)
         return 200, list(_JSON_HEADERS), job.encode()

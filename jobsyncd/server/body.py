@@ -7,7 +7,7 @@ from __future__ import annotations
 import email.message
 import email.utils
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from jobsyncd.server import validation
 from jobsyncd.server.errors import HTTPError
@@ -17,11 +17,17 @@ MAX_JSON_BYTES = 1 << 20  # JSON bodies, and the non-file fields of a multipart 
 _CHUNK = 1 << 16
 
 
+class _Input(Protocol):
+    """`wsgi.input` (PEP 3333): whatever the WSGI server hands over; only read() is used."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
 class Body:
     """The request body, never read past its Content-Length; knows whether it was read whole."""
 
     def __init__(self, environ: dict[str, Any]) -> None:
-        self._input = environ["wsgi.input"]
+        self._input: _Input = environ["wsgi.input"]
         length = environ.get("CONTENT_LENGTH", "")
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if length and not chunked:
@@ -157,7 +163,7 @@ class Multipart:
             if self.buf[:2] == b"--":
                 return  # the closing delimiter; an epilogue is ignored
             # Transport padding (RFC 2046) may precede the CRLF.
-            while self.buf[:1] in (b" ", b"\t"):
+            while self.buf.startswith((b" ", b"\t")):
                 del self.buf[:1]
                 self._need(2)
             if self.buf[:2] != b"\r\n":

@@ -8,6 +8,7 @@ write with a Content-Length, and logs one line per request on stderr.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import socket
@@ -41,7 +42,7 @@ _LINGER_BYTES = 16 << 20
 class _LengthReader:
     """The body of a request with a Content-Length; never reads into the next request."""
 
-    def __init__(self, rfile: Any, length: int) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, length: int) -> None:
         self._rfile = rfile
         self.remaining = length
 
@@ -71,7 +72,7 @@ class _LengthReader:
 class _ChunkedReader:
     """A `Transfer-Encoding: chunked` body (RFC 9112 7.1); trailers are read and dropped."""
 
-    def __init__(self, rfile: Any) -> None:
+    def __init__(self, rfile: io.BufferedIOBase) -> None:
         self._rfile = rfile
         self._left = 0
         self.done = False
@@ -181,18 +182,19 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         coding = self.headers.get("Transfer-Encoding")
         reader: _LengthReader | _ChunkedReader
+        content_length = ""  # none for a chunked body
         if coding is not None:
             if coding.strip().lower() != "chunked" or length is not None:
                 self.send_error(400, "unsupported Transfer-Encoding")
                 return
             reader = _ChunkedReader(self.rfile)
         else:
-            length = (length or "0").strip()
-            if not length.isdigit() or len(length) > 18:
+            content_length = (length or "0").strip()
+            if not content_length.isdigit() or len(content_length) > 18:
                 self.send_error(400, "Content-Length is not a number")
                 return
-            reader = _LengthReader(self.rfile, int(length))
-        environ = self._environ(reader, length if coding is None else "")
+            reader = _LengthReader(self.rfile, int(content_length))
+        environ = self._environ(reader, content_length)
         close_requested: list[bool] = []
         environ[CLOSE_CONNECTION_KEY] = lambda: close_requested.append(True)
         captured: list[Any] = []
@@ -238,7 +240,7 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _environ(self, reader: Any, length: str) -> dict[str, Any]:
+    def _environ(self, reader: _LengthReader | _ChunkedReader, length: str) -> dict[str, Any]:
         target = self.path
         if not target.startswith("/"):
             target = urlsplit(target).path + ("?" + urlsplit(target).query if "?" in target else "")
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"jobsyncd-server: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]  # str: AF_INET(6)
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"jobsyncd-server: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     print(

@@ -255,9 +255,8 @@ class UploadStore:
                     return True
         except UploadError as e:
             if e.status == 404:  # no data file: only a sidecar may be left
-                with self._meta_lock():
-                    with contextlib.suppress(FileNotFoundError):
-                        self._sidecar(upload_id).unlink()
+                with self._meta_lock(), contextlib.suppress(FileNotFoundError):
+                    self._sidecar(upload_id).unlink()
                 return True
             return False  # being written right now: the next sweep takes it
         return False
@@ -299,7 +298,8 @@ class UploadStore:
                 raise UploadError(500, "the upload's file is shorter than its offset")
             running.update(data)
             left -= len(data)
-        return running.hexdigest()
+        digest: str = running.hexdigest()
+        return digest
 
     # -- the operations -----------------------------------------------------------------------
 
@@ -382,9 +382,10 @@ class UploadStore:
                     f.truncate(offset)
                     raise _disk_full(e) from None
             with self._meta_lock():
-                record = self._read_sidecar(upload_id)
-                if record is None:
+                current = self._read_sidecar(upload_id)
+                if current is None:
                     raise UploadError(404, "the upload was terminated")
+                record = current
                 record["received"] = record.get("received", 0) + written
                 if keep:
                     now = self.clock()
@@ -550,7 +551,7 @@ class _Input:
             return b""
         if self.left is not None:
             size = min(size, self.left)
-        data = self._input.read(size)
+        data: bytes = self._input.read(size)
         if self.left is not None:
             self.left -= len(data)
             self.done = self.left == 0

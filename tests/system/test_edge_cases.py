@@ -105,12 +105,15 @@ def test_force_delete_runs_here_even_when_a_daemon_runs(cli, fault_server):
     for job in fault_server.snapshot():
         fault_server.server_delete(job["id"])
     daemon = cli.popen(
-        "daemon", "--interval", "60", stderr=open(cli.data_dir.parent / "daemon.log", "w")
+        "daemon",
+        "--interval",
+        "60",
+        stderr=open(cli.data_dir.parent / "daemon.log", "w"),  # noqa: SIM115 - closed by exit
     )
     try:
         from helpers import poll
 
-        poll(lambda: (cli.data_dir / "daemon.sock").exists(), timeout=15)
+        poll((cli.data_dir / "daemon.sock").exists, timeout=15)
         code, summary, stderr = _sync(cli, "--force-delete")
         assert code == 0, stderr
         assert summary["handed_to_daemon"] is None

@@ -25,8 +25,8 @@ def sh_blocks(text: str) -> list[str]:
 def debian_steps() -> list[str]:
     (block,) = [b for b in sh_blocks(GUIDE.read_text()) if "python3 -m venv /opt/jobsyncd" in b]
     steps = []
-    for line in block.splitlines():
-        line = line.split("  #", 1)[0].strip()
+    for raw in block.splitlines():
+        line = raw.split("  #", 1)[0].strip()
         if not line or line.startswith("#"):
             continue
         steps.append(line)

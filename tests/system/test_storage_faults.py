@@ -510,7 +510,7 @@ def test_locks_left_by_sigkilled_holders_do_not_block_later_commands_or_a_new_da
             stderr=subprocess.DEVNULL,
         )
         procs.append(daemon)
-        _wait_for(lambda: (cli.data_dir / "daemon.pid").exists(), what="the daemon started")
+        _wait_for((cli.data_dir / "daemon.pid").exists, what="the daemon started")
         holder.send_signal(signal.SIGKILL)
         daemon.send_signal(signal.SIGKILL)
         holder.wait(10)

@@ -26,8 +26,8 @@ def daemon(cli) -> Iterator[Callable[..., subprocess.Popen]]:
             stderr=open(cli.data_dir.parent / "daemon.log", "a"),  # noqa: SIM115 - closed by exit
         )
         procs.append(proc)
-        poll(lambda: (cli.data_dir / "daemon.sock").exists(), 15, "the daemon listens")
-        poll(lambda: (cli.data_dir / "last_pass.json").exists(), 15, "the first pass ran")
+        poll((cli.data_dir / "daemon.sock").exists, 15, "the daemon listens")
+        poll((cli.data_dir / "last_pass.json").exists, 15, "the first pass ran")
         return proc
 
     yield start

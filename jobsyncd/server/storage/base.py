@@ -62,7 +62,8 @@ def utc_now() -> str:
 
 
 class Cursor(Protocol):
-    rowcount: int
+    @property  # read-only: sqlite3.Cursor's rowcount cannot be assigned
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
@@ -513,7 +514,10 @@ class SQLStorage(abc.ABC):
         its user together, and 500 of them need one read, not 500. A read that joined one begun
         just before a commit may miss that change; the long-poll loop then sees the counter
         moved and reads again."""
-        return self._flights.do((user, since, limit), lambda: self._changes(user, since, limit))
+        page: ChangesPage = self._flights.do(
+            (user, since, limit), lambda: self._changes(user, since, limit)
+        )
+        return page
 
     def _changes(self, user: str, since: int | None, limit: int) -> ChangesPage:
         with self._read() as tx:

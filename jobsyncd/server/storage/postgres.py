@@ -18,8 +18,8 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any
 
 from jobsyncd.server.storage.base import (
     SQLStorage,
@@ -28,6 +28,13 @@ from jobsyncd.server.storage.base import (
     iter_statements,
     secrets_hex,
 )
+
+if TYPE_CHECKING:  # the postgres extra: imported at run time by this engine only, when used
+    from psycopg import Connection, Cursor
+    from psycopg.rows import TupleRow
+    from psycopg_pool import ConnectionPool
+
+    from jobsyncd.server.storage.base import Tx
 
 SCHEMA_VERSION = 1
 CHANNEL = "jobsyncd_changes"
@@ -89,11 +96,11 @@ def redact(url: str) -> str:
 
 
 class _Tx:
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Connection[TupleRow]) -> None:
         self.conn = conn
         self.aborted = False
 
-    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Cursor[TupleRow]:
         return self.conn.execute(sql.replace("?", "%s"), params)
 
     def abort(self) -> None:
@@ -112,7 +119,7 @@ class PostgresStorage(SQLStorage):
         self.db_path = url
         self.description = redact(url)
         self._pool_lock = threading.Lock()
-        self._pool_obj: Any = None
+        self._pool_obj: ConnectionPool[Connection[TupleRow]] | None = None
         self._pid = os.getpid()
         self._listener: threading.Thread | None = None
         self._prepare()
@@ -120,7 +127,7 @@ class PostgresStorage(SQLStorage):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _pool(self) -> Any:
+    def _pool(self) -> ConnectionPool[Connection[TupleRow]]:
         with self._pool_lock:
             if self._pool_obj is None or os.getpid() != self._pid:
                 from psycopg_pool import ConnectionPool
@@ -158,13 +165,13 @@ class PostgresStorage(SQLStorage):
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
             raise StorageBusy(f"the database is unavailable: {e}") from None
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractContextManager[_Tx]:
         return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
-    def _write(self, user: str | None = None) -> Any:
+    def _write(self, user: str | None = None) -> AbstractContextManager[_Tx]:
         return self._transaction("BEGIN")
 
-    def _bump(self, tx: Any, user: str) -> int:
+    def _bump(self, tx: Tx, user: str) -> int:
         version = super()._bump(tx, user)
         tx.execute("SELECT pg_notify(?, ?)", (CHANNEL, user))  # sent at commit, not before
         return version
@@ -187,36 +194,38 @@ class PostgresStorage(SQLStorage):
         import psycopg
 
         try:
-            with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS server_meta "
-                        "(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            with (
+                psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn,
+                conn.transaction(),
+            ):
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS server_meta "
+                    "(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                row = conn.execute(
+                    "SELECT value FROM server_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"{self.description}: database schema {version} is newer than this "
+                        f"server understands ({SCHEMA_VERSION}); upgrade jobsyncd"
                     )
-                    row = conn.execute(
-                        "SELECT value FROM server_meta WHERE key = 'schema_version'"
-                    ).fetchone()
-                    version = int(row[0]) if row else 0
-                    if version > SCHEMA_VERSION:
-                        raise StorageError(
-                            f"{self.description}: database schema {version} is newer than this "
-                            f"server understands ({SCHEMA_VERSION}); upgrade jobsyncd"
+                if version == 0:
+                    for statement in iter_statements(_SCHEMA):
+                        conn.execute(statement)
+                    for key, value in (
+                        ("cursor_secret", secrets_hex(32)),
+                        ("etag_epoch", secrets_hex(4)),
+                        ("history_id", secrets_hex(16)),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                    ):
+                        conn.execute(
+                            "INSERT INTO server_meta VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                            (key, value),
                         )
-                    if version == 0:
-                        for statement in iter_statements(_SCHEMA):
-                            conn.execute(statement)
-                        for key, value in (
-                            ("cursor_secret", secrets_hex(32)),
-                            ("etag_epoch", secrets_hex(4)),
-                            ("history_id", secrets_hex(16)),
-                            ("schema_version", str(SCHEMA_VERSION)),
-                        ):
-                            conn.execute(
-                                "INSERT INTO server_meta VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                                (key, value),
-                            )
-                    # Later releases migrate here: `if version == 1: ...`.
+                # Later releases migrate here: `if version == 1: ...`.
         except psycopg.Error as e:
             raise StorageError(f"{self.description}: {e}".strip()) from None
 

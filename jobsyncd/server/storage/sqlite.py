@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ class SQLiteStorage(SQLStorage):
                 raise StorageBusy("the database is busy; try again") from None
             raise
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractContextManager[_Tx]:
         # A deferred transaction: WAL gives it one snapshot from its first read, and it never
         # waits for writers.
         return self._transaction("BEGIN")
