@@ -103,7 +103,7 @@ def test_config_check_succeeds_against_the_reference_server(cli, ref_server):
 def test_config_check_asks_the_change_feed_then_the_listing_and_nothing_else(cli):
     with FaultServer() as srv:  # a server without the change feed: 404 on /changes
         run(cli, "--server", srv.url, "config", "check")
-        paths = [(m, p.split("?")[0]) for m, p, _ in srv.requests]
+        paths = [(m, p.split("?")[0]) for m, p, _ in srv.all_requests]
     assert paths == [("GET", "/api/v1/changes"), ("GET", "/api/v1/jobs")]
 
 

@@ -240,7 +240,7 @@ def test_vv_logs_one_line_per_request_with_method_path_status_and_time_never_the
     assert any(re.fullmatch(r"jobsyncd: debug: POST /api/v1/jobs 201 \d+ ms", x) for x in lines)
     assert any(re.fullmatch(r"jobsyncd: debug: GET /api/v1/jobs 200 \d+ ms", x) for x in lines)
     assert TOKEN not in proc.stderr
-    assert len([x for x in lines if re.search(r" \d+ ms$", x)]) == len(fault_server.requests)
+    assert len([x for x in lines if re.search(r" \d+ ms$", x)]) == len(fault_server.all_requests)
 
 
 def test_a_trickled_answer_over_tls_also_ends_the_sync_in_bounded_time(cli, tmp_path):

@@ -12,6 +12,7 @@ import plistlib
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,10 @@ def value(path: Path, key: str, section: str = "Service") -> str:
 
 
 def analyze(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    runtime_dir = tmp_path / "xdg-runtime"  # --user needs one; CI may have none
-    runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    # --user needs a runtime dir; CI may have none. A short path of its own under /tmp: socket
+    # paths built in it (gpg-agent's units) must fit in 108 bytes, which pytest-xdist's longer
+    # tmp_path does not leave room for.
+    runtime_dir = Path(tempfile.mkdtemp(prefix="jsd-rt-", dir="/tmp"))
     env = {
         **os.environ,
         "SYSTEMD_COLORS": "0",
@@ -80,15 +83,18 @@ def analyze(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         "XDG_RUNTIME_DIR": str(runtime_dir),
     }
     assert SYSTEMD_ANALYZE is not None
-    return subprocess.run(
-        [SYSTEMD_ANALYZE, *args],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        env=env,
-        timeout=60,
-    )
+    try:
+        return subprocess.run(
+            [SYSTEMD_ANALYZE, *args],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=env,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 @pytest.fixture
