@@ -438,6 +438,34 @@ class Store:
         with self.mapped() as data:
             return data is not None and _may_hold_due_jobs(data)
 
+    def bound_once(self, server_id: str) -> bool:
+        """Whether at most one job holds `server_id` (the invariant a load repairs)."""
+        if self._loaded:
+            return sum(1 for j in self.refresh().values() if j.server_id == server_id) <= 1
+        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
+        head = b'{"local_id":"'
+        holders = set()
+        with self.mapped() as data:
+            if data is None:
+                return True
+            pos = data.find(needle)
+            while pos != -1:
+                start = data.rfind(b"\n", 0, pos) + 1
+                if data[start : start + len(head)] == head and pos == start + len(head) + 36:
+                    local_id = data[start + len(head) : pos].decode()
+                    found = self._fold_one(data, local_id)
+                    if found is not None and found.server_id == server_id:
+                        holders.add(local_id)
+                pos = data.find(needle, pos + 1)
+        return len(holders) <= 1
+
+    def due_candidates(self, limit: int) -> list[str] | None:
+        """The local_ids whose latest line names a status that needs a push, found by byte
+        search without folding; None when there are more than `limit` (or the layout is not
+        ours): then fold and see."""
+        with self.mapped() as data:
+            return [] if data is None else _due_candidates(data, limit)
+
     @contextmanager
     def mapped(self) -> Iterator[Any]:
         """The store file mapped read-only, under the lock (None when missing or empty).
@@ -820,6 +848,30 @@ def _may_hold_due_jobs(data: Any) -> bool:
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
     deleting = job.sync_status == "pending_deletion"
     return (deleting, job.sync_status == "synced", job.created_at, job.local_id)
+
+
+def _due_candidates(data: Any, limit: int) -> list[str] | None:
+    found: list[str] = []
+    checked: set[bytes] = set()
+    for needle in _DUE_NEEDLES:
+        pos = data.find(needle)
+        while pos != -1:
+            start, end = _line_at(data, pos)
+            head = data[start : start + 50]  # {"local_id":"<36 characters>"
+            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
+                return None
+            if head not in checked:
+                checked.add(head)
+                if len(checked) > 4 * limit:
+                    return None
+                last = max(data.rfind(b"\n" + head) + 1, start)
+                line = data[last : _line_at(data, last)[1]]
+                if any(n in line for n in _DUE_NEEDLES):
+                    found.append(head[13:49].decode())
+                    if len(found) > limit:
+                        return None
+            pos = data.find(needle, end)
+    return found
 
 
 def _unlink_quietly(path: str) -> None:

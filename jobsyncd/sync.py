@@ -64,6 +64,7 @@ FAILED = SyncStatus.FAILED.value
 BATCH_MAX_OPS = 500
 BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
 FEED_PAGE_LIMIT = 500
+SPARSE_MAX_DUE = 32  # at most this many due jobs are pushed without folding the store
 SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
 FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loops is cut off
 FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after a day
@@ -234,6 +235,12 @@ class _Pass:
 
     def _holder_of(self, server_id: str) -> str | None:
         """The local job bound to `server_id` (the store as read, plus this pass's bindings)."""
+        if self.sparse:
+            self._holders = self._holders if self._holders is not None else {}
+            if self._holders is not None and server_id in self._holders:
+                return self._holders[server_id]
+            job = self.store.lookup_server_id(server_id)
+            return job.local_id if job is not None else None
         if self._holders is None:
             self._holders = {
                 j.server_id: j.local_id for j in self.store.jobs.values() if j.server_id is not None
@@ -276,9 +283,15 @@ class _Pass:
             del self.purged_audio[local_id]
 
     # ---- push ------------------------------------------------------------------------------------
-    def push(self) -> None:
+    def push(self, candidates: list[str] | None = None) -> None:
+        """Push the due jobs; `candidates` (sparse mode): the only local_ids that may be due,
+        looked up one by one instead of folding the store."""
         now = self.now()
-        jobs = self.store.refresh()
+        if candidates is not None:
+            found = (self.store.lookup(lid) for lid in candidates)
+            jobs = {j.local_id: j for j in found if j is not None}
+        else:
+            jobs = self.store.refresh()
         max_wait = longest_backoff(self.policy)
         due = [j for j in jobs.values() if _is_due(j, now, max_wait)]
         due.sort(key=lambda j: (j.created_at, j.local_id))
@@ -460,10 +473,9 @@ class _Pass:
         if not self.unsent:
             return
         with self.store.locked():
-            current = self.store.refresh()
             unmarked = []
             for local_id in self.unsent:
-                cur = current.get(local_id)
+                cur = self.store.lookup(local_id)
                 if cur is not None and cur.server_id is None and cur.create_sent:
                     cur = cur.copy()
                     cur.create_sent = False
@@ -483,10 +495,9 @@ class _Pass:
         if not to_mark:
             return
         with self.store.locked():
-            current = self.store.refresh()
             marked = []
             for snap in to_mark:
-                cur = current.get(snap.local_id)
+                cur = self.store.lookup(snap.local_id)
                 if cur is not None and not cur.create_sent:
                     cur = cur.copy()
                     cur.create_sent = True
@@ -1409,10 +1420,17 @@ def run_pass(
     # A store not folded yet in which no line names a status that needs a push: skip the push
     # and fold the store only if the listing changed. A no-change pass then reads no job at all.
     lazy = not store.loaded and not store.may_hold_due_jobs()
-    begin_synced = None if lazy else _synced_ids(store.refresh())
+    # A few due jobs in a store not folded (a create while the daemon idles): they are pushed
+    # without folding 100,000 jobs; the pull then folds only if it must (listing mode).
+    candidates = None if (lazy or store.loaded) else store.due_candidates(SPARSE_MAX_DUE)
+    if candidates is not None and not _bound_once(store, candidates):
+        candidates = None  # a store that breaks the one-binding invariant: fold (and repair)
+    if candidates is not None:
+        run.sparse = True
+    begin_synced = None if (lazy or candidates is not None) else _synced_ids(store.refresh())
     try:
         if not lazy:
-            run.push()
+            run.push(candidates)
         if not run.should_stop():
             run.pull(begin_synced)
     except _StopPass as stop:
@@ -1430,6 +1448,14 @@ def run_pass(
     if run.should_stop():
         summary.ok = False
     return summary
+
+
+def _bound_once(store: Store, local_ids: list[str]) -> bool:
+    for local_id in local_ids:
+        job = store.lookup(local_id)
+        if job is not None and job.server_id is not None and not store.bound_once(job.server_id):
+            return False
+    return True
 
 
 def _synced_ids(jobs: dict[str, Job]) -> dict[str, str]:
