@@ -442,22 +442,10 @@ class Store:
         """Whether at most one job holds `server_id` (the invariant a load repairs)."""
         if self._loaded:
             return sum(1 for j in self.refresh().values() if j.server_id == server_id) <= 1
-        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
-        head = b'{"local_id":"'
-        holders = set()
         with self.mapped() as data:
             if data is None:
                 return True
-            pos = data.find(needle)
-            while pos != -1:
-                start = data.rfind(b"\n", 0, pos) + 1
-                if data[start : start + len(head)] == head and pos == start + len(head) + 36:
-                    local_id = data[start + len(head) : pos].decode()
-                    found = self._fold_one(data, local_id)
-                    if found is not None and found.server_id == server_id:
-                        holders.add(local_id)
-                pos = data.find(needle, pos + 1)
-        return len(holders) <= 1
+            return len({j.local_id for j in self._bound_to(data, server_id)}) <= 1
 
     def due_candidates(self, limit: int) -> list[str] | None:
         """The local_ids whose latest line names a status that needs a push, found by byte
@@ -568,19 +556,7 @@ class Store:
         raise NoSuchJob(f"no job matches {ref!r}")
 
     def _by_server_id(self, data: Any, ref: str) -> dict[str, Job]:
-        # exact server_id: the second key of every record, right after the 36-character local_id
-        needle = b'","server_id":' + json.dumps(ref, ensure_ascii=False).encode() + b","
-        matches: dict[str, Job] = {}
-        pos = data.find(needle)
-        while pos != -1:
-            start = data.rfind(b"\n", 0, pos) + 1
-            head = b'{"local_id":"'
-            if data[start : start + len(head)] == head and pos == start + len(head) + 36:
-                local_id = data[start + len(head) : pos].decode()
-                found = self._fold_one(data, local_id)
-                if found is not None and found.server_id == ref:
-                    matches[local_id] = found
-            pos = data.find(needle, pos + 1)
+        matches = {job.local_id: job for job in self._bound_to(data, ref)}
         if len(matches) > 1:
             # A store older than the one-binding invariant: the id belongs to the job a load
             # keeps it on (_enforce_one_binding), so `show ID` and `list` agree.
@@ -619,20 +595,10 @@ class Store:
                 if job.server_id == server_id:
                     return job
             return None
-        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
-        head = b'{"local_id":"'
         with self.mapped() as data:
             if data is None:
                 return None
-            pos = data.find(needle)
-            while pos != -1:
-                start = data.rfind(b"\n", 0, pos) + 1
-                if data[start : start + len(head)] == head and pos == start + len(head) + 36:
-                    found = self._fold_one(data, data[start + len(head) : pos].decode())
-                    if found is not None and found.server_id == server_id:
-                        return found
-                pos = data.find(needle, pos + 1)
-        return None
+            return next(self._bound_to(data, server_id), None)
 
     def synced_jobs_besides(self, excluded: set[str], enough: int) -> int | None:
         """How many jobs are `synced` now other than `excluded` local_ids, counted up to
@@ -665,6 +631,21 @@ class Store:
                         found.add(local_id)
                 pos = data.rfind(needle, 0, start)
         return len(found)
+
+    @classmethod
+    def _bound_to(cls, data: Any, server_id: str) -> Iterator[Job]:
+        """The jobs whose latest record holds `server_id`, found in place (a line of any of them
+        may name it; the server_id is the second key, right after the 36-character local_id)."""
+        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
+        head = b'{"local_id":"'
+        pos = data.find(needle)
+        while pos != -1:
+            start = data.rfind(b"\n", 0, pos) + 1
+            if data[start : start + len(head)] == head and pos == start + len(head) + 36:
+                found = cls._fold_one(data, data[start + len(head) : pos].decode())
+                if found is not None and found.server_id == server_id:
+                    yield found
+            pos = data.find(needle, pos + 1)
 
     @staticmethod
     def _fold_one(data: Any, local_id: str) -> Job | None:
@@ -823,26 +804,9 @@ def _line_at(data: Any, pos: int) -> tuple[int, int]:
 
 
 def _may_hold_due_jobs(data: Any) -> bool:
-    checked: set[bytes] = set()
-    for needle in _DUE_NEEDLES:
-        pos = data.find(needle)
-        while pos != -1:
-            start, end = _line_at(data, pos)
-            head = data[start : start + 50]  # {"local_id":"<36 characters>"
-            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
-                return True
-            if head not in checked:
-                if len(checked) >= _MAX_STALE_CHECKS:
-                    return True
-                checked.add(head)
-                last = data.rfind(b"\n" + head) + 1
-                last = max(last, start)
-                last_end = _line_at(data, last)[1]
-                line = data[last:last_end]
-                if any(n in line for n in _DUE_NEEDLES):
-                    return True
-            pos = data.find(needle, end)
-    return False
+    # No job found due among the first _MAX_STALE_CHECKS named ones: [] (False); a due one,
+    # or more to check, or a layout not ours: None (True: fold and see).
+    return _due_candidates(data, 0, _MAX_STALE_CHECKS) != []
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
@@ -850,7 +814,11 @@ def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
     return (deleting, job.sync_status == "synced", job.created_at, job.local_id)
 
 
-def _due_candidates(data: Any, limit: int) -> list[str] | None:
+def _due_candidates(data: Any, limit: int, max_checks: int | None = None) -> list[str] | None:
+    """The local_ids whose latest line has a status that needs a push, by byte search; None
+    when more than `limit` are due, more than `max_checks` (4 x limit) jobs had to be looked
+    at, or a line is not of our layout."""
+    max_checks = 4 * limit if max_checks is None else max_checks
     found: list[str] = []
     checked: set[bytes] = set()
     for needle in _DUE_NEEDLES:
@@ -862,7 +830,7 @@ def _due_candidates(data: Any, limit: int) -> list[str] | None:
                 return None
             if head not in checked:
                 checked.add(head)
-                if len(checked) > 4 * limit:
+                if len(checked) > max_checks:
                     return None
                 last = max(data.rfind(b"\n" + head) + 1, start)
                 line = data[last : _line_at(data, last)[1]]
