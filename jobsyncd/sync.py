@@ -849,11 +849,14 @@ class _Pass:
             return
         finally:
             self.flush()
-        self.pull_state["feed"] = {"offered": True, "checked_at": time.time()}
+        feed = self.pull_state.get("feed")
+        if not (isinstance(feed, dict) and feed.get("offered") is True):
+            self.pull_state["feed"] = {"offered": True, "checked_at": time.time()}
         if resync and not complete:
             return  # the next pass gets 410 again and resyncs again: nothing is decided on half
         settled = self._settle_feed(begin_synced or {}, tombstones, unlisted, resync, complete)
-        if settled:
+        if settled and self.pull_state.get("checkpoint") != since:
+            # Written only when it moves: a no-change pass leaves pull_state.json unwritten.
             self.pull_state["checkpoint"] = since
             self.pull_state["checkpoint_at"] = time.time()
 
@@ -913,21 +916,9 @@ class _Pass:
         if self.policy.reupload and synced_doomed:
             self._reupload(synced_doomed)
             return True
-        if (
-            synced_total >= 2
-            and len(synced_doomed) == synced_total
-            and not self.policy.force_delete
+        if self._guard_trips(
+            synced_total, len(synced_doomed), f"the change feed deletes all {synced_total}"
         ):
-            self.summary.deletion_guard = True
-            self.summary.ok = False
-            self.summary.message = (
-                f"the change feed deletes all {synced_total} synced jobs; nothing was "
-                "removed. Run `jobsyncd sync --reupload` if the server was restored from a backup "
-                "(they are created again), or `jobsyncd sync --force-delete` if it really was "
-                "emptied (they are removed here too)"
-            )
-            log.warning(self.summary.message)
-            self.summary.message_logged = True
             return False
         for local_id, server_id in doomed.items():
             self._record(self._purge_deleted_on_server(local_id, server_id))
@@ -1175,21 +1166,11 @@ class _Pass:
         if self.policy.reupload:
             self._reupload(missing)
             return False
-        if (
-            len(begin_synced) >= 2
-            and len(missing) == len(begin_synced)
-            and not self.policy.force_delete
+        if self._guard_trips(
+            len(begin_synced),
+            len(missing),
+            f"the server listing holds none of the {len(begin_synced)}",
         ):
-            self.summary.deletion_guard = True
-            self.summary.ok = False
-            self.summary.message = (
-                f"the server listing holds none of the {len(begin_synced)} synced jobs; nothing was "
-                "removed. Run `jobsyncd sync --reupload` if the server was restored from a backup "
-                "(they are created again), or `jobsyncd sync --force-delete` if it really was "
-                "emptied (they are removed here too)"
-            )
-            log.warning(self.summary.message)
-            self.summary.message_logged = True
             return False
         settled = True
         for local_id, server_id in missing.items():
@@ -1212,6 +1193,23 @@ class _Pass:
                 self._record(self._take_server_copy_any_rev(local_id, sj))
             settled = False  # the listing and the job disagree: list again next time
         return settled
+
+    def _guard_trips(self, synced: int, going: int, what: str) -> bool:
+        """The deletion guard (vdirsyncer's StorageEmpty): removing every one of the (at least
+        2) jobs synced when the pass began is refused unless --force-delete, with both ways
+        out named. `what` starts the message ("the server listing holds none of the 3")."""
+        if synced < 2 or going != synced or self.policy.force_delete:
+            return False
+        self.summary.deletion_guard = True
+        self.summary.ok = False
+        self.summary.message = (
+            f"{what} synced jobs; nothing was removed. Run `jobsyncd sync --reupload` if the "
+            "server was restored from a backup (they are created again), or `jobsyncd sync "
+            "--force-delete` if it really was emptied (they are removed here too)"
+        )
+        log.warning(self.summary.message)
+        self.summary.message_logged = True
+        return True
 
     def _reupload(self, missing: dict[str, str]) -> None:
         """--reupload: the synced jobs a complete listing lacks go back to `pending` without a
