@@ -200,3 +200,18 @@ class RefServer:
             if not cursor:
                 return out
         raise AssertionError("listing did not end")
+
+
+def sync_json(cli: Cli, *extra: str, want: int | None = None) -> tuple[int, dict, str]:
+    """Run `jobsyncd sync --json`; return (exit code, summary, stderr). No traceback, ever."""
+    proc = cli("sync", "--json", *extra)
+    assert proc.stdout.strip(), f"no summary (exit {proc.returncode}): {proc.stderr}"
+    summary = json.loads(proc.stdout)
+    if want is not None:
+        assert proc.returncode == want, f"{proc.returncode} != {want}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, summary, proc.stderr
+
+
+def jobs_by_id(cli: Cli) -> dict[str, dict]:
+    return {j["local_id"]: j for j in cli.jobs()}

@@ -12,6 +12,7 @@ import json
 import uuid
 
 import pytest
+from helpers import jobs_by_id, sync_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,12 +34,7 @@ def agent(cli, srv):
 
 
 def sync(cli, *extra: str, want: int | None = None) -> dict:
-    proc = cli("sync", "--json", *extra)
-    assert proc.stdout.strip(), f"no summary (exit {proc.returncode}): {proc.stderr}"
-    if want is not None:
-        assert proc.returncode == want, f"{proc.returncode} != {want}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return json.loads(proc.stdout)
+    return sync_json(cli, *extra, want=want)[1]
 
 
 def create(cli, text: str, *meta: str) -> str:
@@ -52,8 +48,7 @@ def posts(srv, path: str) -> int:
     return sum(1 for m, p, _ in srv.all_requests if m == "POST" and p.split("?")[0] == path)
 
 
-def by_id(cli) -> dict[str, dict]:
-    return {j["local_id"]: j for j in cli.jobs()}
+by_id = jobs_by_id
 
 
 def test_new_jobs_go_up_in_batches_of_at_most_500(agent, srv, tmp_path):

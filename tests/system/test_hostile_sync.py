@@ -12,6 +12,7 @@ import json
 import uuid
 
 import pytest
+from helpers import jobs_by_id, sync_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,22 +31,14 @@ def agent(cli, srv):
     return cli
 
 
-def sync(cli, *extra: str, want: int | None = None) -> tuple[int, dict, str]:
-    proc = cli("sync", "--json", *extra)
-    assert proc.stdout.strip(), f"no summary (exit {proc.returncode}): {proc.stderr}"
-    summary = json.loads(proc.stdout)
-    if want is not None:
-        assert proc.returncode == want, f"{proc.returncode} != {want}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc.returncode, summary, proc.stderr
+sync = sync_json
 
 
 def create(cli, text: str) -> str:
     return cli("create", "--text", text, check=True).stdout.strip()
 
 
-def by_id(cli) -> dict[str, dict]:
-    return {j["local_id"]: j for j in cli.jobs()}
+by_id = jobs_by_id
 
 
 def append_record(cli, record: dict) -> None:
