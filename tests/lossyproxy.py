@@ -83,8 +83,8 @@ class LossyProxy:
                 threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, mode: str) -> None:
-        src.settimeout(0.5)
         try:
+            src.settimeout(0.5)  # inside: the other direction may have closed it already
             while not self._stop.is_set():
                 try:
                     data = src.recv(65536)
