@@ -31,6 +31,9 @@ TMP_NAME = "jobs.jsonl.tmp"
 # Left by a reader that found unreadable lines, so that the next write of any process (even a
 # CLI command that never folds the store) rewrites the store without them.
 REPAIR_NAME = "jobs.jsonl.repair"
+# What the last look found due, up to which byte of which file: the next look reads only the
+# lines appended since (a hint, checked against the file before use; format free, contract 4).
+HINT_NAME = "jobs.hint.json"
 MIN_PREFIX = 6
 LOCK_TIMEOUT_SECONDS = 30.0
 # Compact automatically when dead records outweigh live ones, once the file has this many lines.
@@ -241,6 +244,8 @@ class Store:
         self._lines = 0  # records in the file (live and dead)
         self._needs_repair = False  # torn tail or corrupt lines: the next write compacts
         self._warned: set[str] = set()
+        self._hint: dict[str, Any] | None = None  # see HINT_NAME
+        self._mapped_ident: tuple[int, int] = (0, 0)
 
     @contextmanager
     def locked(self) -> Iterator[Store]:
@@ -431,12 +436,10 @@ class Store:
         return self._loaded
 
     def may_hold_due_jobs(self) -> bool:
-        """False only when no job's latest line names a status that needs a push (pending,
-        pending_deletion, error), found by byte search without folding the store. Lines of jobs
-        synced since are checked against the job's last line, up to a few dozen; beyond that,
-        or when a status is named inside metadata, it answers True (fold and see)."""
-        with self.mapped() as data:
-            return data is not None and _may_hold_due_jobs(data)
+        """False only when no job's latest record has a status that needs a push (pending,
+        pending_deletion, error), found without folding the store (see due_candidates); True
+        when one has, or when too many lines name such a status to check (fold and see)."""
+        return self.due_candidates(_MAX_STALE_CHECKS) != []
 
     def bound_once(self, server_id: str) -> bool:
         """Whether at most one job holds `server_id` (the invariant a load repairs)."""
@@ -448,11 +451,79 @@ class Store:
             return len({j.local_id for j in self._bound_to(data, server_id)}) <= 1
 
     def due_candidates(self, limit: int) -> list[str] | None:
-        """The local_ids whose latest line names a status that needs a push, found by byte
-        search without folding; None when there are more than `limit` (or the layout is not
-        ours): then fold and see."""
+        """The local_ids whose latest record has a status that needs a push, without folding:
+        each line naming such a status is found by byte search and its job's latest record read
+        (backwards from the end); None when more than `limit` are due, or 4 x `limit` jobs had
+        to be read, or a line is not of our layout: then fold and see.
+
+        The answer is kept as a hint (in memory and in HINT_NAME) with the byte it holds up to,
+        so the next look searches only the lines appended since and checks the jobs it found."""
         with self.mapped() as data:
-            return [] if data is None else _due_candidates(data, limit)
+            if data is None:
+                return []
+            hint = self._usable_hint(data)
+            if hint is None:
+                found = _due_candidates(data, limit)
+            else:
+                found = _due_candidates(data, limit, start=hint["end"], known=hint["due"])
+            if found is not None:
+                self._keep_hint(data, found, hint)
+            return found
+
+    def _usable_hint(self, data: Any) -> dict[str, Any] | None:
+        """The kept hint if it still describes this file's first `end` bytes: same file (device
+        and inode), not shorter, and the same bytes at its start and just before `end` (an inode
+        reused by a compaction holds other bytes there)."""
+        hint = self._hint if self._hint is not None else self._read_hint()
+        if hint is None or hint["ident"] != list(self._mapped_ident):
+            return None
+        end = hint["end"]
+        if end > len(data) or data[:_HINT_PROBE] != hint["head"]:
+            return None
+        if data[max(0, end - _HINT_PROBE) : end] != hint["tail"]:
+            return None
+        return hint
+
+    def _read_hint(self) -> dict[str, Any] | None:
+        try:
+            fd = open_nofollow(os.path.join(self.data_dir, HINT_NAME), os.O_RDONLY)
+        except JobsyncdError:
+            return None
+        try:
+            raw = json.loads(os.read(fd, 1 << 16))
+            hint = {
+                "ident": [int(raw["ident"][0]), int(raw["ident"][1])],
+                "end": int(raw["end"]),
+                "head": bytes.fromhex(raw["head"]),
+                "tail": bytes.fromhex(raw["tail"]),
+                "due": [str(i) for i in raw["due"] if isinstance(i, str) and len(i) == 36],
+            }
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None  # a hint torn by a crash, or not ours: search the whole file
+        finally:
+            os.close(fd)
+        self._hint = hint
+        return hint
+
+    def _keep_hint(self, data: Any, due: list[str], old: dict[str, Any] | None) -> None:
+        end = data.rfind(b"\n") + 1  # whole lines only: a torn last line may still change
+        if old is not None and old["end"] == end and sorted(old["due"]) == sorted(due):
+            return
+        hint = {
+            "ident": list(self._mapped_ident),
+            "end": end,
+            "head": bytes(data[:_HINT_PROBE]),
+            "tail": bytes(data[max(0, end - _HINT_PROBE) : end]),
+            "due": sorted(due),
+        }
+        self._hint = hint
+        from .state import write_file_atomically  # state imports this module
+
+        shown = {**hint, "head": hint["head"].hex(), "tail": hint["tail"].hex()}
+        try:  # not fsynced: a hint lost or torn by a crash only costs one whole search
+            write_file_atomically(self.data_dir, HINT_NAME, json.dumps(shown).encode())
+        except JobsyncdError:
+            pass
 
     @contextmanager
     def mapped(self) -> Iterator[Any]:
@@ -469,10 +540,12 @@ class Store:
                 yield None
                 return
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                size = st.st_size
                 if not size:
                     yield None
                     return
+                self._mapped_ident = (st.st_dev, st.st_ino)
                 with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
                     yield data
             finally:
@@ -649,24 +722,7 @@ class Store:
 
     @staticmethod
     def _fold_one(data: Any, local_id: str) -> Job | None:
-        needle = b'{"local_id":' + json.dumps(local_id).encode()
-        positions = [0] if data[: len(needle)] == needle else []
-        needle = b"\n" + needle
-        pos = data.find(needle)
-        while pos != -1:
-            positions.append(pos + 1)
-            pos = data.find(needle, pos + 1)
-        rec: dict[str, Any] | None = None
-        for start in positions:
-            end = data.find(b"\n", start)
-            if end == -1:
-                continue  # a torn last line
-            try:
-                candidate = json.loads(data[start:end])
-            except ValueError:
-                continue
-            if _valid_record(candidate) and candidate["local_id"] == local_id:
-                rec = candidate
+        rec = _latest_record(data, b'{"local_id":' + json.dumps(local_id).encode(), local_id)
         if rec is None or rec.get("purged"):
             return None
         try:
@@ -794,7 +850,9 @@ class Store:
 
 
 _DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
+_DUE_STATUSES = ("pending", "pending_deletion", "error")
 _MAX_STALE_CHECKS = 64
+_HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
 
 
 def _line_at(data: Any, pos: int) -> tuple[int, int]:
@@ -803,43 +861,83 @@ def _line_at(data: Any, pos: int) -> tuple[int, int]:
     return start, (len(data) if end == -1 else end)
 
 
-def _may_hold_due_jobs(data: Any) -> bool:
-    # No job found due among the first _MAX_STALE_CHECKS named ones: [] (False); a due one,
-    # or more to check, or a layout not ours: None (True: fold and see).
-    return _due_candidates(data, 0, _MAX_STALE_CHECKS) != []
-
-
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
     deleting = job.sync_status == "pending_deletion"
     return (deleting, job.sync_status == "synced", job.created_at, job.local_id)
 
 
-def _due_candidates(data: Any, limit: int, max_checks: int | None = None) -> list[str] | None:
-    """The local_ids whose latest line has a status that needs a push, by byte search; None
-    when more than `limit` are due, more than `max_checks` (4 x limit) jobs had to be looked
-    at, or a line is not of our layout."""
+def _due_candidates(
+    data: Any,
+    limit: int,
+    max_checks: int | None = None,
+    start: int = 0,
+    known: Iterable[str] = (),
+) -> list[str] | None:
+    """The local_ids whose latest line has a status that needs a push, by byte search from
+    `start` (the jobs `known` to be due before it are checked too); None when more than `limit`
+    are due, more than `max_checks` (4 x limit) jobs had to be looked at, or a line is not of
+    our layout."""
     max_checks = 4 * limit if max_checks is None else max_checks
     found: list[str] = []
     checked: set[bytes] = set()
-    for needle in _DUE_NEEDLES:
-        pos = data.find(needle)
-        while pos != -1:
-            start, end = _line_at(data, pos)
-            head = data[start : start + 50]  # {"local_id":"<36 characters>"
-            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
+    for head in _due_heads(data, start, known):
+        if head is None:
+            return None  # a line not of our layout
+        if head in checked:
+            continue
+        checked.add(head)
+        if len(checked) > max_checks:
+            return None
+        local_id = head[13:49].decode()
+        rec = _latest_record(data, head, local_id)
+        if rec is not None and rec.get("sync_status") in _DUE_STATUSES:
+            found.append(local_id)
+            if len(found) > limit:
                 return None
-            if head not in checked:
-                checked.add(head)
-                if len(checked) > max_checks:
-                    return None
-                last = max(data.rfind(b"\n" + head) + 1, start)
-                line = data[last : _line_at(data, last)[1]]
-                if any(n in line for n in _DUE_NEEDLES):
-                    found.append(head[13:49].decode())
-                    if len(found) > limit:
-                        return None
-            pos = data.find(needle, end)
     return found
+
+
+def _latest_record(data: Any, head: bytes, local_id: str) -> dict[str, Any] | None:
+    """The job's latest valid record, searched from the end of the file backwards (`head` is
+    its line's start, `{"local_id":"<id>"`): a job changed lately is found without reading the
+    rest; a torn or unreadable line is passed over, as a load would."""
+    end = len(data)
+    while True:
+        pos = data.rfind(b"\n" + head, 0, end)
+        if pos != -1:
+            start = pos + 1
+        elif data[: len(head)] == head:
+            start = 0
+        else:
+            return None
+        stop = data.find(b"\n", start)
+        if stop != -1:  # else a torn last line
+            try:
+                rec = json.loads(data[start:stop])
+            except ValueError:
+                rec = None
+            if _valid_record(rec) and rec["local_id"] == local_id:
+                return dict(rec)
+        if start == 0:
+            return None
+        end = pos
+
+
+def _due_heads(data: Any, start: int, known: Iterable[str]) -> Iterator[bytes | None]:
+    """The heads (`{"local_id":"<id>"`) of the jobs `known` to be due, then of each line from
+    `start` that names a due status; None for a line that is not of our layout."""
+    for local_id in known:
+        yield b'{"local_id":"' + local_id.encode() + b'"'
+    for needle in _DUE_NEEDLES:
+        pos = data.find(needle, start)
+        while pos != -1:
+            line_start, end = _line_at(data, pos)
+            head = data[line_start : line_start + 50]  # {"local_id":"<36 characters>"
+            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
+                yield None
+                return
+            yield head
+            pos = data.find(needle, end)
 
 
 def _unlink_quietly(path: str) -> None:
