@@ -286,7 +286,8 @@ class Daemon:
         self.worker.join()
         self.worker = None
         result, self.worker_result = self.worker_result, None
-        _release_memory()
+        if self.worker_counts is not None:
+            _release_memory()  # the pass folded the store; a sparse pass freed little
         if self.live is not None:
             self.live.pass_finished()
         self._answer_waiters(result)

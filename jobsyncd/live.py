@@ -88,6 +88,15 @@ class LivePoller:
         self.wake.wait(max(0.0, seconds))
         self.wake.clear()
 
+    def _moved_past(self, checkpoint: str) -> bool:
+        """Whether a pass that ran while the poll was open has moved the stored checkpoint on
+        from the one polled: the change that answered the poll is then most likely applied
+        already (the daemon's own pushes come back on the feed), so no second pass is run for
+        it. A pass still running is waited for first (bounded by the stop event)."""
+        while self.pass_running() and not self.stop_event.is_set():
+            self._sleep(self.interval)  # pass_finished() wakes it
+        return self._checkpoint()[1] not in (None, checkpoint)
+
     def _retry_delay(self) -> float:
         nominal = min(self.backoff_base * 2.0 ** min(self.failures - 1, 30), self.interval)
         return nominal / 2 + self.rng.random() * nominal / 2
@@ -144,6 +153,8 @@ class LivePoller:
                 log.info("the live long-poll is back")
                 self.failure_logged = False
             self.failures = 0
+            if self._moved_past(checkpoint):
+                return  # poll again from the new checkpoint: a later change answers at once
             self.woke_at = checkpoint
             self.request_pass()
             self._sleep(self.interval)  # woken when the pass ends, with a new checkpoint

@@ -102,3 +102,28 @@ def test_status_json_reports_the_feed_mode_and_checkpoint_age(cli, served):
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "feed"}))
     cli("sync", check=True)
     assert cli.json("status")["feed"]["mode"] == "listing"
+
+
+def test_the_daemons_own_push_coming_back_on_the_feed_runs_no_second_pass(cli, served, daemons):
+    """The long-poll open while the daemon pushes a create is answered by that very create; the
+    pass has already moved the checkpoint past it, so the daemon polls again from there instead
+    of running a pass for nothing (each create used to cost two passes)."""
+    cli("create", "--text", "first", check=True)
+    daemons(interval="60")
+    poll(lambda: long_polls(served) >= 1, 15, "a long-poll held by the idle daemon")
+    before = len(served.requests)
+    lid = cli("create", "--text", "second", check=True).stdout.strip()
+    poll(lambda: served.job_by_local_id(lid), 15, "the create on the server")
+    since_create = lambda: served.requests[before:]  # noqa: E731
+    poll(
+        lambda: any("wait=" in p for _, p, _ in since_create()),
+        15,
+        "a long-poll opened again after the create",
+    )
+    upto_poll = []
+    for method, path, _ in since_create():
+        if "wait=" in path:
+            break
+        upto_poll.append((method, path.split("?")[0]))
+    assert ("POST", "/api/v1/jobs") in upto_poll or ("POST", "/api/v1/batch") in upto_poll
+    assert upto_poll.count(("GET", "/api/v1/changes")) == 1, upto_poll
