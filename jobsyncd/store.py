@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import mmap
 import os
 import re
 import stat
@@ -527,10 +526,11 @@ class Store:
 
     @contextmanager
     def mapped(self) -> Iterator[Any]:
-        """The store file mapped read-only, under the lock (None when missing or empty).
+        """The store file as a read-only FileView, under the lock (None when missing or empty).
 
-        Searched in place, without a copy: bytes.find's fast search over the page cache finds a
-        job's lines among 100,000 in a few milliseconds."""
+        Searched in chunks read from the page cache: bytes.find finds a job's lines among
+        100,000 in a few milliseconds, and the process's memory does not grow with the file
+        (an mmap counted every page searched in the process's resident memory)."""
         with self.lock:
             try:
                 fd = open_nofollow(self.path, os.O_RDONLY)
@@ -541,13 +541,11 @@ class Store:
                 return
             try:
                 st = os.fstat(fd)
-                size = st.st_size
-                if not size:
+                if not st.st_size:
                     yield None
                     return
                 self._mapped_ident = (st.st_dev, st.st_ino)
-                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                    yield data
+                yield FileView(fd, st.st_size)
             finally:
                 os.close(fd)
 
@@ -853,6 +851,56 @@ _DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
 _DUE_STATUSES = ("pending", "pending_deletion", "error")
 _MAX_STALE_CHECKS = 64
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
+
+
+class FileView:
+    """The first `size` bytes of an open file, searched like bytes (find, rfind, slices, len)
+    by positioned reads: each search reads chunks that start small (a line's end is near) and
+    double up to 1 MiB, so a whole-file search copies the file once in 1 MiB pieces."""
+
+    FIRST_CHUNK = 4096
+    MAX_CHUNK = 1 << 20
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, step = index.indices(self.size)
+        if step != 1:
+            raise ValueError("FileView slices have no step")
+        return os.pread(self.fd, stop - start, start) if stop > start else b""
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        end = self.size if end is None else min(end, self.size)
+        pos, chunk = max(start, 0), self.FIRST_CHUNK
+        while pos + len(sub) <= end:
+            stop = min(pos + chunk + len(sub) - 1, end)
+            found = os.pread(self.fd, stop - pos, pos).find(sub)
+            if found != -1:
+                return pos + found
+            if stop == end:
+                return -1
+            pos += chunk
+            chunk = min(2 * chunk, self.MAX_CHUNK)
+        return -1
+
+    def rfind(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        end = self.size if end is None else min(end, self.size)
+        start, chunk = max(start, 0), self.FIRST_CHUNK
+        while end - start >= len(sub):
+            lo = max(start, end - chunk - len(sub) + 1)
+            found = os.pread(self.fd, end - lo, lo).rfind(sub)
+            if found != -1:
+                return lo + found
+            if lo == start:
+                return -1
+            end = lo + len(sub) - 1
+            chunk = min(2 * chunk, self.MAX_CHUNK)
+        return -1
 
 
 def _line_at(data: Any, pos: int) -> tuple[int, int]:

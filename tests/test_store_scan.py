@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobsyncd.model import Job, new_local_id, rfc3339, utc_now
-from jobsyncd.store import HINT_NAME, STORE_NAME, Store, encode_record, prepare_data_dir
+from jobsyncd.store import (
+    HINT_NAME,
+    STORE_NAME,
+    FileView,
+    Store,
+    encode_record,
+    prepare_data_dir,
+)
 
 DUE = ("pending", "pending_deletion", "error")
 STATUSES = ("pending", "pending_deletion", "error", "synced", "failed")
@@ -173,3 +180,29 @@ def test_a_backward_lookup_agrees_with_a_full_fold(tmp_path_factory, ops, torn):
         found = looker.lookup(local_id)
         want = folded.get(local_id)
         assert (found.record() if found else None) == (want.record() if want else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    blob=st.binary(max_size=40_000).map(lambda b: b.replace(b"\x00", b"ab")),
+    sub=st.sampled_from([b"\n", b"ab", b"abab", b"\nab\n", b"zz"]),
+    start=st.integers(-5, 45_000),
+    end=st.one_of(st.none(), st.integers(0, 45_000)),
+)
+def test_a_file_view_finds_what_bytes_find(tmp_path_factory, blob, sub, start, end):
+    """FileView reads the file in growing chunks; every find and rfind, in any window, must
+    answer what bytes would (a match across two chunks included)."""
+    path = tmp_path_factory.mktemp("v") / "f"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = FileView(fd, len(blob))
+        view.FIRST_CHUNK = 7  # many chunk edges in a small file
+        view.MAX_CHUNK = 64
+        lo = max(start, 0)
+        assert view.find(sub, lo, end) == blob.find(sub, lo, end)
+        assert view.rfind(sub, lo, end) == blob.rfind(sub, lo, end)
+        assert view[lo : end] == blob[lo:end]
+        assert len(view) == len(blob)
+    finally:
+        os.close(fd)
