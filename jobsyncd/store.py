@@ -245,6 +245,10 @@ class Store:
         self._warned: set[str] = set()
         self._hint: dict[str, Any] | None = None  # see HINT_NAME
         self._mapped_ident: tuple[int, int] = (0, 0)
+        # lookup()'s answers for the file as it was (device, inode, size, mtime and its last
+        # bytes, which any write in between would change): a pass that reads a job, then
+        # re-reads it under the lock to apply an outcome, searches for it once.
+        self._looked_up: dict[str, tuple[tuple[Any, ...], Job | None]] = {}
 
     @contextmanager
     def locked(self) -> Iterator[Store]:
@@ -657,7 +661,19 @@ class Store:
         if self._loaded:
             return self.refresh().get(local_id)
         with self.mapped() as data:
-            return None if data is None else self._fold_one(data, local_id)
+            if data is None:
+                return None
+            st = os.fstat(data.fd)
+            version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, data[-_HINT_PROBE:])
+            known = self._looked_up.get(local_id)
+            if known is not None and known[0] == version:
+                job = known[1]
+            else:
+                job = self._fold_one(data, local_id)
+                if len(self._looked_up) >= _LOOKUP_CACHE:
+                    self._looked_up.clear()
+                self._looked_up[local_id] = (version, job)
+            return job.copy() if job is not None else None
 
     def lookup_server_id(self, server_id: str) -> Job | None:
         """The job bound to `server_id` now (the first found; the store holds one at most)."""
@@ -850,6 +866,7 @@ class Store:
 _DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
 _DUE_STATUSES = ("pending", "pending_deletion", "error")
 _MAX_STALE_CHECKS = 64
+_LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
 
 

@@ -206,3 +206,20 @@ def test_a_file_view_finds_what_bytes_find(tmp_path_factory, blob, sub, start, e
         assert len(view) == len(blob)
     finally:
         os.close(fd)
+
+
+def test_a_lookup_sees_what_another_process_wrote_since_the_last_lookup(tmp_path: Path):
+    store, data = _fresh(tmp_path, "d")
+    lid = new_local_id()
+    store.append([_job(lid, "pending")])
+    reader = Store(str(data))
+    assert reader.lookup(lid).sync_status == "pending"
+    Store(str(data)).append([_job(lid, "synced")])
+    assert reader.lookup(lid).sync_status == "synced"
+    other = Store(str(data))
+    other.append([_job(lid, "error")])
+    other.compact()
+    assert reader.lookup(lid).sync_status == "error"
+    got = reader.lookup(lid)
+    got.text = "changed by the caller"
+    assert reader.lookup(lid).text == "t"  # answers are copies
