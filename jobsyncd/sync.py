@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import audio, log
+from . import audio, lifecycle, log
 from .api import (
     AuthRefused,
     BackOff,
@@ -40,9 +40,9 @@ from .api import (
     Tombstone,
     Transient,
 )
+from .lifecycle import ERROR, FAILED, PENDING, PENDING_DELETION, SYNCED, ErrorKind
 from .model import (
     Job,
-    SyncStatus,
     backoff_delay,
     is_uuid,
     new_local_id,
@@ -55,12 +55,6 @@ from .store import Store
 if TYPE_CHECKING:
     from .remote import Remote  # the pass takes any object with its methods (a fake in tests)
 
-PENDING = SyncStatus.PENDING.value
-SYNCED = SyncStatus.SYNCED.value
-PENDING_DELETION = SyncStatus.PENDING_DELETION.value
-ERROR = SyncStatus.ERROR.value
-FAILED = SyncStatus.FAILED.value
-
 BATCH_MAX_OPS = 500
 BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
 FEED_PAGE_LIMIT = 500
@@ -71,7 +65,7 @@ FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after
 
 FLUSH_EVERY_JOBS = 200
 # error_kind of a job bound to the id an invalid create answer named: created again until valid
-UNCONFIRMED = "unconfirmed"
+UNCONFIRMED = ErrorKind.UNCONFIRMED.value
 FLUSH_EVERY_SECONDS = 1.0
 
 
@@ -648,18 +642,11 @@ class _Pass:
                 and sj.metadata == cur.metadata
                 and audio_on_server == snap.audio_file
             ):
-                cur.sync_status = SYNCED
-                cur.retry_count = 0
-                cur.last_error = None
-                cur.error_kind = None
-                cur.next_attempt_at = None
+                cur = lifecycle.synced(cur)
             else:
                 # The server holds another version (an earlier POST whose answer was lost):
                 # ours is newer, so it stays pending and the next pass PATCHes the difference.
-                cur.sync_status = PENDING
-                cur.retry_count = 0
-                cur.next_attempt_at = None
-                cur.error_kind = None
+                cur = lifecycle.outdated_on_server(cur)
                 self.summary.again = True
         else:
             self.summary.again = True  # changed while in flight: pushed by the next pass
@@ -697,34 +684,26 @@ class _Pass:
                 return [], []  # edited meanwhile: the new version gets a fresh attempt
             cur = cur.copy()
             now = self.now()
-            cur.last_sync_attempt_at = rfc3339(now)
-            cur.last_error = message
-            if deleting:
-                cur.error_kind = "delete"
-            elif gone:
-                cur.error_kind = "gone"
-            else:
-                cur.error_kind = UNCONFIRMED if cur.error_kind == UNCONFIRMED else None
+            kind = lifecycle.failure_kind(cur, gone)
             if bind_id is not None and cur.server_id is None:
                 # Recorded so that a delete reaches that copy; but the create is sent again
                 # (idempotent by local_id) until the server answers it with a valid job.
                 cur.server_id = bind_id
                 cur.create_sent = True
-                cur.error_kind = UNCONFIRMED
+                kind = ErrorKind.UNCONFIRMED
             if permanent:
-                cur.sync_status = FAILED
-                cur.next_attempt_at = None
-                return [cur], []
-            cur.retry_count += 1
-            if cur.retry_count >= self.policy.max_retries:
-                cur.sync_status = FAILED
-                cur.next_attempt_at = None
+                return [lifecycle.failed(cur, rfc3339(now), message, kind)], []
+
+            def next_attempt_at(retries: int) -> str:
+                delay = backoff_delay(self.policy.backoff_base_seconds, retries, self.rng)
+                return rfc3339(now + _dt.timedelta(seconds=delay))
+
+            cur = lifecycle.errored(
+                cur, rfc3339(now), message, kind, self.policy.max_retries, next_attempt_at
+            )
+            if cur.sync_status == FAILED:
                 self.summary.errors -= 1
                 self.summary.failed += 1
-            else:
-                cur.sync_status = PENDING_DELETION if deleting else ERROR
-                delay = backoff_delay(self.policy.backoff_base_seconds, cur.retry_count, self.rng)
-                cur.next_attempt_at = rfc3339(now + _dt.timedelta(seconds=delay))
             return [cur], []
 
         self._record(apply)
@@ -1096,13 +1075,9 @@ class _Pass:
                 cur.text, cur.metadata, cur.server_status = sj.text, sj.metadata, sj.status
                 cur.updated_at = sj.updated_at or rfc3339(self.now())
                 cur.audio_sent = cur.audio_file  # server wins; audio is never downloaded
-            elif cur.sync_status == FAILED and cur.error_kind == "gone":
+            elif cur.sync_status == FAILED and cur.error_kind == ErrorKind.GONE:
                 # It failed because the server lost it; the server has it again: push the edit.
-                cur.sync_status = PENDING
-                cur.retry_count = 0
-                cur.last_error = None
-                cur.error_kind = None
-                cur.next_attempt_at = None
+                cur = lifecycle.recovered(cur)
             cur.server_status = sj.status
             self.summary.pulled += 1
             log.job_line("pulled", local_id, f"rebound to server id {sj.id[:64]}")
@@ -1230,7 +1205,7 @@ class _Pass:
             cur = view.get(local_id)
             if cur is None or cur.sync_status != SYNCED or cur.server_id != server_id:
                 return [], []  # changed locally meanwhile: it goes its own way
-            cur = lifecycle_reuploaded(cur)
+            cur = lifecycle.reuploaded(cur)
             self.summary.reuploaded += 1
             log.job_line("reuploaded", local_id)
             return [cur], []
@@ -1362,22 +1337,6 @@ class _Overlay:
         if server_id in self._sids:
             return True
         return any(j.server_id == server_id for j in self.changed.values())
-
-
-def lifecycle_reuploaded(job: Job) -> Job:
-    """A synced job the server lost, to be created again: pending, no server copy known."""
-    job = job.copy()
-    job.sync_status = PENDING
-    job.server_id = None
-    job.base = None
-    job.create_sent = False
-    job.audio_sent = None
-    job.retry_count = 0
-    job.last_error = None
-    job.error_kind = None
-    job.next_attempt_at = None
-    job.server_status = None
-    return job
 
 
 def _usable_id_in(exc: BaseException) -> str | None:
