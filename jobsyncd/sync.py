@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import audio, lifecycle, log
 from .api import (
@@ -34,6 +34,7 @@ from .api import (
     NotModified,
     Offline,
     Permanent,
+    RemoteAPI,
     RemoteError,
     ServerJob,
     TLSFailure,
@@ -51,9 +52,6 @@ from .model import (
     utc_now,
 )
 from .store import Store
-
-if TYPE_CHECKING:
-    from .remote import Remote  # the pass takes any object with its methods (a fake in tests)
 
 BATCH_MAX_OPS = 500
 BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
@@ -192,7 +190,7 @@ class _Pass:
     def __init__(
         self,
         store: Store,
-        remote: Remote,
+        remote: RemoteAPI,
         policy: Policy,
         now: Callable[[], _dt.datetime],
         rng: random.Random,
@@ -319,7 +317,7 @@ class _Pass:
     # ---- resumable uploads (6.8) -----------------------------------------------------------------
     def _wants_upload(self, path: str) -> bool:
         chunk = self.policy.upload_chunk_bytes
-        if chunk <= 0 or not hasattr(self.remote, "_send"):
+        if chunk <= 0:
             return False
         try:
             if os.path.getsize(path) <= chunk:
@@ -338,10 +336,9 @@ class _Pass:
             checked = state.get("checked_at")
             if isinstance(checked, (int, float)) and now - FEED_PROBE_SECONDS < checked <= now:
                 return False  # asked again after a day
-        from .upload import Uploader  # imports requests' helpers: only for passes that upload
-
-        uploader = Uploader(self.remote, self.policy.upload_chunk_bytes, self.upload_progress)
-        offered = uploader.probe()
+        # A remote that cannot carry uploads (in memory) has none; the audio goes with the job.
+        uploader = self.remote.uploader(self.policy.upload_chunk_bytes, self.upload_progress)
+        offered = uploader is not None and uploader.probe()
         self.pull_state["uploads"] = {"offered": offered, "checked_at": now}
         if offered:
             self._uploader = uploader
@@ -402,11 +399,10 @@ class _Pass:
     def _abandon(self, url: str) -> None:
         """DELETE an upload nobody will finish; best effort (else it expires on the server)."""
         try:
-            from .upload import Uploader
-
-            (self._uploader or Uploader(self.remote, max(self.policy.upload_chunk_bytes, 1))).abandon(
-                url
-            )
+            chunk = max(self.policy.upload_chunk_bytes, 1)
+            uploader = self._uploader or self.remote.uploader(chunk)
+            if uploader is not None:
+                uploader.abandon(url)
         except RemoteError as exc:
             stop = _stop_for(exc)
             if stop is not None and stop.skipped in ("auth", "backoff"):
@@ -1352,7 +1348,7 @@ def _differs(job: Job, sj: ServerJob) -> bool:
 
 def run_pass(
     store: Store,
-    remote: Remote,
+    remote: RemoteAPI,
     policy: Policy,
     now: Callable[[], _dt.datetime] = utc_now,
     rng: random.Random | None = None,
