@@ -253,7 +253,7 @@ class Daemon:
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
         except OSError as exc:  # a read-only or full data dir
             raise JobsyncdError(f"cannot take the daemon lock {path}: {exc.strerror}") from None
-        from .state import write_file_atomically
+        from .fsutil import write_file_atomically
 
         try:
             write_file_atomically(self.data_dir, DAEMON_PID_NAME, f"{os.getpid()}\n".encode())

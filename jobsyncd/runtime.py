@@ -61,7 +61,8 @@ class Runtime:
     @property
     def store(self) -> Store:
         if self._store is None:
-            from .store import Store, prepare_data_dir
+            from .fsutil import prepare_data_dir
+            from .store import Store
 
             prepare_data_dir(self.settings.data_dir)
             self._store = Store(self.settings.data_dir, warn=log.warning)

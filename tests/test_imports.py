@@ -73,3 +73,12 @@ def test_importing_the_daemon_loads_neither_the_cli_nor_click():
     assert "jobsyncd.daemon" in loaded
     assert "jobsyncd.cli" not in loaded
     assert "click" not in loaded
+
+
+def test_no_module_imports_a_private_helper_of_the_store():
+    """The file-system helpers live in fsutil.py; the store's private names stay its own."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("store"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from the store"
