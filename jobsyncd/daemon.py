@@ -25,7 +25,8 @@ import schedule
 
 from . import log
 from .config import Settings, check_server_url, read_token
-from .errors import ConfigError, JobsyncdError, TryLater
+from .errors import ConfigError, JobsyncdError, SymlinkRefused, TryLater
+from .fsutil import FileLock, write_file_atomically
 from .notify import Notifier
 from .runner import PassLog, describe, execute_pass, sync_lock
 from .state import read_backoff_until
@@ -236,25 +237,24 @@ class Daemon:
     def interval(self) -> float:
         return self.interval_override or self.settings.interval_seconds
 
-    def _take_lock(self) -> Any:
-        import filelock
-
+    def _take_lock(self) -> FileLock:
         path = os.path.join(self.data_dir, DAEMON_LOCK_NAME)
         if os.path.islink(path):
-            from .errors import SymlinkRefused
-
             raise SymlinkRefused(path)
-        lock = filelock.FileLock(path, timeout=1.0, mode=0o600)
+        # The store's flock lock (fsutil): the `filelock` package did the same here, and its
+        # import cost the daemon's start-up ~20 ms. flock dies with its holder: a SIGKILLed
+        # daemon leaves no stale lock. Retried for a second, so a `status` probe never fails us.
+        lock = FileLock(path, timeout=1.0, what="the daemon lock")
         try:
             lock.acquire()
-        except filelock.Timeout:
+        except TryLater:
             pid = _read_pid(self.data_dir)
             holder = f"pid {pid}" if pid else "another process"
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
-        except OSError as exc:  # a read-only or full data dir
-            raise JobsyncdError(f"cannot take the daemon lock {path}: {exc.strerror}") from None
-        from .fsutil import write_file_atomically
-
+        except SymlinkRefused:
+            raise
+        except JobsyncdError as exc:  # a data dir that cannot be written
+            raise JobsyncdError(f"cannot take the daemon lock: {exc}") from None
         try:
             write_file_atomically(self.data_dir, DAEMON_PID_NAME, f"{os.getpid()}\n".encode())
         except BaseException:
@@ -500,7 +500,7 @@ class Daemon:
                 pass
             self._drain()
 
-    def _shutdown(self, lock: Any) -> None:
+    def _shutdown(self, lock: FileLock) -> None:
         log.info("stopping")
         self._drain()  # a `sync --wait` that came in just now gets its answer too
         stopped = {"summary": None, "code": 75, "message": "the daemon stopped before its pass"}

@@ -138,8 +138,8 @@ def _not_ours(path: str) -> list[str]:
 class FileLock:
     """An exclusive flock on a lock file, re-entrant within one process object, thread-safe.
 
-    The `filelock` package does the same for the daemon lock; here the store uses fcntl directly
-    because importing filelock costs ~38 ms, as much as all of `jobsyncd create` may take.
+    The store's, the sync pass's and the daemon's lock. fcntl directly rather than the `filelock`
+    package, whose import costs ~20-38 ms, as much as all of `jobsyncd create` may take.
     """
 
     def __init__(

@@ -82,3 +82,17 @@ def test_no_module_imports_a_private_helper_of_the_store():
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("store"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports {private} from the store"
+
+
+def test_no_lock_of_the_agent_needs_the_filelock_package():
+    """Every lock is fsutil.FileLock (flock): the filelock package's import cost 20-40 ms."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert "filelock" not in names, f"{path.name} imports filelock"
