@@ -23,7 +23,8 @@ def _imports_of(path: Path, module: str) -> set[str]:
                 parts = parts[: len(parts) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             if base.startswith("jobsyncd"):
-                found.add(base)
+                if node.module:  # `from . import log` names a module, not the package
+                    found.add(base)
                 found.update(f"{base}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("jobsyncd"))
@@ -96,3 +97,17 @@ def test_no_lock_of_the_agent_needs_the_filelock_package():
                 else []
             )
             assert "filelock" not in names, f"{path.name} imports filelock"
+
+
+def test_the_lifecycle_and_the_file_system_helpers_import_only_what_the_readme_allows():
+    graph = _graph()
+    assert graph["jobsyncd.lifecycle"] <= {"jobsyncd.errors", "jobsyncd.model"}
+    assert graph["jobsyncd.fsutil"] <= {"jobsyncd.errors"}
+    assert graph["jobsyncd.runtime"] <= {
+        "jobsyncd.log",
+        "jobsyncd.config",
+        "jobsyncd.fsutil",
+        "jobsyncd.store",
+        "jobsyncd.wakeup",
+    }
+    assert "jobsyncd.cli" not in _reachable(graph, "jobsyncd.sync")
