@@ -9,8 +9,12 @@ Nothing here imports requests, so a command that only hands its pass to a daemon
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # for the annotation only: upload.py imports requests
+    from .upload import Uploader
 
 
 class RemoteError(Exception):
@@ -129,3 +133,70 @@ class BatchNotOffered(Exception):
 
 class BatchTooLarge(Exception):
     """413 on POST /batch: the server wants smaller batches."""
+
+
+class RemoteAPI(Protocol):
+    """What the sync pass asks of a server (contract sections 6 and 7). `remote.Remote`
+    implements it over HTTP; tests/memory_remote.py in memory, with the reference server's
+    semantics, and one contract suite (tests/test_sync_contract.py) holds both to it.
+
+    Every method raises the RemoteError kinds above for what went wrong; the feed and batches
+    raise their "not offered" exceptions when the server has none. A job object that is not
+    valid is an InvalidJob in a listing or feed page, an InvalidJobObject (a Transient) in the
+    answer to a request of its own."""
+
+    def create(
+        self,
+        local_id: str,
+        text: str,
+        metadata: dict[str, Any],
+        audio_path: str | None,
+        upload: tuple[str, str] | None = None,
+    ) -> ServerJob:
+        """POST a job; idempotent by local_id (a repeat answers the stored job, unchanged).
+        `upload`: (id, filename) of a finished resumable upload to attach instead of a file."""
+        ...
+
+    def update(
+        self,
+        server_id: str,
+        fields: dict[str, Any],
+        audio_path: str | None,
+        upload: tuple[str, str] | None = None,
+    ) -> ServerJob:
+        """PATCH the fields given (`"audio": None` removes the audio); Gone on 404."""
+        ...
+
+    def delete(self, server_id: str) -> None:
+        """DELETE; a job the server does not have (404) counts as deleted."""
+        ...
+
+    def get(self, server_id: str) -> ServerJob:
+        """GET one job; Gone on 404."""
+        ...
+
+    def list_pages(
+        self, etag: str | None
+    ) -> Iterator[tuple[list[ServerJob | InvalidJob], str | None]]:
+        """The whole listing, page by page, each with the listing's ETag; NotModified when
+        `etag` still matches."""
+        ...
+
+    def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
+        """One page of the change feed after checkpoint `since` (None: from the beginning);
+        FeedNotOffered, or FeedGone for a checkpoint the server cannot serve."""
+        ...
+
+    def batch(self, operations: list[dict[str, Any]]) -> list[Any]:
+        """POST /batch: per operation a ServerJob, None (a delete done) or the RemoteError its
+        own request would have raised; BatchNotOffered, BatchTooLarge."""
+        ...
+
+    def uploader(
+        self, chunk_bytes: int, progress: Callable[[int, int], None] | None = None
+    ) -> Uploader | None:
+        """The tus client for this server's resumable uploads (contract 6.8), or None when this
+        remote cannot carry them (the audio then goes with the create or update)."""
+        ...
+
+    def close(self) -> None: ...

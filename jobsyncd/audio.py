@@ -12,7 +12,7 @@ import re
 import stat
 
 from .errors import JobsyncdError, SymlinkRefused, UsageProblem
-from .store import _O_CLOEXEC, fsync_dir, open_nofollow
+from .fsutil import O_CLOEXEC, fsync_dir, open_nofollow
 
 AUDIO_DIR = "audio"
 
@@ -42,7 +42,7 @@ def open_user_audio(src: str) -> int:
     """Open the user's audio file for reading, or raise a usage error (exit 2)."""
     try:
         # O_NONBLOCK: a FIFO with no writer must not hang the command; cleared for reading.
-        fd = os.open(src, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(src, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise UsageProblem(f"cannot read audio file {src}: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

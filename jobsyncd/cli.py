@@ -19,98 +19,45 @@ import click
 from . import __version__, log
 from .errors import JobsyncdError
 from .model import Job
+from .runtime import Runtime
 
-if TYPE_CHECKING:  # for the annotations only: importing them costs start-up time
-    from .config import Settings
-    from .store import Store
-
+if TYPE_CHECKING:
     _FloatParamType = click.ParamType[float]
 else:  # click before 8.2 (setup.cfg allows 8.1) has no subscriptable ParamType at run time
     _FloatParamType = click.ParamType
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
-_state = {"verbose": 0}
 EPILOG = (
     "Exit codes: 0 done, 1 failed, 2 usage, 75 try later, 77 credentials refused, "
     "78 configuration. Shell completion and daily use: see the README."
 )
 
 
-class App:
-    """What the global options decide, resolved lazily (a config error only where it matters)."""
-
-    def __init__(
-        self,
-        config_file: str | None,
-        data_dir: str | None,
-        server: str | None,
-        verbose: int = 0,
-        quiet: bool = False,
-    ) -> None:
-        self.config_file = config_file
-        self.overrides = {"data_dir": data_dir, "server_url": server}
-        self.verbose = verbose
-        self.quiet = quiet
-        self._settings: Settings | None = None
-        self._store: Store | None = None
-
-    def set_verbosity(self, verbose: int, quiet: bool) -> None:
-        self.verbose, self.quiet = verbose, quiet
-        _state["verbose"] = verbose
-        log.configure(verbose=verbose, quiet=quiet)
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from .config import load_settings
-
-            self._settings = load_settings(self.config_file, self.overrides)
-            for message in self._settings.warnings:
-                log.warning(message)
-        return self._settings
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            from .store import Store, prepare_data_dir
-
-            prepare_data_dir(self.settings.data_dir)
-            self._store = Store(self.settings.data_dir, warn=log.warning)
-        return self._store
-
-    def wake_daemon(self) -> None:
-        # Only when a daemon's socket is there: importing socket costs start-up time.
-        if os.path.exists(os.path.join(self.settings.data_dir, "daemon.sock")):
-            from .wakeup import request_sync
-
-            request_sync(self.settings.data_dir)
-
-
-pass_app = click.make_pass_decorator(App)
+pass_runtime = click.make_pass_decorator(Runtime)
 
 
 def late_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     """A global option given after the command (`jobsyncd sync -q`): same effect as before it.
 
-    The App's settings are resolved lazily, inside the command, so nothing has read them yet.
+    The Runtime's settings are resolved lazily, inside the command, so nothing has read them yet.
     """
     if value in (None, False, 0):
         return
     ctx.meta[f"jobsyncd.{param.name}"] = value  # for shell completion, which runs no command
-    app = ctx.find_object(App)
-    if app is None:
+    runtime = ctx.find_object(Runtime)
+    if runtime is None:
         return
     if param.name in ("config_file",):
-        app.config_file = value
+        runtime.config_file = value
     elif param.name == "data_dir":
-        app.overrides["data_dir"] = value
+        runtime.overrides["data_dir"] = value
     elif param.name == "server":
-        app.overrides["server_url"] = value
+        runtime.overrides["server_url"] = value
     elif param.name == "verbose":
-        app.set_verbosity(app.verbose + value, app.quiet)
+        runtime.set_verbosity(runtime.verbose + value, runtime.quiet)
     elif param.name == "quiet":
-        app.set_verbosity(app.verbose, True)
+        runtime.set_verbosity(runtime.verbose, True)
 
 
 def global_options(command: _Fn) -> _Fn:
@@ -248,8 +195,12 @@ def cli(
     Example:
       jobsyncd create --text "Dictation 42" --audio memo.wav --meta patient=1234
     """
-    ctx.obj = App(config_file, data_dir, server)
-    ctx.obj.set_verbosity(verbose, quiet)
+    # main() passes its Runtime in (to read -vv after the command failed); a caller of the
+    # group itself gets a fresh one.
+    runtime = ctx.ensure_object(Runtime)
+    runtime.config_file = config_file
+    runtime.overrides.update(data_dir=data_dir, server_url=server)
+    runtime.set_verbosity(verbose, quiet)
 
 
 def _usage_message(exc: click.UsageError) -> str:
@@ -261,9 +212,9 @@ def _usage_message(exc: click.UsageError) -> str:
     return message
 
 
-def _traceback_with_vv() -> None:
+def _traceback_with_vv(runtime: Runtime) -> None:
     """The traceback of the exception being handled, on stderr, only with -vv."""
-    if _state["verbose"] >= 2:
+    if runtime.verbose >= 2:
         import traceback
 
         traceback.print_exc()
@@ -275,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad is not None:
         log.error(f"an argument is not valid UTF-8: {bad!r}")
         sys.exit(2)
+    runtime = Runtime()
     try:
-        code = cli.main(args=args, prog_name="jobsyncd", standalone_mode=False)
+        code = cli.main(args=args, prog_name="jobsyncd", standalone_mode=False, obj=runtime)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
@@ -286,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("aborted")
         code = 130
     except JobsyncdError as exc:
-        _traceback_with_vv()
+        _traceback_with_vv(runtime)
         log.error(_one_line(str(exc)))
         code = exc.exit_code
     except click.ClickException as exc:
@@ -304,12 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
     except OSError as exc:
         # A file or directory the system refused that no layer above named: still one line.
-        _traceback_with_vv()
+        _traceback_with_vv(runtime)
         where = f" {exc.filename}" if exc.filename else ""
         log.error(_one_line(f"cannot use{where}: {exc.strerror or exc}"))
         code = 1
     except Exception as exc:  # a bug: say so in one line, the traceback only with -vv
-        _traceback_with_vv()
+        _traceback_with_vv(runtime)
         log.error(_one_line(f"unexpected {type(exc).__name__}: {exc} (run with -vv for details)"))
         code = 1
     sys.exit(code or 0)

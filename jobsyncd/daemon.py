@@ -1,9 +1,10 @@
 """`jobsyncd daemon`: the lock, the schedule loop, signals, wake-ups and the notify protocol.
 
 The main loop sleeps in select() on the wake-up socket and a self-pipe that signal handlers
-write to (signal.set_wakeup_fd); handlers only set flags. Passes run in a worker thread so that
-SIGTERM can abandon one stuck in a request (the idempotent create makes that safe) and the
-loop stays free to answer wake-ups, reloads and the watchdog. Never forks or detaches.
+write to (signal.set_wakeup_fd); handlers only set flags. Passes run in a `PassWorker` thread
+so that SIGTERM can abandon one stuck in a request (the idempotent create makes that safe) and
+the loop stays free to answer wake-ups, reloads and the watchdog. Never forks or detaches.
+Takes a `Runtime` (settings, store, verbosity, reload); imports nothing of the CLI.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import schedule
 
 from . import log
-from .config import Settings, check_server_url, load_settings, read_token
-from .errors import ConfigError, JobsyncdError, TryLater
+from .config import Settings, check_server_url, read_token
+from .errors import ConfigError, JobsyncdError, SymlinkRefused, TryLater
+from .fsutil import FileLock, write_file_atomically
 from .notify import Notifier
 from .runner import PassLog, describe, execute_pass, sync_lock
 from .state import read_backoff_until
@@ -38,6 +40,9 @@ from .wakeup import (
     reply_socket_path,
     send_reply,
 )
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 STOP_GRACE_SECONDS = 3.0
 
@@ -116,32 +121,116 @@ def _release_memory() -> None:
         pass
 
 
+PassResult = PassSummary | BaseException | None
+
+
+class PassWorker:
+    """Runs one pass at a time in a thread of its own, so that SIGTERM can abandon a pass stuck
+    in a request (the idempotent create makes that safe) while the daemon's loop stays free for
+    wake-ups, reloads and the watchdog. When its pass ends, the thread writes a byte to
+    `wake_fd` (the loop's self-pipe); the loop then calls `finish()`."""
+
+    def __init__(self, store: Store, wake_fd: int, stop_requested: Callable[[], bool]) -> None:
+        self.store = store
+        self.wake_fd = wake_fd
+        self.stop_requested = stop_requested
+        self.thread: threading.Thread | None = None
+        self.result: PassResult = None
+        self.counts: dict[str, int] | None = None  # jobs per status after the pass, if folded
+        # When the pass last showed it moves on (it asks whether to stop between jobs).
+        self.heartbeat = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None
+
+    def start(self, run: Callable[[Callable[[], bool]], PassSummary]) -> None:
+        """Run `run(should_stop)` in the thread; its summary, or what it raised, is the result."""
+        self.heartbeat = time.monotonic()
+
+        def should_stop() -> bool:
+            self.heartbeat = time.monotonic()
+            return self.stop_requested()
+
+        def work() -> None:
+            try:
+                result: PassResult = run(should_stop)
+            except BaseException as exc:  # reported by the loop
+                result = exc
+            finally:
+                counts: dict[str, int] | None = None
+                if self.store.loaded:  # a no-change pass never folds the store
+                    counts = {}
+                    for job in self.store.jobs.values():
+                        counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
+                self.counts = counts
+                self.store.unload()
+            self.result = result
+            try:
+                os.write(self.wake_fd, b"p")
+            except OSError:
+                pass
+
+        self.thread = threading.Thread(target=work, name="jobsyncd-pass", daemon=True)
+        self.thread.start()
+
+    def ended(self) -> bool:
+        # The thread sets its result just before it ends: finish on that, not on is_alive(),
+        # which may still be true when its wake-up byte has been read.
+        return self.thread is not None and (self.result is not None or not self.thread.is_alive())
+
+    def finish(self) -> tuple[PassResult, dict[str, int] | None]:
+        """Join the ended pass; returns its result and the job counts."""
+        assert self.thread is not None
+        self.thread.join()
+        self.thread = None
+        result, self.result = self.result, None
+        if self.counts is not None:
+            _release_memory()  # the pass folded the store; a sparse pass freed little
+        return result, self.counts
+
+    def making_progress(self, now: float, period: float) -> bool:
+        """For the watchdog: see `pass_making_progress`."""
+        from .remote import last_request_finished, requests_in_flight  # loaded by the pass
+
+        finished = last_request_finished()
+        last_progress = max(self.heartbeat, finished if finished is not None else self.heartbeat)
+        return pass_making_progress(now, last_progress, period, requests_in_flight())
+
+    def abandon(self, grace: float) -> bool:
+        """Give a running pass `grace` seconds to end; returns whether it is still running."""
+        if self.thread is None:
+            return False
+        self.thread.join(grace)
+        return self.thread.is_alive()
+
+    def stuck(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
 class Daemon:
-    def __init__(self, app: Any, interval_override: float | None) -> None:
-        self.app = app
-        self.settings: Settings = app.settings
+    def __init__(self, runtime: Runtime, interval_override: float | None) -> None:
+        self.runtime = runtime
+        self.settings: Settings = runtime.settings
         self.interval_override = interval_override
-        self.store: Store = app.store
+        self.store: Store = runtime.store
         self.data_dir = self.settings.data_dir
         self.notifier = Notifier.from_env()
         self.token: str | None = None
         self.stop_requested = False
         self.reload_requested = False
         self.pass_requested = True  # a pass at start
-        self.worker: threading.Thread | None = None
-        self.worker_result: PassSummary | BaseException | None = None
-        self.heartbeat = time.monotonic()
         self.schedule = PassSchedule(self._scheduled)
         self.sock: socket.socket | None = None
         self.pipe_r, self.pipe_w = os.pipe()
         os.set_blocking(self.pipe_w, False)
         os.set_blocking(self.pipe_r, False)
-        self.worker_counts: dict[str, int] | None = None
+        self.worker = PassWorker(self.store, self.pipe_w, lambda: self.stop_requested)
         self._stuck_logged = False
         # `sync --wait` callers: answered by the first pass that starts after their request.
         self.waiters_next: list[str] = []
         self.waiters_this: list[str] = []
-        self.pass_log = PassLog(verbose=_verbosity())
+        self.pass_log = PassLog(verbose=runtime.verbose)
         self.live: Any = None  # the long-poll on the change feed (live.LivePoller)
 
     # ---- start-up -------------------------------------------------------------------------
@@ -149,25 +238,24 @@ class Daemon:
     def interval(self) -> float:
         return self.interval_override or self.settings.interval_seconds
 
-    def _take_lock(self) -> Any:
-        import filelock
-
+    def _take_lock(self) -> FileLock:
         path = os.path.join(self.data_dir, DAEMON_LOCK_NAME)
         if os.path.islink(path):
-            from .errors import SymlinkRefused
-
             raise SymlinkRefused(path)
-        lock = filelock.FileLock(path, timeout=1.0, mode=0o600)
+        # The store's flock lock (fsutil): the `filelock` package did the same here, and its
+        # import cost the daemon's start-up ~20 ms. flock dies with its holder: a SIGKILLed
+        # daemon leaves no stale lock. Retried for a second, so a `status` probe never fails us.
+        lock = FileLock(path, timeout=1.0, what="the daemon lock")
         try:
             lock.acquire()
-        except filelock.Timeout:
+        except TryLater:
             pid = _read_pid(self.data_dir)
             holder = f"pid {pid}" if pid else "another process"
             raise TryLater(f"another daemon ({holder}) already runs for {self.data_dir}") from None
-        except OSError as exc:  # a read-only or full data dir
-            raise JobsyncdError(f"cannot take the daemon lock {path}: {exc.strerror}") from None
-        from .state import write_file_atomically
-
+        except SymlinkRefused:
+            raise
+        except JobsyncdError as exc:  # a data dir that cannot be written
+            raise JobsyncdError(f"cannot take the daemon lock: {exc}") from None
         try:
             write_file_atomically(self.data_dir, DAEMON_PID_NAME, f"{os.getpid()}\n".encode())
         except BaseException:
@@ -241,7 +329,7 @@ class Daemon:
             data_dir=self.data_dir,
             api_base=check_server_url(settings),
             request_pass=request_pass,
-            pass_running=lambda: self.worker is not None,
+            pass_running=lambda: self.worker.running,
             backoff_base=settings.backoff_base_seconds,
             interval=self.interval,
         )
@@ -249,45 +337,18 @@ class Daemon:
 
     # ---- passes -------------------------------------------------------------------------------
     def _start_pass(self) -> None:
-        settings, token = self.settings, self.token
+        settings, token, store, data_dir = self.settings, self.token, self.store, self.data_dir
         self.pass_requested = False
         self.waiters_this, self.waiters_next = self.waiters_next, []
-        self.heartbeat = time.monotonic()
 
-        def should_stop() -> bool:
-            self.heartbeat = time.monotonic()
-            return self.stop_requested
+        def run(should_stop: Callable[[], bool]) -> PassSummary:
+            with sync_lock(data_dir):
+                return execute_pass(settings, store, token, should_stop=should_stop)
 
-        def work() -> None:
-            try:
-                with sync_lock(self.data_dir):
-                    result: Any = execute_pass(settings, self.store, token, should_stop=should_stop)
-            except BaseException as exc:  # reported by the main loop
-                result = exc
-            finally:
-                counts: dict[str, int] | None = None
-                if self.store.loaded:  # a no-change pass never folds the store
-                    counts = {}
-                    for job in self.store.jobs.values():
-                        counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
-                self.worker_counts = counts
-                self.store.unload()
-            self.worker_result = result
-            try:
-                os.write(self.pipe_w, b"p")
-            except OSError:
-                pass
-
-        self.worker = threading.Thread(target=work, name="jobsyncd-pass", daemon=True)
-        self.worker.start()
+        self.worker.start(run)
 
     def _finish_pass(self) -> None:
-        assert self.worker is not None
-        self.worker.join()
-        self.worker = None
-        result, self.worker_result = self.worker_result, None
-        if self.worker_counts is not None:
-            _release_memory()  # the pass folded the store; a sparse pass freed little
+        result, counts = self.worker.finish()
         if self.live is not None:
             self.live.pass_finished()
         self._answer_waiters(result)
@@ -295,8 +356,8 @@ class Daemon:
             line = describe(result)
             self.pass_log.report(result, line)
             status = f"{line} at {time.strftime('%H:%M:%S')}"
-            if self.worker_counts is not None:
-                held = ", ".join(f"{n} {s}" for s, n in sorted(self.worker_counts.items()))
+            if counts is not None:
+                held = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                 status += f"; jobs: {held or 'none'}"
             self.notifier.status(status)
             if result.again:
@@ -335,7 +396,7 @@ class Daemon:
         self.reload_requested = False
         self.notifier.reloading()
         try:
-            new = load_settings(self.app.config_file, self.app.overrides)
+            new = self.runtime.reload()
             check_server_url(new)
             token, warnings = read_token(new)
             if new.data_dir != self.settings.data_dir:
@@ -408,16 +469,12 @@ class Daemon:
         while not self.stop_requested:
             if self.reload_requested:
                 self._reload()
-            # The worker sets its result just before it ends: finish on that, not on
-            # is_alive(), which may still be true when its wake-up byte has been read.
-            if self.worker is not None and (
-                self.worker_result is not None or not self.worker.is_alive()
-            ):
+            if self.worker.ended():
                 self._finish_pass()
             self.schedule.run_pending()
             now = time.monotonic()
             wait = min(max(self.schedule.idle_seconds or 1.0, 0.0), 60.0)
-            if self.pass_requested and self.worker is None:
+            if self.pass_requested and not self.worker.running:
                 until = read_backoff_until(self.data_dir)
                 if until is not None and until > time.time():
                     wait = min(wait, until - time.time())  # one pass when the window ends
@@ -427,7 +484,7 @@ class Daemon:
                 if now >= next_ping:
                     # Stuck (a request past its whole-answer limit, or no progress for a whole
                     # watchdog period, a lock wait included): stop pinging, systemd restarts us.
-                    if self.worker is None or self._pass_making_progress(now, 2 * watchdog):
+                    if not self.worker.running or self.worker.making_progress(now, 2 * watchdog):
                         self.notifier.watchdog()
                         self._stuck_logged = False
                     elif not self._stuck_logged:
@@ -444,23 +501,14 @@ class Daemon:
                 pass
             self._drain()
 
-    def _pass_making_progress(self, now: float, period: float) -> bool:
-        from .remote import last_request_finished, requests_in_flight  # loaded by the pass
-
-        finished = last_request_finished()
-        last_progress = max(self.heartbeat, finished if finished is not None else self.heartbeat)
-        return pass_making_progress(now, last_progress, period, requests_in_flight())
-
-    def _shutdown(self, lock: Any) -> None:
+    def _shutdown(self, lock: FileLock) -> None:
         log.info("stopping")
         self._drain()  # a `sync --wait` that came in just now gets its answer too
         stopped = {"summary": None, "code": 75, "message": "the daemon stopped before its pass"}
         for reply in self.waiters_this + self.waiters_next:
             send_reply(reply, stopped)
-        if self.worker is not None:
-            self.worker.join(STOP_GRACE_SECONDS)
-            if self.worker.is_alive():
-                log.warning("abandoned the request in flight (the next pass repeats it safely)")
+        if self.worker.abandon(STOP_GRACE_SECONDS):
+            log.warning("abandoned the request in flight (the next pass repeats it safely)")
         if self.sock is not None:
             self.sock.close()
             try:
@@ -483,11 +531,11 @@ def _read_pid(data_dir: str) -> int | None:
         return None
 
 
-def run_daemon(app: Any, interval: float | None) -> int:
-    log.configure(verbose=_verbosity(), quiet=log.level == log.ERROR, daemon=True)
-    daemon = Daemon(app, interval)
+def run_daemon(runtime: Runtime, interval: float | None) -> int:
+    log.configure(verbose=runtime.verbose, quiet=runtime.quiet, daemon=True)
+    daemon = Daemon(runtime, interval)
     code = daemon.run()
-    if daemon.worker is not None and daemon.worker.is_alive():
+    if daemon.worker.stuck():
         # A pass is stuck in a request: leave without waiting for it (store writes are atomic).
         import sys
 
@@ -495,8 +543,3 @@ def run_daemon(app: Any, interval: float | None) -> int:
         os._exit(code)
     return code
 
-
-def _verbosity() -> int:
-    from .cli import _state
-
-    return _state["verbose"]

@@ -16,11 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import log
+from .lifecycle import PENDING_DELETION, SYNCED, ErrorKind
 from .model import Job, is_uuid, utc_now
 from .sync import (
-    PENDING_DELETION,
-    SYNCED,
-    UNCONFIRMED,
     PassSummary,
     Policy,
     _differs,
@@ -64,7 +62,7 @@ def plan_push(jobs: dict[str, Job], policy: Policy, now: _dt.datetime) -> Iterat
     for job in due:
         if job.sync_status == PENDING_DELETION:
             yield Action("delete", job.local_id, job.server_id)
-        elif job.server_id is None or job.error_kind == UNCONFIRMED:
+        elif job.server_id is None or job.error_kind == ErrorKind.UNCONFIRMED:
             yield Action("create", job.local_id, job.server_id)
         else:
             fields, audio = changed_fields(job)

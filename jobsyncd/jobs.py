@@ -10,16 +10,11 @@ import json
 import os
 from typing import Any
 
-from . import audio
+from . import audio, lifecycle
 from .errors import JobsyncdError, UsageProblem
+from .lifecycle import ERROR, FAILED, PENDING, PENDING_DELETION
 from .model import Job, SyncStatus, new_local_id, parse_rfc3339, rfc3339, utc_now
 from .store import Store
-
-PENDING = SyncStatus.PENDING.value
-SYNCED = SyncStatus.SYNCED.value
-PENDING_DELETION = SyncStatus.PENDING_DELETION.value
-ERROR = SyncStatus.ERROR.value
-FAILED = SyncStatus.FAILED.value
 
 
 def create_job(
@@ -67,22 +62,12 @@ def _same_content(a: str, b: str) -> bool:
         return False
 
 
-def _is_delete(job: Job) -> bool:
-    return job.sync_status == PENDING_DELETION or (
-        job.sync_status in (FAILED, ERROR) and job.error_kind == "delete"
-    )
-
-
 def _check_updatable(job: Job, ref: str, copy: str | None, edited_from: str | None) -> None:
     """Raise when the update must not go ahead: the reference moved to another job while the
     audio was copied, the job is being deleted, or its text changed under the editor."""
     if copy is not None and not os.path.basename(copy).startswith(job.local_id):
         raise JobsyncdError(f"{ref!r} changed meaning during the update; try again")
-    if _is_delete(job):
-        raise JobsyncdError(
-            f"job {job.local_id} is being deleted ({job.sync_status}); it cannot be "
-            "updated (`jobsyncd retry` a failed delete first)"
-        )
+    lifecycle.check_editable(job)
     if edited_from is not None and job.text != edited_from:
         raise JobsyncdError(
             f"job {job.local_id}'s text changed while you edited it; nothing changed"
@@ -132,21 +117,13 @@ def update_job(
             ):
                 return job, False
             old_audio = job.audio_file
-            job.text = new_text
-            job.metadata = metadata
-            if copy is not None:
-                job.audio_file = copy
-            elif drop_audio:
-                job.audio_file = None
-            job.rev += 1
-            job.updated_at = rfc3339(utc_now())
-            if job.sync_status in (ERROR, FAILED, SYNCED):
-                if job.error_kind == "gone":
-                    _forget_server_copy(job)  # the server lost it: the next pass creates it again
-                job.sync_status = PENDING
-                job.retry_count = 0
-                job.next_attempt_at = None
-                job.error_kind = None
+            job = lifecycle.edited(
+                job,
+                rfc3339(utc_now()),
+                text=new_text,
+                metadata=metadata,
+                audio_file=copy if copy is not None else None if drop_audio else old_audio,
+            )
             store.append([job])
             committed = True
             # The old copy goes once the new one is in place (or the audio is dropped): a
@@ -179,56 +156,19 @@ def delete_jobs(store: Store, refs: list[str]) -> list[Job]:
     with store.locked():
         jobs = _resolve_all(store, refs)
         now = rfc3339(utc_now())
-        changed = []
-        for job in jobs:
-            if job.sync_status == PENDING_DELETION:
-                continue
-            job.sync_status = PENDING_DELETION
-            job.error_kind = "delete"
-            job.retry_count = 0
-            job.next_attempt_at = None
-            job.rev += 1
-            job.updated_at = now
-            changed.append(job)
-        store.append(changed)
-        return jobs
+        marked = [lifecycle.marked_for_deletion(job, now) for job in jobs]
+        store.append([new for new, old in zip(marked, jobs, strict=True) if new is not old])
+        return marked
 
 
 def delete_job(store: Store, ref: str) -> Job:
     return delete_jobs(store, [ref])[0]
 
 
-def _forget_server_copy(job: Job) -> None:
-    job.server_id = None
-    job.base = None
-    job.create_sent = False
-    job.audio_sent = None
-
-
-def _put_back(job: Job) -> None:
-    if job.error_kind == "delete":
-        job.sync_status = PENDING_DELETION
-    else:
-        job.sync_status = PENDING
-        if job.error_kind == "gone":
-            _forget_server_copy(job)  # the server lost it: the next pass creates it again
-            job.error_kind = None
-    job.retry_count = 0
-    job.next_attempt_at = None
-    job.rev += 1
-
-
 def retry_jobs(store: Store, refs: list[str]) -> list[Job]:
     with store.locked():
-        jobs = _resolve_all(store, refs)
-        for job in jobs:
-            if job.sync_status != FAILED:
-                raise JobsyncdError(
-                    f"job {job.local_id} is {job.sync_status}, not failed; only failed jobs "
-                    "can be retried (nothing changed)"
-                )
-        for job in jobs:
-            _put_back(job)
+        # Every job is checked before anything is written: one that is not failed refuses all.
+        jobs = [lifecycle.retried(job) for job in _resolve_all(store, refs)]
         store.append(jobs)
         return jobs
 
@@ -239,9 +179,7 @@ def retry_job(store: Store, ref: str) -> Job:
 
 def retry_all(store: Store) -> int:
     with store.locked():
-        jobs = [j for j in store.load().values() if j.sync_status == FAILED]
-        for job in jobs:
-            _put_back(job)
+        jobs = [lifecycle.retried(j) for j in store.load().values() if j.sync_status == FAILED]
         store.append(jobs)
         return len(jobs)
 

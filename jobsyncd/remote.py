@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests  # costs ~80 ms of start-up: only the commands that talk to a server import us
 import requests.adapters
@@ -55,6 +55,9 @@ from .api import (  # the kinds live in api.py (no requests); re-exported here
     Tombstone,
     Transient,
 )
+
+if TYPE_CHECKING:
+    from .upload import Uploader
 
 MAX_JOB_ANSWER_BYTES = 4 << 20
 MAX_PAGE_ANSWER_BYTES = 64 << 20  # a page of 500 jobs is well under 1 MiB in practice
@@ -430,6 +433,14 @@ class Remote:
 
     def close(self) -> None:
         self.session.close()
+
+    def uploader(
+        self, chunk_bytes: int, progress: Callable[[int, int], None] | None = None
+    ) -> Uploader:
+        """The tus client of this server's `/uploads`, sending through this session."""
+        from .upload import Uploader  # upload.py imports this module: imported when used
+
+        return Uploader(self, chunk_bytes, progress)
 
     # ---- the token never leaves in server text --------------------------------------------
     def _redact(self, text: str) -> str:

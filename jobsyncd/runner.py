@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import log
 from .config import Settings, check_server_url, read_token
 from .errors import JobsyncdError
+from .fsutil import FileLock
 from .model import rfc3339, utc_now
 from .state import (
     read_backoff_until,
@@ -24,7 +25,7 @@ from .state import (
     write_last_pass,
     write_pull_state,
 )
-from .store import FileLock, Store
+from .store import Store
 from .sync import PassSummary, Policy
 
 if TYPE_CHECKING:  # for the annotation only: importing it loads requests

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from typing import Any
 
-from .errors import JobsyncdError, SymlinkRefused
-from .store import _write_all, fsync_dir, open_nofollow
+from .fsutil import write_file_atomically
 
 LAST_PASS_NAME = "last_pass.json"
 BACKOFF_NAME = "backoff.json"
@@ -32,34 +30,6 @@ def _read_json(data_dir: str, name: str) -> Any:
             return json.loads(fh.read(1 << 20))
     except (OSError, ValueError):
         return None
-
-
-def write_file_atomically(data_dir: str, name: str, content: bytes, durable: bool = False) -> None:
-    """Write `name` in the data dir whole (temporary file + rename), never through a symlink.
-
-    Raises JobsyncdError naming the file; no temporary file is left behind.
-    """
-    path = os.path.join(data_dir, name)
-    if os.path.islink(path):
-        raise SymlinkRefused(path)
-    tmp = os.path.join(data_dir, f".{name}.{secrets.token_hex(4)}.tmp")
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        try:
-            _write_all(fd, content)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(data_dir)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise JobsyncdError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _write_json(data_dir: str, name: str, value: Any, durable: bool = False) -> None:

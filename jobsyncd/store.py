@@ -8,20 +8,23 @@ directory), so a crash at any instant leaves the old store or the new one, never
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
-import stat
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import ConfigError, JobsyncdError, NoSuchJob, SymlinkRefused, TryLater
+from .errors import JobsyncdError, NoSuchJob, SymlinkRefused
+from .fsutil import (
+    FileLock,
+    fsync_dir,
+    open_nofollow,
+    prepare_data_dir,  # noqa: F401 - re-exported: callers have always found it here
+    write_file_atomically,
+)
+from .fsutil import write_all as _write_all  # a module global: tests make it fail here
 from .model import STATUSES, Job
 
 STORE_NAME = "jobs.jsonl"
@@ -34,12 +37,8 @@ REPAIR_NAME = "jobs.jsonl.repair"
 # lines appended since (a hint, checked against the file before use; format free, contract 4).
 HINT_NAME = "jobs.hint.json"
 MIN_PREFIX = 6
-LOCK_TIMEOUT_SECONDS = 30.0
 # Compact automatically when dead records outweigh live ones, once the file has this many lines.
 AUTO_COMPACT_MIN_LINES = 200
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def _default_warn(message: str) -> None:
@@ -66,162 +65,6 @@ def _valid_record(rec: Any) -> bool:
         and isinstance(rec.get("metadata", {}), dict)
         and isinstance(rec.get("text", ""), str)
     )
-
-
-def open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
-    """os.open that refuses symlinks (and anything but a regular file) with a clear error."""
-    try:
-        fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SymlinkRefused(path) from None
-        if exc.errno == errno.EISDIR:
-            raise JobsyncdError(f"{path} is a directory, not a file jobsyncd can use") from None
-        raise JobsyncdError(f"cannot open {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise JobsyncdError(f"{path} is not a regular file; refusing to use it")
-    return fd
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def prepare_data_dir(path: str) -> str:
-    """Create the data dir 0700 (umask 077), refuse one owned by someone else, tighten its mode."""
-    os.umask(0o077)
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-    except OSError as exc:
-        raise JobsyncdError(f"cannot create the data dir {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise JobsyncdError(f"the data dir {path} is not a directory")
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise JobsyncdError(
-            f"the data dir {path} belongs to another user (uid {st.st_uid}); refusing to use it"
-        )
-    if st.st_mode & 0o077:
-        strangers = _not_ours(path)
-        if strangers:
-            # Never change the mode of a directory that is not jobsyncd's own (`--data-dir /`
-            # or `~` would lock others out of it): refuse, naming what is in it.
-            raise ConfigError(
-                f"the data dir {path} is open to other users and holds files that are not "
-                f"jobsyncd's ({', '.join(strangers[:3])}); use a directory of its own"
-            )
-        try:
-            os.chmod(path, 0o700)
-        except OSError as exc:
-            if exc.errno != errno.EROFS:  # a read-only mount: reading it is still fine
-                raise JobsyncdError(
-                    f"cannot make the data dir {path} private: {exc.strerror}"
-                ) from None
-    # A data dir that cannot be written still serves reads (list, show, status); a write
-    # fails then with one line naming the file.
-    return path
-
-
-_OWN_SUFFIXES = (".lock", ".json", ".tmp", ".sock", ".pid")
-
-
-def _not_ours(path: str) -> list[str]:
-    """Entries of `path` that jobsyncd does not make (empty when it holds only ours)."""
-    try:
-        names = sorted(os.listdir(path))
-    except OSError:
-        return []
-    return [
-        n
-        for n in names
-        if n != "audio" and not n.startswith("jobs.jsonl") and not n.endswith(_OWN_SUFFIXES)
-    ]
-
-
-class FileLock:
-    """An exclusive flock on a lock file, re-entrant within one process object, thread-safe.
-
-    The `filelock` package does the same for the daemon lock; here the store uses fcntl directly
-    because importing filelock costs ~38 ms, as much as all of `jobsyncd create` may take.
-    """
-
-    def __init__(
-        self, path: str, timeout: float = LOCK_TIMEOUT_SECONDS, what: str = "the store"
-    ) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.what = what
-        self._fd: int | None = None
-        self._depth = 0
-        self._mutex = threading.RLock()
-
-    def acquire(self) -> None:
-        self._mutex.acquire()
-        if self._depth:
-            self._depth += 1
-            return
-        try:
-            fd = self._open()
-            if fd is None:  # a read-only file system: nobody can be writing, no lock needed
-                self._depth = 1
-                return
-            deadline = time.monotonic() + self.timeout
-            delay = 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        os.close(fd)
-                        raise JobsyncdError(f"cannot lock {self.path}: {exc.strerror}") from None
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise TryLater(
-                        f"{self.what} is locked by another process ({self.path}); try again"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        except BaseException:
-            self._mutex.release()
-            raise
-        self._fd = fd
-        self._depth = 1
-
-    def _open(self) -> int | None:
-        try:
-            return open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
-        except JobsyncdError:
-            try:
-                read_only = os.statvfs(os.path.dirname(self.path)).f_flag & os.ST_RDONLY
-            except OSError:
-                read_only = False
-            if not read_only:
-                raise
-            if os.path.lexists(self.path):
-                return open_nofollow(self.path, os.O_RDONLY)  # flock works on a read-only fd
-            return None
-
-    def release(self) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-        self._mutex.release()
-
-    def __enter__(self) -> FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class Store:
@@ -520,8 +363,6 @@ class Store:
             "due": sorted(due),
         }
         self._hint = hint
-        from .state import write_file_atomically  # state imports this module
-
         shown = {**hint, "head": hint["head"].hex(), "tail": hint["tail"].hex()}
         try:  # not fsynced: a hint lost or torn by a crash only costs one whole search
             write_file_atomically(self.data_dir, HINT_NAME, json.dumps(shown).encode())
@@ -1010,10 +851,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _write_all(fd: int, blob: bytes) -> None:
-    view = memoryview(blob)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]

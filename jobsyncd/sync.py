@@ -19,9 +19,9 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import audio, log
+from . import audio, lifecycle, log
 from .api import (
     AuthRefused,
     BackOff,
@@ -34,15 +34,16 @@ from .api import (
     NotModified,
     Offline,
     Permanent,
+    RemoteAPI,
     RemoteError,
     ServerJob,
     TLSFailure,
     Tombstone,
     Transient,
 )
+from .lifecycle import ERROR, FAILED, PENDING, PENDING_DELETION, SYNCED, ErrorKind
 from .model import (
     Job,
-    SyncStatus,
     backoff_delay,
     is_uuid,
     new_local_id,
@@ -51,15 +52,6 @@ from .model import (
     utc_now,
 )
 from .store import Store
-
-if TYPE_CHECKING:
-    from .remote import Remote  # the pass takes any object with its methods (a fake in tests)
-
-PENDING = SyncStatus.PENDING.value
-SYNCED = SyncStatus.SYNCED.value
-PENDING_DELETION = SyncStatus.PENDING_DELETION.value
-ERROR = SyncStatus.ERROR.value
-FAILED = SyncStatus.FAILED.value
 
 BATCH_MAX_OPS = 500
 BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
@@ -71,7 +63,7 @@ FEED_PROBE_SECONDS = 24 * 3600  # a server without the feed is asked again after
 
 FLUSH_EVERY_JOBS = 200
 # error_kind of a job bound to the id an invalid create answer named: created again until valid
-UNCONFIRMED = "unconfirmed"
+UNCONFIRMED = ErrorKind.UNCONFIRMED.value
 FLUSH_EVERY_SECONDS = 1.0
 
 
@@ -198,7 +190,7 @@ class _Pass:
     def __init__(
         self,
         store: Store,
-        remote: Remote,
+        remote: RemoteAPI,
         policy: Policy,
         now: Callable[[], _dt.datetime],
         rng: random.Random,
@@ -325,7 +317,7 @@ class _Pass:
     # ---- resumable uploads (6.8) -----------------------------------------------------------------
     def _wants_upload(self, path: str) -> bool:
         chunk = self.policy.upload_chunk_bytes
-        if chunk <= 0 or not hasattr(self.remote, "_send"):
+        if chunk <= 0:
             return False
         try:
             if os.path.getsize(path) <= chunk:
@@ -344,10 +336,9 @@ class _Pass:
             checked = state.get("checked_at")
             if isinstance(checked, (int, float)) and now - FEED_PROBE_SECONDS < checked <= now:
                 return False  # asked again after a day
-        from .upload import Uploader  # imports requests' helpers: only for passes that upload
-
-        uploader = Uploader(self.remote, self.policy.upload_chunk_bytes, self.upload_progress)
-        offered = uploader.probe()
+        # A remote that cannot carry uploads (in memory) has none; the audio goes with the job.
+        uploader = self.remote.uploader(self.policy.upload_chunk_bytes, self.upload_progress)
+        offered = uploader is not None and uploader.probe()
         self.pull_state["uploads"] = {"offered": offered, "checked_at": now}
         if offered:
             self._uploader = uploader
@@ -408,11 +399,10 @@ class _Pass:
     def _abandon(self, url: str) -> None:
         """DELETE an upload nobody will finish; best effort (else it expires on the server)."""
         try:
-            from .upload import Uploader
-
-            (self._uploader or Uploader(self.remote, max(self.policy.upload_chunk_bytes, 1))).abandon(
-                url
-            )
+            chunk = max(self.policy.upload_chunk_bytes, 1)
+            uploader = self._uploader or self.remote.uploader(chunk)
+            if uploader is not None:
+                uploader.abandon(url)
         except RemoteError as exc:
             stop = _stop_for(exc)
             if stop is not None and stop.skipped in ("auth", "backoff"):
@@ -648,18 +638,11 @@ class _Pass:
                 and sj.metadata == cur.metadata
                 and audio_on_server == snap.audio_file
             ):
-                cur.sync_status = SYNCED
-                cur.retry_count = 0
-                cur.last_error = None
-                cur.error_kind = None
-                cur.next_attempt_at = None
+                cur = lifecycle.synced(cur)
             else:
                 # The server holds another version (an earlier POST whose answer was lost):
                 # ours is newer, so it stays pending and the next pass PATCHes the difference.
-                cur.sync_status = PENDING
-                cur.retry_count = 0
-                cur.next_attempt_at = None
-                cur.error_kind = None
+                cur = lifecycle.outdated_on_server(cur)
                 self.summary.again = True
         else:
             self.summary.again = True  # changed while in flight: pushed by the next pass
@@ -697,34 +680,26 @@ class _Pass:
                 return [], []  # edited meanwhile: the new version gets a fresh attempt
             cur = cur.copy()
             now = self.now()
-            cur.last_sync_attempt_at = rfc3339(now)
-            cur.last_error = message
-            if deleting:
-                cur.error_kind = "delete"
-            elif gone:
-                cur.error_kind = "gone"
-            else:
-                cur.error_kind = UNCONFIRMED if cur.error_kind == UNCONFIRMED else None
+            kind = lifecycle.failure_kind(cur, gone)
             if bind_id is not None and cur.server_id is None:
                 # Recorded so that a delete reaches that copy; but the create is sent again
                 # (idempotent by local_id) until the server answers it with a valid job.
                 cur.server_id = bind_id
                 cur.create_sent = True
-                cur.error_kind = UNCONFIRMED
+                kind = ErrorKind.UNCONFIRMED
             if permanent:
-                cur.sync_status = FAILED
-                cur.next_attempt_at = None
-                return [cur], []
-            cur.retry_count += 1
-            if cur.retry_count >= self.policy.max_retries:
-                cur.sync_status = FAILED
-                cur.next_attempt_at = None
+                return [lifecycle.failed(cur, rfc3339(now), message, kind)], []
+
+            def next_attempt_at(retries: int) -> str:
+                delay = backoff_delay(self.policy.backoff_base_seconds, retries, self.rng)
+                return rfc3339(now + _dt.timedelta(seconds=delay))
+
+            cur = lifecycle.errored(
+                cur, rfc3339(now), message, kind, self.policy.max_retries, next_attempt_at
+            )
+            if cur.sync_status == FAILED:
                 self.summary.errors -= 1
                 self.summary.failed += 1
-            else:
-                cur.sync_status = PENDING_DELETION if deleting else ERROR
-                delay = backoff_delay(self.policy.backoff_base_seconds, cur.retry_count, self.rng)
-                cur.next_attempt_at = rfc3339(now + _dt.timedelta(seconds=delay))
             return [cur], []
 
         self._record(apply)
@@ -1096,13 +1071,9 @@ class _Pass:
                 cur.text, cur.metadata, cur.server_status = sj.text, sj.metadata, sj.status
                 cur.updated_at = sj.updated_at or rfc3339(self.now())
                 cur.audio_sent = cur.audio_file  # server wins; audio is never downloaded
-            elif cur.sync_status == FAILED and cur.error_kind == "gone":
+            elif cur.sync_status == FAILED and cur.error_kind == ErrorKind.GONE:
                 # It failed because the server lost it; the server has it again: push the edit.
-                cur.sync_status = PENDING
-                cur.retry_count = 0
-                cur.last_error = None
-                cur.error_kind = None
-                cur.next_attempt_at = None
+                cur = lifecycle.recovered(cur)
             cur.server_status = sj.status
             self.summary.pulled += 1
             log.job_line("pulled", local_id, f"rebound to server id {sj.id[:64]}")
@@ -1230,7 +1201,7 @@ class _Pass:
             cur = view.get(local_id)
             if cur is None or cur.sync_status != SYNCED or cur.server_id != server_id:
                 return [], []  # changed locally meanwhile: it goes its own way
-            cur = lifecycle_reuploaded(cur)
+            cur = lifecycle.reuploaded(cur)
             self.summary.reuploaded += 1
             log.job_line("reuploaded", local_id)
             return [cur], []
@@ -1364,22 +1335,6 @@ class _Overlay:
         return any(j.server_id == server_id for j in self.changed.values())
 
 
-def lifecycle_reuploaded(job: Job) -> Job:
-    """A synced job the server lost, to be created again: pending, no server copy known."""
-    job = job.copy()
-    job.sync_status = PENDING
-    job.server_id = None
-    job.base = None
-    job.create_sent = False
-    job.audio_sent = None
-    job.retry_count = 0
-    job.last_error = None
-    job.error_kind = None
-    job.next_attempt_at = None
-    job.server_status = None
-    return job
-
-
 def _usable_id_in(exc: BaseException) -> str | None:
     """The valid server id an invalid job object in an answer carried (remote's
     InvalidJobObject.server_id), else None."""
@@ -1393,7 +1348,7 @@ def _differs(job: Job, sj: ServerJob) -> bool:
 
 def run_pass(
     store: Store,
-    remote: Remote,
+    remote: RemoteAPI,
     policy: Policy,
     now: Callable[[], _dt.datetime] = utc_now,
     rng: random.Random | None = None,

@@ -8,14 +8,15 @@ import time
 import click
 
 from .. import log
-from ..cli import App, IntervalSeconds, global_options, pass_app, print_json
+from ..cli import IntervalSeconds, global_options, pass_runtime, print_json
+from ..runtime import Runtime
 
 
 @click.command()
 @global_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@pass_app
-def status(app: App, as_json: bool) -> None:
+@pass_runtime
+def status(runtime: Runtime, as_json: bool) -> None:
     """Health of this agent (needs no server): counts per status, the oldest change not yet
     on the server, the daemon, the last pass.
 
@@ -27,9 +28,9 @@ def status(app: App, as_json: bool) -> None:
     from ..state import read_last_pass, read_pull_state
     from ..wakeup import daemon_pid
 
-    settings = app.settings
+    settings = runtime.settings
     report = status_report(
-        app.store,
+        runtime.store,
         settings.server_url,
         read_last_pass(settings.data_dir),
         daemon_pid(settings.data_dir),
@@ -71,8 +72,8 @@ def status(app: App, as_json: bool) -> None:
 
 @click.command()
 @global_options
-@pass_app
-def compact(app: App) -> None:
+@pass_runtime
+def compact(runtime: Runtime) -> None:
     """Rewrite the store to hold only live records (safe while a daemon runs).
 
     Also removes audio copies no job names once they are an hour old.
@@ -85,13 +86,13 @@ def compact(app: App) -> None:
 
     from ..audio import sweep_orphans
 
-    with app.store.locked():
-        before, after = app.store.compact()
-        referenced = {j.audio_file for j in app.store.jobs.values() if j.audio_file}
-        removed, problems = sweep_orphans(app.store.data_dir, referenced, time.time())
+    with runtime.store.locked():
+        before, after = runtime.store.compact()
+        referenced = {j.audio_file for j in runtime.store.jobs.values() if j.audio_file}
+        removed, problems = sweep_orphans(runtime.store.data_dir, referenced, time.time())
     for problem in problems:
         log.warning(problem)
-    log.info(f"compacted {app.store.path}: {before} records -> {after}")
+    log.info(f"compacted {runtime.store.path}: {before} records -> {after}")
     extra = f"; removed {removed} audio file(s) no job names" if removed else ""
     click.echo(f"{before} -> {after} records{extra}")
 
@@ -120,9 +121,9 @@ def compact(app: App) -> None:
     is_flag=True,
     help="Print what a pass would do (GET requests only, nothing written), one action a line.",
 )
-@pass_app
+@pass_runtime
 def sync(
-    app: App, as_json: bool, force_delete: bool, reupload: bool, wait: bool, dry_run: bool
+    runtime: Runtime, as_json: bool, force_delete: bool, reupload: bool, wait: bool, dry_run: bool
 ) -> None:
     """Run one sync pass now and exit 0, 1, 75 or 77 (for cron and scripts).
 
@@ -149,17 +150,17 @@ def sync(
 
         sys.exit(
             run_dry_run_command(
-                app.settings, app.store, as_json, force_delete=force_delete, reupload=reupload
+                runtime.settings, runtime.store, as_json, force_delete=force_delete, reupload=reupload
             )
         )
     from ..runner import run_sync_command
 
     code = run_sync_command(
-        app.settings,
-        app.store,
+        runtime.settings,
+        runtime.store,
         as_json=as_json,
         force_delete=force_delete,
-        quiet=app.quiet,
+        quiet=runtime.quiet,
         wait=wait,
         reupload=reupload,
     )
@@ -174,8 +175,8 @@ def sync(
     metavar="SECONDS",
     help="Seconds between scheduled passes.",
 )
-@pass_app
-def daemon(app: App, interval: float | None) -> None:
+@pass_runtime
+def daemon(runtime: Runtime, interval: float | None) -> None:
     """Run in the foreground, syncing on a schedule and on request (never forks).
 
     A pass at start, every interval, and within a second of a create, update, delete, retry or
@@ -188,7 +189,7 @@ def daemon(app: App, interval: float | None) -> None:
     """
     from ..daemon import run_daemon
 
-    sys.exit(run_daemon(app, interval))
+    sys.exit(run_daemon(runtime, interval))
 
 
 @click.command()

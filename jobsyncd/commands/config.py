@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from ..cli import App, global_options, late_option, pass_app, print_json
+from ..cli import global_options, late_option, pass_runtime, print_json
 from ..errors import ConfigError, JobsyncdError
+from ..runtime import Runtime
 
 
 @click.group()
@@ -24,11 +25,11 @@ def config() -> None:
     """
 
 
-def effective(app: App) -> tuple[dict[str, Any], str | None]:
+def effective(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
     """`config show --json`'s object, and the token's problem (if it cannot be read)."""
     from ..config import SCHEMA, read_token, token_source
 
-    settings = app.settings
+    settings = runtime.settings
     out: dict[str, Any] = {}
     for key in SCHEMA:
         source, origin = settings.sources.get(key.name, ("default", None))
@@ -46,8 +47,8 @@ def effective(app: App) -> tuple[dict[str, Any], str | None]:
 @config.command("show")
 @global_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: value, source, origin.")
-@pass_app
-def show(app: App, as_json: bool) -> None:
+@pass_runtime
+def show(runtime: Runtime, as_json: bool) -> None:
     """The settings in effect, each with where it came from (flag, env, file or default).
 
     The token is shown only as set or unset, and from where.
@@ -56,7 +57,7 @@ def show(app: App, as_json: bool) -> None:
     Example:
       jobsyncd config show --json | jq .server_url
     """
-    values, problem = effective(app)
+    values, problem = effective(runtime)
     if as_json:
         print_json(values)
     else:
@@ -70,7 +71,7 @@ def show(app: App, as_json: bool) -> None:
                 item["source"] if item["origin"] is None else f"{item['source']} {item['origin']}"
             )
             click.echo(f"{key:{width}}{shown!s:40} ({where})")
-        path = app.settings.config_path
+        path = runtime.settings.config_path
         click.echo(f"{'config file':{width}}{path or 'none read'}")
     if problem:
         raise ConfigError(problem)
@@ -78,8 +79,8 @@ def show(app: App, as_json: bool) -> None:
 
 @config.command("check")
 @global_options
-@pass_app
-def check(app: App) -> None:
+@pass_runtime
+def check(runtime: Runtime) -> None:
     """Validate the configuration, then ask the server once with the token.
 
     At most two authenticated GETs: the change feed, else the job listing. Exits 0 when the
@@ -92,7 +93,7 @@ def check(app: App) -> None:
     """
     from ..runner import check_connection
 
-    click.echo(check_connection(app.settings))
+    click.echo(check_connection(runtime.settings))
 
 
 @config.command("init")
@@ -104,8 +105,8 @@ def check(app: App) -> None:
     callback=late_option,
     help="Write server_url = URL in the file (uncommented).",
 )
-@pass_app
-def init(app: App) -> None:
+@pass_runtime
+def init(runtime: Runtime) -> None:
     """Write a commented configuration file with every key (never overwriting one).
 
     The file goes to the default path, or the one --config / JOBSYNCD_CONFIG names; it is
@@ -117,9 +118,9 @@ def init(app: App) -> None:
     """
     from ..config import Settings, check_server_url, config_template, default_config_path
 
-    path = app.config_file or os.environ.get("JOBSYNCD_CONFIG") or default_config_path()
+    path = runtime.config_file or os.environ.get("JOBSYNCD_CONFIG") or default_config_path()
     path = os.path.abspath(os.path.expanduser(path))
-    server = app.overrides.get("server_url")
+    server = runtime.overrides.get("server_url")
     if server:
         check_server_url(Settings(server_url=server, data_dir="/"))
     _make_private_dirs(os.path.dirname(path))

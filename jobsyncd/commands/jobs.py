@@ -9,9 +9,10 @@ from typing import Any
 
 import click
 
-from ..cli import App, global_options, pass_app, print_job, print_json
+from ..cli import global_options, pass_runtime, print_job, print_json
 from ..errors import JobsyncdError, UsageProblem
 from ..model import STATUSES, Job
+from ..runtime import Runtime
 
 
 def _parse_metas(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -224,9 +225,9 @@ EDIT_HELP = "Write the text in $VISUAL, else $EDITOR (one trailing newline is re
     help="Metadata (VALUE as JSON when it parses, else a string).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
+@pass_runtime
 def create(
-    app: App,
+    runtime: Runtime,
     text: str | None,
     text_file: str | None,
     edit: bool,
@@ -244,8 +245,8 @@ def create(
 
     metadata = _parse_metas(metas)
     text = read_text(text, text_file, edit, "")
-    job = create_job(app.store, text, audio_src, metadata)
-    app.wake_daemon()
+    job = create_job(runtime.store, text, audio_src, metadata)
+    runtime.wake_daemon()
     if as_json:
         print_json(job.public())
     else:
@@ -269,9 +270,9 @@ def create(
 @click.option("--meta", "metas", multiple=True, metavar="KEY=VALUE", help="Set a metadata key.")
 @click.option("--unset-meta", "unset", multiple=True, metavar="KEY", help="Remove a metadata key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
+@pass_runtime
 def update(
-    app: App,
+    runtime: Runtime,
     job_ref: str,
     text: str | None,
     text_file: str | None,
@@ -308,10 +309,10 @@ def update(
     set_meta = _parse_metas(metas)
     check_meta_not_conflicting(set_meta, list(unset))
     _one_text_source(text, text_file, edit)
-    edited_from = app.store.find(job_ref).text if edit else None
+    edited_from = runtime.store.find(job_ref).text if edit else None
     new_text = read_text(text, text_file, edit, edited_from or "")
     job, changed = update_job(
-        app.store,
+        runtime.store,
         job_ref,
         new_text,
         audio_src,
@@ -321,7 +322,7 @@ def update(
         edited_from=edited_from,
     )
     if changed:
-        app.wake_daemon()
+        runtime.wake_daemon()
     if as_json:
         print_json(job.public())
     else:
@@ -331,8 +332,8 @@ def update(
 @click.command()
 @global_options
 @click.argument("job_refs", metavar="JOB...", nargs=-1, required=True, shell_complete=complete_job)
-@pass_app
-def delete(app: App, job_refs: tuple[str, ...]) -> None:
+@pass_runtime
+def delete(runtime: Runtime, job_refs: tuple[str, ...]) -> None:
     """Mark jobs for deletion; the next pass deletes them on the server and here.
 
     Every JOB is resolved first: one that matches no job (or several) changes nothing.
@@ -343,8 +344,8 @@ def delete(app: App, job_refs: tuple[str, ...]) -> None:
     """
     from ..jobs import delete_jobs
 
-    jobs = delete_jobs(app.store, list(job_refs))
-    app.wake_daemon()
+    jobs = delete_jobs(runtime.store, list(job_refs))
+    runtime.wake_daemon()
     for job in jobs:
         click.echo(job.local_id)
 
@@ -366,9 +367,9 @@ def delete(app: App, job_refs: tuple[str, ...]) -> None:
 @click.option("--reverse", is_flag=True, help="Newest first.")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N (after the order).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (JSON Lines).")
-@pass_app
+@pass_runtime
 def list_(
-    app: App,
+    runtime: Runtime,
     statuses: tuple[str, ...],
     search: str | None,
     reverse: bool,
@@ -381,7 +382,7 @@ def list_(
     Example:
       jobsyncd list --search smith --reverse --limit 10
     """
-    every = list(app.store.load().values())
+    every = list(runtime.store.load().values())
     # The store folds in creation order already; a stable sort by created_at is nearly free
     # then, and puts jobs pulled from the server (their own created_at) in their place.
     every.sort(key=operator.attrgetter("created_at"), reverse=reverse)
@@ -435,23 +436,23 @@ def _print_table(every: list[Job], jobs: list[Job]) -> None:
 @global_options
 @click.argument("job_ref", metavar="JOB", shell_complete=complete_job)
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-@pass_app
-def show(app: App, job_ref: str, as_json: bool) -> None:
+@pass_runtime
+def show(runtime: Runtime, job_ref: str, as_json: bool) -> None:
     """Show one job.
 
     \b
     Example:
       jobsyncd show 3f2a9c1e --json | jq .sync_status
     """
-    print_job(app.store.find(job_ref), as_json)
+    print_job(runtime.store.find(job_ref), as_json)
 
 
 @click.command()
 @global_options
 @click.argument("job_refs", metavar="[JOB]...", nargs=-1, shell_complete=complete_job)
 @click.option("--all", "all_", is_flag=True, help="Retry every failed job; prints how many.")
-@pass_app
-def retry(app: App, job_refs: tuple[str, ...], all_: bool) -> None:
+@pass_runtime
+def retry(runtime: Runtime, job_refs: tuple[str, ...], all_: bool) -> None:
     """Put failed jobs back where they were going, with retry_count 0.
 
     Every JOB is resolved and checked first: one that is not failed changes nothing.
@@ -465,11 +466,11 @@ def retry(app: App, job_refs: tuple[str, ...], all_: bool) -> None:
     if bool(job_refs) == bool(all_):
         raise click.UsageError("give JOB... or --all (not both)")
     if all_:
-        click.echo(str(retry_all(app.store)))
+        click.echo(str(retry_all(runtime.store)))
     else:
-        for job in retry_jobs(app.store, list(job_refs)):
+        for job in retry_jobs(runtime.store, list(job_refs)):
             click.echo(job.local_id)
-    app.wake_daemon()
+    runtime.wake_daemon()
 
 
 COMMANDS = {
