@@ -137,7 +137,7 @@ class BatchTooLarge(Exception):
 
 class RemoteAPI(Protocol):
     """What the sync pass asks of a server (contract sections 6 and 7). `remote.Remote`
-    implements it over HTTP; tests/memory_remote.py in memory, with the reference server's
+    implements it over HTTP; tests/support/memory_remote.py in memory, with the reference server's
     semantics, and one contract suite (tests/test_sync_contract.py) holds both to it.
 
     Every method raises the RemoteError kinds above for what went wrong; the feed and batches

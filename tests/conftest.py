@@ -2,19 +2,15 @@
 
 System tests run `jobsyncd` and `jobsyncd-server` as real processes; every process a fixture
 starts is killed in its teardown, and every wait is a poll with a deadline. The helpers behind
-them live in tests/helpers.py.
+them live in tests/support/helpers.py.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from faultserver import FaultServer  # noqa: E402
 from helpers import Cli, RefServer, _bin  # noqa: E402
 

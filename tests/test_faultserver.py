@@ -1,4 +1,4 @@
-"""Tests of the test helpers in tests/faultserver.py (FaultServer, FaultProxy)."""
+"""Tests of the test helpers in tests/support/faultserver.py (FaultServer, FaultProxy)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,12 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 
 import pytest
 import requests
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from faultserver import FaultProxy, FaultServer, parse_multipart  # noqa: E402
 
 JOBS = "/api/v1/jobs"

@@ -5,15 +5,10 @@ answer past its limit is a read timeout; the requests in flight are visible whil
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from hostile import HostileServer, Request, answer  # noqa: E402
 
 from jobsyncd.remote import Remote, Transient, requests_in_flight  # noqa: E402

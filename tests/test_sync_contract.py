@@ -3,7 +3,7 @@
 Every case runs `jobsyncd.sync.run_pass` in process, as runner.py sets a pass up (a Store of a
 private data dir, a Policy, the pull state kept between passes), against:
 
-- "memory": tests/memory_remote.py, the reference server's semantics in memory;
+- "memory": tests/support/memory_remote.py, the reference server's semantics in memory;
 - "reference": the real reference server (`jobsyncd-server`, a process on 127.0.0.1), through
   `remote.Remote` over HTTP: one server for the module, one user (token) per test;
 

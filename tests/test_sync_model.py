@@ -26,18 +26,13 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
+from faultserver import FaultServer  # noqa: E402
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from faultserver import FaultServer  # noqa: E402
 
 from jobsyncd.jobs import create_job, delete_job, retry_job, update_job  # noqa: E402
 from jobsyncd.remote import Remote  # noqa: E402

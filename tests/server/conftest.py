@@ -7,16 +7,12 @@ Every process a fixture starts is killed in its teardown; every wait is a poll w
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pgtest  # noqa: E402
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import pgtest  # noqa: E402
 from serverproc import RunningServer, start_server  # noqa: E402
 
 ENGINES = ["sqlite", "postgres"]

@@ -10,7 +10,7 @@ exits 0) must leave the local store and the server holding exactly the same jobs
 
 CI runs about 60 kills; a long run: JOBSYNCD_CRASH_KILLS=500 JOBSYNCD_CRASH_SEED=7 pytest -s ...
 The same harness also runs with every killed command talking to the server through a proxy that
-loses answers after the server applied the request and trickles others (tests/lossyproxy.py);
+loses answers after the server applied the request and trickles others (tests/support/lossyproxy.py);
 the checking passes go to the server directly.
 """
 

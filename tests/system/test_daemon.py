@@ -30,7 +30,7 @@ PASS_LINE = re.compile(r"jobsyncd: pass (ok|not ok|skipped)")
 STARTED_LINE = re.compile(r"jobsyncd: started \(pid (\d+)")
 
 
-wait_until = poll  # the shared deadline-bounded poll (tests/helpers.py)
+wait_until = poll  # the shared deadline-bounded poll (tests/support/helpers.py)
 
 
 def listings(srv: FaultServer) -> int:

@@ -3,7 +3,7 @@
 Servers that trickle their answer (headers, or a body with or without Content-Length), echo the
 token into their errors and redirects, never end their listing, or sit behind an environment
 proxy: every command ends within a bounded time, with the contract's exit code and state, and
-never shows the token. The servers are raw sockets (tests/hostile.py).
+never shows the token. The servers are raw sockets (tests/support/hostile.py).
 """
 
 from __future__ import annotations

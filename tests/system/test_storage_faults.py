@@ -469,7 +469,7 @@ def test_a_symlink_planted_in_the_data_dir_is_refused_and_its_target_untouched(
 # ---- stale lock files --------------------------------------------------------------------------
 
 
-_wait_for = poll  # the shared deadline-bounded poll (tests/helpers.py)
+_wait_for = poll  # the shared deadline-bounded poll (tests/support/helpers.py)
 
 
 def _status(cli) -> dict:
