@@ -613,6 +613,7 @@ class FaultServer:
         self._audio: dict = {}
         self._requests: list = []
         self._all_requests: list = []
+        self._arrivals: list[float] = []  # time.monotonic() at each of `requests`' arrival
         self._faults: list[Fault] = []
         self._errors: list = []
         self._version = 0
@@ -712,6 +713,13 @@ class FaultServer:
             return list(self._requests)
 
     @property
+    def arrivals(self) -> list[float]:
+        """When each of `requests` arrived (time.monotonic(), the server's own clock): for the
+        tests of how long the agent stayed away, measured where the requests land."""
+        with self._lock:
+            return list(self._arrivals)
+
+    @property
     def all_requests(self) -> list:
         with self._lock:
             return list(self._all_requests)
@@ -740,6 +748,7 @@ class FaultServer:
         with self._lock:
             self._requests.clear()
             self._all_requests.clear()
+            self._arrivals.clear()
 
     def wait_for(self, predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         """Poll predicate() until true or timeout; returns its last truthiness."""
@@ -828,6 +837,7 @@ class FaultServer:
             self._all_requests.append((method, path, h))
             if not self._is_probe(path):
                 self._requests.append((method, path, h))
+                self._arrivals.append(time.monotonic())
 
     def _is_probe(self, path: str) -> bool:
         """A client asking for a feature this server has turned off (the change feed, batches,

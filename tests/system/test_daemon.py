@@ -573,8 +573,8 @@ def test_a_429_with_retry_after_holds_every_request_and_wake_ups_give_one_pass_w
     )
     d.signal(signal.SIGUSR1)
     wait_until(lambda: fault.hits == 1, WAKE_DEADLINE, "the 429")
-    t429 = time.monotonic()
     seen = served.count()
+    t429 = served.arrivals[seen - 1]  # the 429's arrival, on the server's clock
     wait_until(
         lambda: (cli.json("status")["last_pass"] or {}).get("skipped") == "backoff",
         WAKE_DEADLINE,
@@ -590,7 +590,7 @@ def test_a_429_with_retry_after_holds_every_request_and_wake_ups_give_one_pass_w
     deadline = t429 + 8
     while time.monotonic() < deadline:
         if served.count() > seen:
-            first_after = time.monotonic()
+            first_after = served.arrivals[seen]
             break
         time.sleep(0.005)
     assert first_after is not None, f"no request after the window:\n{d.log}"
@@ -617,12 +617,14 @@ def test_a_daemon_started_in_a_back_off_window_left_by_a_one_shot_sync_waits_for
 ):
     served.add_fault("GET", r"/api/v1/jobs", times=1, status=503, headers={"Retry-After": "2"})
     cli("sync", check=75)
-    t503 = time.monotonic()
     assert served.count() == 1
     cli("create", "--text", "waits for the window", check=True)
     daemons()
     wait_until(lambda: served.count() > 1, 2 + WAKE_DEADLINE, "the pass after the window")
-    assert time.monotonic() - t503 >= 1.8, (
+    # Measured where the requests land: the 503's arrival to the next request's, so time spent
+    # by the sync process exiting or the test starting the daemon cannot make it look early.
+    the_503, first_after = served.arrivals[:2]
+    assert first_after - the_503 >= 1.9, (
         "the daemon contacted the server inside the back-off window"
     )
     wait_until(lambda: served.count("POST") == 1, WAKE_DEADLINE, "the job pushed after the window")
