@@ -9,6 +9,7 @@ Nothing here imports requests, so a command that only hands its pass to a daemon
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,6 +56,47 @@ class Gone(RemoteError):
 
 class NotModified(RemoteError):
     """The listing has not changed since the ETag we sent (304)."""
+
+
+class Stop(str, enum.Enum):
+    """Why a pass stopped, or did not start (the summary's `skipped`, contract 2), and the
+    exit code each gives: the one place that maps them."""
+
+    OFFLINE = "offline"
+    TLS = "tls"
+    AUTH = "auth"
+    BACKOFF = "backoff"
+
+    def __str__(self) -> str:  # "offline" in messages, not "Stop.OFFLINE"
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def exit_code(self) -> int:
+        return {Stop.OFFLINE: 75, Stop.BACKOFF: 75, Stop.AUTH: 77}.get(self, 1)
+
+    @property
+    def passes(self) -> bool:
+        """A stop that ends by itself (the network is back, the window ends): try later."""
+        return self in (Stop.OFFLINE, Stop.BACKOFF)
+
+    @classmethod
+    def for_error(cls, exc: RemoteError) -> Stop | None:
+        """The errors that stop the whole pass (6.1, 6.2); None for per-job errors."""
+        for kind, stop in ((Offline, cls.OFFLINE), (TLSFailure, cls.TLS), (AuthRefused, cls.AUTH)):
+            if isinstance(exc, kind):
+                return stop
+        return cls.BACKOFF if isinstance(exc, BackOff) else None
+
+    @classmethod
+    def exit_code_of(cls, skipped: str | None) -> int:
+        """The exit code of a pass that is not ok and was `skipped` (None: jobs failed)."""
+        try:
+            return cls(skipped).exit_code
+        except ValueError:
+            return 1
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import log
+from .api import Stop
 from .config import Settings, check_server_url, read_token
 from .errors import JobsyncdError
 from .fsutil import FileLock
@@ -44,9 +45,7 @@ class Progress(Protocol):
 
 
 def exit_code_for(summary: PassSummary) -> int:
-    if summary.ok:
-        return 0
-    return {"offline": 75, "backoff": 75, "auth": 77}.get(summary.skipped or "", 1)
+    return 0 if summary.ok else Stop.exit_code_of(summary.skipped)
 
 
 def sync_lock(data_dir: str) -> FileLock:
@@ -70,7 +69,7 @@ def execute_pass(
     started = utc_now()
     until = read_backoff_until(settings.data_dir)
     if until is not None and until > time.time():
-        summary = PassSummary(ok=False, skipped="backoff", retry_after=until - time.time())
+        summary = PassSummary(ok=False, skipped=Stop.BACKOFF, retry_after=until - time.time())
         summary.message = f"the server asked to back off; no request before {rfc3339_epoch(until)}"
     else:
         from .sync import run_pass
@@ -236,7 +235,7 @@ class PassLog:
         self.last_line = self.clock()
 
     def report(self, summary: PassSummary, line: str) -> None:
-        skip = summary.skipped if summary.skipped in ("offline", "backoff") else None
+        skip = summary.skipped if summary.skipped in (Stop.OFFLINE, Stop.BACKOFF) else None
         if skip is not None:
             if skip != self.skip_state or self.verbose:
                 if summary.message and not summary.message_logged:
@@ -248,7 +247,7 @@ class PassLog:
             was = "unreachable" if self.skip_state == "offline" else "asking to back off"
             self._say(log.info, f"the server is no longer {was}")
             self.skip_state = None
-        if summary.skipped == "auth":
+        if summary.skipped == Stop.AUTH:
             log.error(
                 f"{summary.message}; trying again at the next interval (send SIGHUP after "
                 "changing the token)"
@@ -329,7 +328,7 @@ def _log_outcome(
     ok: bool, skipped: str | None, message: str | None, errors: int, failed: int
 ) -> None:
     if message and not ok:
-        if skipped in ("offline", "backoff"):
+        if skipped in (Stop.OFFLINE, Stop.BACKOFF):
             log.error(f"{message} (try again later)")
         else:
             log.error(message)

@@ -37,6 +37,7 @@ from .api import (
     RemoteAPI,
     RemoteError,
     ServerJob,
+    Stop,
     TLSFailure,
     Tombstone,
     Transient,
@@ -116,7 +117,7 @@ class PassSummary:
 
 
 class _StopPass(Exception):
-    def __init__(self, skipped: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, skipped: Stop, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.skipped = skipped
         self.retry_after = retry_after
@@ -124,15 +125,10 @@ class _StopPass(Exception):
 
 def _stop_for(exc: RemoteError) -> _StopPass | None:
     """The errors that stop the whole pass (6.1, 6.2); None for per-job errors."""
-    if isinstance(exc, Offline):
-        return _StopPass("offline", str(exc))
-    if isinstance(exc, TLSFailure):
-        return _StopPass("tls", str(exc))
-    if isinstance(exc, AuthRefused):
-        return _StopPass("auth", str(exc))
-    if isinstance(exc, BackOff):
-        return _StopPass("backoff", str(exc), exc.retry_after)
-    return None
+    stop = Stop.for_error(exc)
+    if stop is None:
+        return None
+    return _StopPass(stop, str(exc), exc.retry_after if isinstance(exc, BackOff) else None)
 
 
 def longest_backoff(policy: Policy) -> float:
@@ -405,7 +401,7 @@ class _Pass:
                 uploader.abandon(url)
         except RemoteError as exc:
             stop = _stop_for(exc)
-            if stop is not None and stop.skipped in ("auth", "backoff"):
+            if stop is not None and stop.skipped in (Stop.AUTH, Stop.BACKOFF):
                 raise stop from None
 
     # ---- batches (6.3) ---------------------------------------------------------------------------

@@ -266,3 +266,18 @@ def test_status_constants_are_the_statuses_of_the_model():
         lifecycle.ERROR,
         lifecycle.FAILED,
     ) == ("pending", "synced", "pending_deletion", "error", "failed")
+
+
+def test_each_pass_stop_has_one_exit_code_and_reads_as_its_contract_name():
+    """Contract 2: `skipped` is offline, tls, auth or backoff; offline and backoff exit 75,
+    auth 77, tls 1; a pass that is not ok without a stop (jobs errored) exits 1."""
+    import json
+
+    from jobsyncd.api import Stop
+
+    codes = {stop.value: stop.exit_code for stop in Stop}
+    assert codes == {"offline": 75, "tls": 1, "auth": 77, "backoff": 75}
+    assert Stop.exit_code_of(None) == 1
+    assert Stop.exit_code_of("something new") == 1
+    assert json.dumps({"skipped": Stop.AUTH}) == '{"skipped": "auth"}'
+    assert f"{Stop.BACKOFF}" == str(Stop.BACKOFF) == "backoff"
