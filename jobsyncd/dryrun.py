@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import log
+from .api import Stop
 from .lifecycle import PENDING_DELETION, SYNCED, ErrorKind
 from .model import Job, is_uuid, utc_now
 from .sync import (
@@ -200,7 +201,7 @@ def run_dry_run_command(
             f"the server asked to back off; no request before {rfc3339_epoch(until)} (try again "
             "later)"
         )
-        return 75
+        return Stop.BACKOFF.exit_code
     from .runner import make_remote
 
     remote = make_remote(settings, token)
