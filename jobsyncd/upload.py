@@ -68,16 +68,14 @@ class UploadOutcome:
 
 class _ChunkBody:
     """One chunk of the file as a request body: read block by block while it is sent, counted
-    for the progress callback; a Content-Length from __len__."""
+    for the progress callback; a Content-Length from __len__. Its hashes were taken before it
+    went out (_DigestAhead): sending does nothing else."""
 
-    def __init__(
-        self, f: BinaryIO, start: int, size: int, whole: Any, sent: Callable[[int], None]
-    ) -> None:
+    def __init__(self, f: BinaryIO, start: int, size: int, sent: Callable[[int], None]) -> None:
         self._f = f
         self._left = size
         self._size = size
         self.fed = 0
-        self.whole = whole  # the whole-file sha256, fed as the chunk goes out
         self._sent = sent
         f.seek(start)
 
@@ -94,7 +92,6 @@ class _ChunkBody:
             raise OSError("the audio file became shorter during the upload")
         self._left -= len(data)
         self.fed += len(data)
-        self.whole.update(data)
         self._sent(len(data))
         return data
 
@@ -275,10 +272,10 @@ class Uploader:
                 if should_stop is not None and should_stop():
                     return UploadOutcome(url, offset, size, None)
                 n = min(self.chunk_bytes, size - offset)
-                digest = ahead.take(offset, n)
+                digest, whole_after = ahead.take(offset, n, whole)
                 if offset + n < size:  # hashed while this chunk travels and is stored
-                    ahead.start(offset + n, min(self.chunk_bytes, size - offset - n))
-                body = _ChunkBody(f, offset, n, whole.copy(), self._sending(offset, size))
+                    ahead.start(offset + n, min(self.chunk_bytes, size - offset - n), whole_after)
+                body = _ChunkBody(f, offset, n, self._sending(offset, size))
                 status, new_offset = self._patch(url, offset, body, digest)
                 if status == 409:
                     conflicts += 1
@@ -295,7 +292,7 @@ class Uploader:
                     continue
                 conflicts = mismatches = 0
                 if new_offset == offset + n and body.fed == n:
-                    whole = body.whole
+                    whole = whole_after
                 else:
                     whole = _hash_prefix(f, new_offset)  # the server kept another amount
                 offset = new_offset
@@ -388,38 +385,63 @@ def _hash_prefix(f: BinaryIO, upto: int) -> Any:
 
 
 class _DigestAhead:
-    """The next chunk's checksum, computed in a thread while the current chunk is sent and
-    stored (hashlib lets go of the GIL), from a file handle of its own."""
+    """The next chunk's checksum and the whole-file sha256 through it, both fed from one read
+    of the chunk, in a thread while the current chunk is sent and stored (hashlib lets go of
+    the GIL for large blocks), from a file handle of its own."""
 
     def __init__(self, path: str, algorithm: str) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
         self._algorithm = algorithm
+        self._buffer = bytearray(_BLOCK)
         self._thread: threading.Thread | None = None
         self._key: tuple[int, int] | None = None
-        self._result: bytes | BaseException | None = None
+        self._result: tuple[bytes, Any] | BaseException | None = None
 
-    def start(self, offset: int, n: int) -> None:
+    def start(self, offset: int, n: int, whole: Any) -> None:
+        """Begin on the chunk at `offset`; `whole` is the file's sha256 up to `offset` (not
+        changed: a copy is fed)."""
         self._join()
         self._key, self._result = (offset, n), None
+        whole = whole.copy()
 
         def run() -> None:
             try:
-                self._result = _chunk_digest(self._f, offset, n, self._algorithm)
+                self._result = self._digest(offset, n, whole)
             except BaseException as exc:  # handed to take()
                 self._result = exc
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
-    def take(self, offset: int, n: int) -> bytes:
+    def take(self, offset: int, n: int, whole: Any) -> tuple[bytes, Any]:
+        """(the chunk's digest, the file's sha256 through the chunk); `whole` is the sha256 up
+        to `offset`, used when the chunk was not started ahead."""
         self._join()
         result, key = self._result, self._key
         self._key = self._result = None
-        if key == (offset, n) and isinstance(result, bytes):
+        if key == (offset, n) and isinstance(result, tuple):
             return result
         if key == (offset, n) and isinstance(result, BaseException):
             raise result
-        return _chunk_digest(self._f, offset, n, self._algorithm)
+        return self._digest(offset, n, whole.copy())
+
+    def _digest(self, start: int, n: int, whole: Any) -> tuple[bytes, Any]:
+        # The chunk's checksum goes in the header, before the body: the chunk is read here and
+        # again as it is sent (from the page cache), never held whole in memory.
+        # From offset 0 a sha256 checksum is the whole-file hash so far: one pass feeds both.
+        chunk = None if start == 0 and self._algorithm == "sha256" else hashlib.new(self._algorithm)
+        view = memoryview(self._buffer)
+        self._f.seek(start)
+        left = n
+        while left > 0:
+            got = self._f.readinto(view[: min(_BLOCK, left)])
+            if not got:
+                raise Transient("the audio file became shorter during the upload")
+            if chunk is not None:
+                chunk.update(view[:got])
+            whole.update(view[:got])
+            left -= got
+        return (whole if chunk is None else chunk).digest(), whole
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -429,18 +451,3 @@ class _DigestAhead:
     def close(self) -> None:
         self._join()
         self._f.close()
-
-
-def _chunk_digest(f: BinaryIO, start: int, n: int, algorithm: str) -> bytes:
-    """The chunk's checksum: the header goes before the body, so the chunk is read twice (the
-    second time from the page cache), never held whole in memory."""
-    chunk = hashlib.new(algorithm)
-    f.seek(start)
-    left = n
-    while left > 0:
-        data = f.read(min(_BLOCK, left))
-        if not data:
-            raise Transient("the audio file became shorter during the upload")
-        chunk.update(data)
-        left -= len(data)
-    return chunk.digest()

@@ -347,11 +347,12 @@ def test_an_upload_url_on_another_host_is_never_contacted(env: Env) -> None:
     env.uploader().abandon("http://127.0.0.2:9/api/v1/uploads/" + "a" * 32)  # left alone
 
 
-def test_a_flipped_byte_gets_460_and_the_chunk_is_sent_again(env: Env) -> None:
+@pytest.mark.parametrize("chunk", [0, 1])  # the first one's checksum is the file's hash so far
+def test_a_flipped_byte_gets_460_and_the_chunk_is_sent_again(env: Env, chunk: int) -> None:
     path = env.audio()
     up = env.uploader(via_proxy=True)
     url = up.start(str(path), "a.wav")
-    env.proxy.flip_at = env.proxy.upstream_bytes + 1500 + CHUNK  # in the body of a chunk
+    env.proxy.flip_at = env.proxy.upstream_bytes + 1500 + chunk * CHUNK  # in a chunk's body
     outcome = up.resume(url, str(path))
     assert outcome.complete and outcome.sha256 == sha256_of(path)
     info = env.store.head("alice", upload_id(url))
