@@ -386,44 +386,64 @@ def _hash_prefix(f: BinaryIO, upto: int) -> Any:
 
 class _DigestAhead:
     """The next chunk's checksum and the whole-file sha256 through it, both fed from one read
-    of the chunk, in a thread while the current chunk is sent and stored (hashlib lets go of
-    the GIL for large blocks), from a file handle of its own."""
+    of the chunk, in a thread of its own while the current chunk is sent and stored (hashlib
+    lets go of the GIL for large blocks), from a file handle of its own. One thread for the
+    whole upload: starting one per chunk cost a scheduler round trip each on a busy machine."""
 
     def __init__(self, path: str, algorithm: str) -> None:
         self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
         self._algorithm = algorithm
         self._buffer = bytearray(_BLOCK)
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._job: tuple[int, int, Any] | None = None
+        self._busy = False
+        self._closed = False
         self._key: tuple[int, int] | None = None
         self._result: tuple[bytes, Any] | BaseException | None = None
 
     def start(self, offset: int, n: int, whole: Any) -> None:
         """Begin on the chunk at `offset`; `whole` is the file's sha256 up to `offset` (not
         changed: a copy is fed)."""
-        self._join()
-        self._key, self._result = (offset, n), None
-        whole = whole.copy()
+        with self._cond:
+            self._wait_idle()
+            self._key, self._result = (offset, n), None
+            self._job, self._busy = (offset, n, whole.copy()), True
+            self._cond.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
 
-        def run() -> None:
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                offset, n, whole = self._job
+                self._job = None
+            result: tuple[bytes, Any] | BaseException
             try:
-                self._result = self._digest(offset, n, whole)
+                result = self._digest(offset, n, whole)
             except BaseException as exc:  # handed to take()
-                self._result = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+                result = exc
+            with self._cond:
+                self._result, self._busy = result, False
+                self._cond.notify_all()
 
     def take(self, offset: int, n: int, whole: Any) -> tuple[bytes, Any]:
         """(the chunk's digest, the file's sha256 through the chunk); `whole` is the sha256 up
         to `offset`, used when the chunk was not started ahead."""
-        self._join()
-        result, key = self._result, self._key
-        self._key = self._result = None
+        with self._cond:
+            self._wait_idle()
+            result, key = self._result, self._key
+            self._key = self._result = None
         if key == (offset, n) and isinstance(result, tuple):
             return result
         if key == (offset, n) and isinstance(result, BaseException):
             raise result
-        return self._digest(offset, n, whole.copy())
+        return self._digest(offset, n, whole.copy())  # the thread is idle: its buffer is free
 
     def _digest(self, start: int, n: int, whole: Any) -> tuple[bytes, Any]:
         # The chunk's checksum goes in the header, before the body: the chunk is read here and
@@ -443,11 +463,15 @@ class _DigestAhead:
             left -= got
         return (whole if chunk is None else chunk).digest(), whole
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _wait_idle(self) -> None:
+        while self._busy:  # the lock is held
+            self._cond.wait()
 
     def close(self) -> None:
-        self._join()
+        with self._cond:
+            self._wait_idle()
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
         self._f.close()
