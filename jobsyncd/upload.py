@@ -182,9 +182,11 @@ class Uploader:
     @_redacted
     def probe(self) -> bool:
         """Does the server offer tus 1.0.0 with creation and a checksum we can use? (tus 1.0.0,
-        Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered."""
+        Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered; so is 501, a
+        server that does not know the method at all (RFC 9110 15.6.2): not a failure that
+        passes, so it must not error the job at every pass."""
         response, body = self._request("OPTIONS", self.uploads_url, {})
-        if response.status_code in (404, 405):
+        if response.status_code in (404, 405, 501):
             return False
         if response.status_code not in (200, 204):
             if response.status_code in (401, 403, 429, 503) or response.status_code >= 500:

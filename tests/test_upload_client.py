@@ -215,8 +215,10 @@ def test_probe_says_offered_on_a_tus_server(env: Env) -> None:
     assert up.max_size == 64 << 20
 
 
-@pytest.mark.parametrize("status", ["404 Not Found", "405 Method Not Allowed"])
-def test_probe_says_not_offered_on_404_or_405(env: Env, status: str) -> None:
+@pytest.mark.parametrize(
+    "status", ["404 Not Found", "405 Method Not Allowed", "501 Not Implemented"]
+)
+def test_probe_says_not_offered_on_404_405_or_501(env: Env, status: str) -> None:
     def plain(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response(status, [("Content-Type", "application/json"), ("Allow", "GET, POST")])
         return [b'{"error": "not found"}']
