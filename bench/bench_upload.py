@@ -153,7 +153,8 @@ def client(mode: str, base: str, path: str, chunk: int, stop_at: int) -> None:
         result["url"] = url
         should_stop = (lambda: False) if stop_at <= 0 else None
         try:
-            outcome = up.resume(url, path, should_stop=should_stop)
+            new = not os.environ.get("BENCH_UPLOAD_URL")  # as the agent: no HEAD after start
+            outcome = up.resume(url, path, should_stop=should_stop, new=new)
             result.update(offset=outcome.offset, sha256=outcome.sha256)
             # The job naming the finished upload, as the agent sends it: the server's sha256
             # of what it stored must be the file's.

@@ -252,13 +252,15 @@ class Uploader:
         path: str,
         offset_callback: Callable[[str, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        new: bool = False,
     ) -> UploadOutcome:
         """Send what the server lacks, in chunks of `chunk_bytes`, each PATCH with an
         Upload-Checksum. `offset_callback(url, offset)` runs after each chunk the server
         confirmed; `should_stop()` is asked before each chunk, and a True returns the outcome
-        so far. A 409 re-reads the offset once; a 460 sends the chunk once more."""
+        so far. A 409 re-reads the offset once; a 460 sends the chunk once more. `new`: the
+        upload was just created by `start` (offset 0, nobody else knows its URL): no HEAD."""
         size = _size_of(path)
-        offset = self.offset(url, size)
+        offset = 0 if new else self.offset(url, size)
         with contextlib.ExitStack() as files:
             try:
                 f = files.enter_context(open(path, "rb"))
