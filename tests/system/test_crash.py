@@ -148,11 +148,13 @@ class Harness:
         return ["--audio", str(path)], hashlib.sha256(data).hexdigest()
 
     # ---- the operations -----------------------------------------------------------------------
-    def op_create(self, max_delay: float = 0.12, audio_always: bool = False) -> str | None:
+    def op_create(
+        self, max_delay: float = 0.12, audio_always: bool = False, min_delay: float = 0.0
+    ) -> str | None:
         """Returns the new job's local_id when the create exited 0."""
         text = self.next_text("c")
         audio, digest = self.new_audio(audio_always)
-        out = self.run_killed(("create", "--text", text, *audio), max_delay)
+        out = self.run_killed(("create", "--text", text, *audio), max_delay, min_delay)
         if digest is not None:
             self.audio_of[text] = digest
         if out.rc is None:
@@ -249,8 +251,8 @@ class Harness:
         """A pass SIGKILLed in the middle of an upload: a job with audio for it to send
         (created whole), then the kill at a random instant once the job's record holds the
         upload (the pass has confirmed its first chunks). The next pass resumes it."""
-        local_id = self.op_create(max_delay=10.0, audio_always=True)
-        assert local_id is not None
+        local_id = self.op_create(max_delay=30.0, audio_always=True, min_delay=30.0)
+        assert local_id is not None  # not killed: it ends long before 30 s
         proc = self.start("sync")
         try:
             deadline = time.monotonic() + 5
