@@ -355,6 +355,7 @@ class _Pass:
             self._abandon(snap.upload_url)  # an upload of audio the job no longer has
             self._record_upload(snap.local_id, None, None, 0)
         for _ in range(2):
+            new = url is None
             if url is None:
                 url = uploader.start(path, name)
                 self._record_upload(snap.local_id, url, path, 0)
@@ -368,6 +369,7 @@ class _Pass:
                     path,
                     offset_callback=confirmed,
                     should_stop=lambda: self.should_stop() or self._audio_moved(snap, path),
+                    new=new,
                 )
             except UploadGone:
                 self._record_upload(snap.local_id, None, None, 0)

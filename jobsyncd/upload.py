@@ -68,16 +68,14 @@ class UploadOutcome:
 
 class _ChunkBody:
     """One chunk of the file as a request body: read block by block while it is sent, counted
-    for the progress callback; a Content-Length from __len__."""
+    for the progress callback; a Content-Length from __len__. Its hashes were taken before it
+    went out (_DigestAhead): sending does nothing else."""
 
-    def __init__(
-        self, f: BinaryIO, start: int, size: int, whole: Any, sent: Callable[[int], None]
-    ) -> None:
+    def __init__(self, f: BinaryIO, start: int, size: int, sent: Callable[[int], None]) -> None:
         self._f = f
         self._left = size
         self._size = size
         self.fed = 0
-        self.whole = whole  # the whole-file sha256, fed as the chunk goes out
         self._sent = sent
         f.seek(start)
 
@@ -94,7 +92,6 @@ class _ChunkBody:
             raise OSError("the audio file became shorter during the upload")
         self._left -= len(data)
         self.fed += len(data)
-        self.whole.update(data)
         self._sent(len(data))
         return data
 
@@ -185,9 +182,11 @@ class Uploader:
     @_redacted
     def probe(self) -> bool:
         """Does the server offer tus 1.0.0 with creation and a checksum we can use? (tus 1.0.0,
-        Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered."""
+        Core > OPTIONS; no Tus-Resumable in the request). 404/405: not offered; so is 501, a
+        server that does not know the method at all (RFC 9110 15.6.2): not a failure that
+        passes, so it must not error the job at every pass."""
         response, body = self._request("OPTIONS", self.uploads_url, {})
-        if response.status_code in (404, 405):
+        if response.status_code in (404, 405, 501):
             return False
         if response.status_code not in (200, 204):
             if response.status_code in (401, 403, 429, 503) or response.status_code >= 500:
@@ -253,13 +252,15 @@ class Uploader:
         path: str,
         offset_callback: Callable[[str, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        new: bool = False,
     ) -> UploadOutcome:
         """Send what the server lacks, in chunks of `chunk_bytes`, each PATCH with an
         Upload-Checksum. `offset_callback(url, offset)` runs after each chunk the server
         confirmed; `should_stop()` is asked before each chunk, and a True returns the outcome
-        so far. A 409 re-reads the offset once; a 460 sends the chunk once more."""
+        so far. A 409 re-reads the offset once; a 460 sends the chunk once more. `new`: the
+        upload was just created by `start` (offset 0, nobody else knows its URL): no HEAD."""
         size = _size_of(path)
-        offset = self.offset(url, size)
+        offset = 0 if new else self.offset(url, size)
         with contextlib.ExitStack() as files:
             try:
                 f = files.enter_context(open(path, "rb"))
@@ -275,10 +276,10 @@ class Uploader:
                 if should_stop is not None and should_stop():
                     return UploadOutcome(url, offset, size, None)
                 n = min(self.chunk_bytes, size - offset)
-                digest = ahead.take(offset, n)
+                digest, whole_after = ahead.take(offset, n, whole)
                 if offset + n < size:  # hashed while this chunk travels and is stored
-                    ahead.start(offset + n, min(self.chunk_bytes, size - offset - n))
-                body = _ChunkBody(f, offset, n, whole.copy(), self._sending(offset, size))
+                    ahead.start(offset + n, min(self.chunk_bytes, size - offset - n), whole_after)
+                body = _ChunkBody(f, offset, n, self._sending(offset, size))
                 status, new_offset = self._patch(url, offset, body, digest)
                 if status == 409:
                     conflicts += 1
@@ -295,7 +296,7 @@ class Uploader:
                     continue
                 conflicts = mismatches = 0
                 if new_offset == offset + n and body.fed == n:
-                    whole = body.whole
+                    whole = whole_after
                 else:
                     whole = _hash_prefix(f, new_offset)  # the server kept another amount
                 offset = new_offset
@@ -388,59 +389,93 @@ def _hash_prefix(f: BinaryIO, upto: int) -> Any:
 
 
 class _DigestAhead:
-    """The next chunk's checksum, computed in a thread while the current chunk is sent and
-    stored (hashlib lets go of the GIL), from a file handle of its own."""
+    """The next chunk's checksum and the whole-file sha256 through it, both fed from one read
+    of the chunk, in a thread of its own while the current chunk is sent and stored (hashlib
+    lets go of the GIL for large blocks), from a file handle of its own. One thread for the
+    whole upload: starting one per chunk cost a scheduler round trip each on a busy machine."""
 
     def __init__(self, path: str, algorithm: str) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
         self._algorithm = algorithm
+        self._buffer = bytearray(_BLOCK)
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._job: tuple[int, int, Any] | None = None
+        self._busy = False
+        self._closed = False
         self._key: tuple[int, int] | None = None
-        self._result: bytes | BaseException | None = None
+        self._result: tuple[bytes, Any] | BaseException | None = None
 
-    def start(self, offset: int, n: int) -> None:
-        self._join()
-        self._key, self._result = (offset, n), None
+    def start(self, offset: int, n: int, whole: Any) -> None:
+        """Begin on the chunk at `offset`; `whole` is the file's sha256 up to `offset` (not
+        changed: a copy is fed)."""
+        with self._cond:
+            self._wait_idle()
+            self._key, self._result = (offset, n), None
+            self._job, self._busy = (offset, n, whole.copy()), True
+            self._cond.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
 
-        def run() -> None:
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                offset, n, whole = self._job
+                self._job = None
+            result: tuple[bytes, Any] | BaseException
             try:
-                self._result = _chunk_digest(self._f, offset, n, self._algorithm)
+                result = self._digest(offset, n, whole)
             except BaseException as exc:  # handed to take()
-                self._result = exc
+                result = exc
+            with self._cond:
+                self._result, self._busy = result, False
+                self._cond.notify_all()
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def take(self, offset: int, n: int) -> bytes:
-        self._join()
-        result, key = self._result, self._key
-        self._key = self._result = None
-        if key == (offset, n) and isinstance(result, bytes):
+    def take(self, offset: int, n: int, whole: Any) -> tuple[bytes, Any]:
+        """(the chunk's digest, the file's sha256 through the chunk); `whole` is the sha256 up
+        to `offset`, used when the chunk was not started ahead."""
+        with self._cond:
+            self._wait_idle()
+            result, key = self._result, self._key
+            self._key = self._result = None
+        if key == (offset, n) and isinstance(result, tuple):
             return result
         if key == (offset, n) and isinstance(result, BaseException):
             raise result
-        return _chunk_digest(self._f, offset, n, self._algorithm)
+        return self._digest(offset, n, whole.copy())  # the thread is idle: its buffer is free
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _digest(self, start: int, n: int, whole: Any) -> tuple[bytes, Any]:
+        # The chunk's checksum goes in the header, before the body: the chunk is read here and
+        # again as it is sent (from the page cache), never held whole in memory.
+        # From offset 0 a sha256 checksum is the whole-file hash so far: one pass feeds both.
+        chunk = None if start == 0 and self._algorithm == "sha256" else hashlib.new(self._algorithm)
+        view = memoryview(self._buffer)
+        self._f.seek(start)
+        left = n
+        while left > 0:
+            got = self._f.readinto(view[: min(_BLOCK, left)])
+            if not got:
+                raise Transient("the audio file became shorter during the upload")
+            if chunk is not None:
+                chunk.update(view[:got])
+            whole.update(view[:got])
+            left -= got
+        return (whole if chunk is None else chunk).digest(), whole
+
+    def _wait_idle(self) -> None:
+        while self._busy:  # the lock is held
+            self._cond.wait()
 
     def close(self) -> None:
-        self._join()
+        with self._cond:
+            self._wait_idle()
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
         self._f.close()
-
-
-def _chunk_digest(f: BinaryIO, start: int, n: int, algorithm: str) -> bytes:
-    """The chunk's checksum: the header goes before the body, so the chunk is read twice (the
-    second time from the page cache), never held whole in memory."""
-    chunk = hashlib.new(algorithm)
-    f.seek(start)
-    left = n
-    while left > 0:
-        data = f.read(min(_BLOCK, left))
-        if not data:
-            raise Transient("the audio file became shorter during the upload")
-        chunk.update(data)
-        left -= len(data)
-    return chunk.digest()

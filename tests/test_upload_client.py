@@ -141,6 +141,7 @@ class Env:
     tmp: Path
     remotes: list[Remote]
     location_prefix: dict[str, str]  # "absolute": a prefix the server puts on its Location
+    methods: list[str]  # of every request the server answered
 
     def uploader(self, via_proxy: bool = False, token: str = "tok-alice", **kw: Any) -> Uploader:
         base = self.proxy.url if via_proxy else self.server_url
@@ -174,7 +175,10 @@ def env(tmp_path: Path) -> Iterator[Env]:
     store = UploadStore(tmp_path / "audio", 64 << 20, expiry_seconds=3600, clock=clock)
     location_prefix: dict[str, str] = {}
 
+    methods: list[str] = []
+
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        methods.append(environ["REQUEST_METHOD"])
         auth = environ.get("HTTP_AUTHORIZATION", "")
         user = TOKENS.get(auth[7:]) if auth.startswith("Bearer ") else None
         if "absolute" not in location_prefix:
@@ -190,7 +194,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     server, thread = run_server(app)
     url = f"http://127.0.0.1:{server.server_address[1]}"
     proxy = Proxy(server.server_address[1])
-    e = Env(store, clock, url, proxy, tmp_path, [], location_prefix)
+    e = Env(store, clock, url, proxy, tmp_path, [], location_prefix, methods)
     try:
         yield e
     finally:
@@ -215,8 +219,10 @@ def test_probe_says_offered_on_a_tus_server(env: Env) -> None:
     assert up.max_size == 64 << 20
 
 
-@pytest.mark.parametrize("status", ["404 Not Found", "405 Method Not Allowed"])
-def test_probe_says_not_offered_on_404_or_405(env: Env, status: str) -> None:
+@pytest.mark.parametrize(
+    "status", ["404 Not Found", "405 Method Not Allowed", "501 Not Implemented"]
+)
+def test_probe_says_not_offered_on_404_405_or_501(env: Env, status: str) -> None:
     def plain(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response(status, [("Content-Type", "application/json"), ("Allow", "GET, POST")])
         return [b'{"error": "not found"}']
@@ -228,6 +234,19 @@ def test_probe_says_not_offered_on_404_or_405(env: Env, status: str) -> None:
             assert Uploader(remote, chunk_bytes=CHUNK).probe() is False
     finally:
         stop_server(server, thread)
+
+
+def test_a_new_upload_goes_straight_to_its_first_chunk_without_a_head(env: Env) -> None:
+    path = env.audio()
+    up = env.uploader()
+    url = up.start(str(path), "a.wav")
+    env.methods.clear()
+    outcome = up.resume(url, str(path), new=True)
+    assert outcome.complete and outcome.sha256 == sha256_of(path)
+    assert env.methods == ["PATCH"] * -(-SIZE // CHUNK)
+    env.methods.clear()
+    up.resume(url, str(path))  # one recorded earlier: the server's offset first
+    assert env.methods == ["HEAD"]
 
 
 def test_a_whole_upload_goes_up_in_chunks_each_confirmed_once(env: Env) -> None:
@@ -347,11 +366,12 @@ def test_an_upload_url_on_another_host_is_never_contacted(env: Env) -> None:
     env.uploader().abandon("http://127.0.0.2:9/api/v1/uploads/" + "a" * 32)  # left alone
 
 
-def test_a_flipped_byte_gets_460_and_the_chunk_is_sent_again(env: Env) -> None:
+@pytest.mark.parametrize("chunk", [0, 1])  # the first one's checksum is the file's hash so far
+def test_a_flipped_byte_gets_460_and_the_chunk_is_sent_again(env: Env, chunk: int) -> None:
     path = env.audio()
     up = env.uploader(via_proxy=True)
     url = up.start(str(path), "a.wav")
-    env.proxy.flip_at = env.proxy.upstream_bytes + 1500 + CHUNK  # in the body of a chunk
+    env.proxy.flip_at = env.proxy.upstream_bytes + 1500 + chunk * CHUNK  # in a chunk's body
     outcome = up.resume(url, str(path))
     assert outcome.complete and outcome.sha256 == sha256_of(path)
     info = env.store.head("alice", upload_id(url))

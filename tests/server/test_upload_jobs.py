@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +18,8 @@ import pytest
 import requests
 from serverproc import RunningServer, new_job
 
-from jobsyncd.server.uploads import SUBDIR
+from jobsyncd.server.app import DEFAULT_USER
+from jobsyncd.server.uploads import SUBDIR, UploadStore
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
@@ -350,13 +351,13 @@ def test_expired_uploads_are_removed_when_the_server_starts(
 ) -> None:
     first = server_factory()
     with first.session() as session:
-        old = create_upload(session, first, 100).rsplit("/", 1)[1]
         fresh = create_upload(session, first, 100).rsplit("/", 1)[1]
     first.stop()
+    # One created 25 h ago, by the same store in the same audio dir.
+    yesterday = UploadStore(first.audio_dir, 1 << 20, clock=lambda: time.time() - 25 * 3600)
+    old = yesterday.create(DEFAULT_USER, 100).id
     sidecar = first.audio_dir / SUBDIR / f"{old}.json"
-    record = json.loads(sidecar.read_text())
-    record["expires_at"] = record["created_at"] - 1  # as if 24 h had passed
-    sidecar.write_text(json.dumps(record))
+    assert sidecar.exists()
     second = server_factory()
     assert not sidecar.exists()
     assert not (first.audio_dir / SUBDIR / old).exists()

@@ -7,6 +7,7 @@ user); requests are real ones, and connections cut mid-body are real sockets clo
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -269,6 +270,32 @@ def test_a_checksum_mismatch_is_460_and_nothing_of_the_chunk_is_stored(
     assert (tus.audio_dir / SUBDIR / upload_id).stat().st_size == 50
 
 
+def test_a_sha256_mismatch_in_the_first_chunk_is_460_and_the_final_sha256_stays_right(
+    tus: TusServer,
+) -> None:
+    # From offset 0 the server checks the chunk against its running sha256 of the upload.
+    data = os.urandom(3000)
+    with tus.session() as s:
+        url = create(s, tus.url, len(data))
+        wrong = base64.b64encode(hashlib.sha256(data[:1000]).digest()).decode()
+        r = s.patch(
+            url,
+            data=b"x" + data[1:1000],
+            headers={
+                "Upload-Offset": "0",
+                "Content-Type": "application/offset+octet-stream",
+                "Upload-Checksum": f"sha256 {wrong}",
+            },
+        )
+        assert r.status_code == 460
+        assert head_offset(s, url) == 0
+        assert patch(s, url, 0, data[:1000]).status_code == 204
+        assert patch(s, url, 1000, data[1000:]).status_code == 204
+    consumed = tus.store.consume("alice", url.rsplit("/", 1)[1])
+    assert consumed.sha256 == hashlib.sha256(data).hexdigest()
+    assert consumed.path.read_bytes() == data
+
+
 def test_an_unknown_checksum_algorithm_is_400(tus: TusServer) -> None:
     with tus.session() as s:
         url = create(s, tus.url, 10)
@@ -306,6 +333,43 @@ def test_patch_without_the_offset_content_type_is_415(tus: TusServer) -> None:
         r = s.patch(url, data=b"x" * 10, headers={"Upload-Offset": "0"})
         assert r.status_code == 415
         assert head_offset(s, url) == 0
+
+
+def test_a_sidecar_update_cut_by_a_crash_leaves_the_previous_offset_and_the_upload_goes_on(
+    tus: TusServer,
+) -> None:
+    data = os.urandom(3000)
+    with tus.session() as s:
+        url = create(s, tus.url, len(data))
+        assert patch(s, url, 0, data[:1000]).status_code == 204
+        assert patch(s, url, 1000, data[1000:2000]).status_code == 204
+        sidecar = tus.audio_dir / SUBDIR / (url.rsplit("/", 1)[1] + ".json")
+        with open(sidecar, "r+b") as f:  # the last update was cut halfway: garbage in its slot
+            f.seek(f.read().index(b'"offset":2000'))
+            f.write(b"\0" * 40)
+        assert head_offset(s, url) == 1000  # the older slot: data past it is not confirmed
+        assert patch(s, url, 1000, data[1000:2000]).status_code == 204
+        assert patch(s, url, 2000, data[2000:]).status_code == 204
+    consumed = tus.store.consume("alice", url.rsplit("/", 1)[1])
+    assert consumed.path.read_bytes() == data
+
+
+def test_a_sidecar_of_one_json_record_from_before_the_slots_is_read_and_updated(
+    tus: TusServer,
+) -> None:
+    data = os.urandom(2000)
+    with tus.session() as s:
+        url = create(s, tus.url, len(data))
+        upload_id = url.rsplit("/", 1)[1]
+        info = tus.store.head("alice", upload_id)
+        (tus.audio_dir / SUBDIR / f"{upload_id}.json").write_text(
+            json.dumps(dataclasses.asdict(info))
+        )
+        assert head_offset(s, url) == 0
+        assert patch(s, url, 0, data[:1000]).status_code == 204
+        assert patch(s, url, 1000, data[1000:]).status_code == 204
+        assert head_offset(s, url) == 2000
+    assert tus.store.consume("alice", upload_id).path.read_bytes() == data
 
 
 def test_a_request_without_tus_resumable_is_412_and_not_processed(tus: TusServer) -> None:

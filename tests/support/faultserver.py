@@ -349,6 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._handle()
 
+    def do_OPTIONS(self):
+        # No resumable uploads here: OPTIONS /api/v1/uploads answers 404 like any unknown path
+        # (contract 7: 404 or 405 means not offered); a fault may answer otherwise.
+        self._handle()
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _drop(self):

@@ -8,6 +8,12 @@ exited 0 decides the text (a killed one may or may not have). After every kill t
 load and hold every job it should; every few kills a normal `jobsyncd sync` (retried until it
 exits 0) must leave the local store and the server holding exactly the same jobs, each once.
 
+Some creates and updates carry audio of 0.5-2 MiB, more than `upload_chunk_bytes` (64 KiB
+here), so that it goes up as a resumable upload (contract 6.8) and many kills land in the middle
+of one: after every normal pass each job's audio on the server has the sha256 of its audio here
+(one the ground truth allows), the server's audio dir holds one file per job with audio, and at
+the end, after the server's expiry sweep as it would run a day later, no upload is left.
+
 CI runs about 60 kills; a long run: JOBSYNCD_CRASH_KILLS=500 JOBSYNCD_CRASH_SEED=7 pytest -s ...
 The same harness also runs with every killed command talking to the server through a proxy that
 loses answers after the server applied the request and trickles others (tests/support/lossyproxy.py);
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -27,15 +34,20 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import poll
 from lossyproxy import LossyProxy
 
 from jobsyncd.model import Job, new_local_id
+from jobsyncd.server.uploads import SUBDIR, UploadStore
 from jobsyncd.store import STORE_NAME, TMP_NAME, Store, prepare_data_dir
 
 KILLS = int(os.environ.get("JOBSYNCD_CRASH_KILLS", "60"))
 SEED = int(os.environ.get("JOBSYNCD_CRASH_SEED", "20240611"))
 FULL_CHECK_EVERY_KILLS = 3
 MAX_LIVE_JOBS = 30  # keeps passes short: deletes get likelier as the store grows
+UPLOAD_CHUNK = 65536  # the smallest upload_chunk_bytes: every audio here goes up by tus
+AUDIO_SHARE = 0.25  # of creates and updates
+AUDIO_BYTES = (512 << 10, 2 << 20)
 
 
 @dataclasses.dataclass
@@ -44,6 +56,7 @@ class Truth:
 
     texts: set[str]  # the texts it may hold (an update killed midway may or may not have landed)
     delete: str | None = None  # None, "maybe" (delete killed) or "acked" (delete exited 0)
+    audio: set[str | None] = dataclasses.field(default_factory=lambda: {None})  # sha256s
 
 
 @dataclasses.dataclass
@@ -66,6 +79,9 @@ class Harness:
         self.workdir = workdir
         self.known: dict[str, Truth] = {}
         self.maybe_created: set[str] = set()  # texts of creates killed midway
+        self.audio_of: dict[str, str] = {}  # sha256 of the audio each create's text came with
+        self.audio_jobs = 0  # creates and updates that carried audio
+        self.mid_upload = 0  # kills after which a job's record holds an upload in progress
         self.kills = 0
         self.by_kind: collections.Counter[str] = collections.Counter()
         self.kills_since_check = 0
@@ -96,10 +112,12 @@ class Harness:
             self.by_kind[kind] += 1
         return hit
 
-    def run_killed(self, args: tuple[str, ...], max_delay: float) -> Outcome:
+    def run_killed(
+        self, args: tuple[str, ...], max_delay: float, min_delay: float = 0.0
+    ) -> Outcome:
         proc = self.start(*args)
         try:
-            hit = self.kill_after(proc, self.rng.uniform(0.0, max_delay), args[0])
+            hit = self.kill_after(proc, self.rng.uniform(min_delay, max_delay), args[0])
             out, err = proc.communicate(timeout=10)
         finally:
             if proc.poll() is None:
@@ -118,36 +136,61 @@ class Harness:
     def live(self) -> list[str]:
         return sorted(lid for lid, t in self.known.items() if t.delete is None)
 
+    def new_audio(self, always: bool = False) -> tuple[list[str], str | None]:
+        """`--audio FILE` for a share of the creates and updates (the agent copies the file),
+        and its sha256; else no option and None."""
+        if not always and self.rng.random() >= AUDIO_SHARE:
+            return [], None
+        data = self.rng.randbytes(self.rng.randrange(*AUDIO_BYTES))
+        path = self.workdir / f"audio-{self.counter}.wav"
+        path.write_bytes(data)
+        self.audio_jobs += 1
+        return ["--audio", str(path)], hashlib.sha256(data).hexdigest()
+
     # ---- the operations -----------------------------------------------------------------------
-    def op_create(self, max_delay: float = 0.12) -> None:
+    def op_create(
+        self, max_delay: float = 0.12, audio_always: bool = False, min_delay: float = 0.0
+    ) -> str | None:
+        """Returns the new job's local_id when the create exited 0."""
         text = self.next_text("c")
-        out = self.run_killed(("create", "--text", text), max_delay)
+        audio, digest = self.new_audio(audio_always)
+        out = self.run_killed(("create", "--text", text, *audio), max_delay, min_delay)
+        if digest is not None:
+            self.audio_of[text] = digest
         if out.rc is None:
             self.maybe_created.add(text)
-            return
+            return None
         assert out.rc == 0, out.stderr
         local_id = out.stdout.strip()
         assert local_id not in self.known
-        self.known[local_id] = Truth({text})
+        self.known[local_id] = Truth({text}, audio={digest})
+        return local_id
 
     def op_update(self, max_delay: float = 0.12) -> None:
         live = self.live()
         if not live:
-            return self.op_create(max_delay)
+            self.op_create(max_delay)
+            return
         local_id = self.rng.choice(live)
         text = self.next_text("u")
-        out = self.run_killed(("update", local_id, "--text", text), max_delay)
+        audio, digest = self.new_audio()
+        out = self.run_killed(("update", local_id, "--text", text, *audio), max_delay)
         truth = self.known[local_id]
         if out.rc is None:
             truth.texts.add(text)
+            if digest is not None:
+                truth.audio.add(digest)
             return
         assert out.rc == 0, f"update of a live job {local_id} -> {out.rc}: {out.stderr}"
         truth.texts = {text}
+        if digest is not None:
+            truth.audio = {digest}
 
     def op_delete(self, max_delay: float = 0.12) -> None:
         live = self.live()
         if not live:
-            return self.op_create(max_delay)
+            self.op_create(max_delay)
+            return
         local_id = self.rng.choice(live)
         out = self.run_killed(("delete", local_id), max_delay)
         if out.rc is None:
@@ -168,8 +211,8 @@ class Harness:
         ops = [self.op_create, self.op_update, self.op_delete, self.op_compact]
         self.rng.choices(ops, weights)[0](max_delay)
 
-    def op_sync(self) -> None:
-        out = self.run_killed(("sync",), 0.5)
+    def op_sync(self, max_delay: float = 0.5) -> None:
+        out = self.run_killed(("sync",), max_delay)
         if out.rc is not None:
             # Through the lossy proxy a pass may end with errored jobs (lost answers: exit 1).
             assert out.rc in ((0, 1) if self.lossy else (0,)), out.stderr
@@ -204,14 +247,48 @@ class Harness:
                 proc.kill()
             proc.wait(10)
 
+    def op_upload(self) -> None:
+        """A pass SIGKILLed in the middle of an upload: a job with audio for it to send
+        (created whole), then the kill at a random instant once the job's record holds the
+        upload (the pass has confirmed its first chunks). The next pass resumes it."""
+        local_id = self.op_create(max_delay=30.0, audio_always=True, min_delay=30.0)
+        assert local_id is not None  # not killed: it ends long before 30 s
+        proc = self.start("sync")
+        try:
+            deadline = time.monotonic() + 5
+            while proc.poll() is None and time.monotonic() < deadline:
+                if self.upload_recorded(local_id):
+                    break
+                time.sleep(0.01)
+            hit = self.kill_after(proc, self.rng.uniform(0.0, 0.1), "sync")
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.log.append(f"sync during an upload {'killed' if hit else f'-> {proc.returncode}'}")
+        if not hit:
+            assert proc.returncode in ((0, 1) if self.lossy else (0,)), err
+
+    def upload_recorded(self, local_id: str) -> bool:
+        """Does the job's latest record in the store hold an upload URL?"""
+        latest = None
+        with open(self.cli.data_dir / STORE_NAME, "rb") as f:
+            for line in f:
+                if local_id.encode() in line:
+                    latest = line
+        return latest is not None and b'"upload_url"' in latest
+
     def round(self) -> None:
-        kind = self.rng.choices(["local", "sync", "daemon"], [6, 2, 1])[0]
+        kind = self.rng.choices(["local", "sync", "daemon", "upload"], [6, 2, 1, 1])[0]
         if kind == "local":
             self.op_local()
         elif kind == "sync":
             if not self.live() or self.rng.random() < 0.5:
                 self.op_local(max_delay=1.0)  # something for the pass to push
             self.op_sync()
+        elif kind == "upload":
+            self.op_upload()
         else:
             self.op_daemon()
 
@@ -231,6 +308,11 @@ class Harness:
     def check_store(self) -> dict[str, dict]:
         """After a kill: the store loads and holds every job that must not be lost."""
         local = self.local_jobs()
+        status = self.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        in_progress = json.loads(status.stdout)["uploads_in_progress"]
+        assert all(u["local_id"] in local and u["offset"] >= 0 for u in in_progress), in_progress
+        self.mid_upload += bool(in_progress)
         for local_id, truth in self.known.items():
             if truth.delete is not None:
                 continue
@@ -239,13 +321,15 @@ class Harness:
             assert local[local_id]["sync_status"] != "pending_deletion", (
                 f"job {local_id} is being deleted but nobody deleted it: {local[local_id]}"
             )
+            here = _sha256_of(local[local_id]["audio_file"])
+            assert here in truth.audio, f"job {local_id} holds audio {here}, not {truth.audio}"
         for local_id, job in local.items():
             if local_id in self.known:
                 continue
             # Only a create killed midway can have left a job we were not told about.
             assert job["text"] in self.maybe_created, f"a job appeared from nowhere: {job}"
             self.maybe_created.discard(job["text"])
-            self.known[local_id] = Truth({job["text"]})
+            self.known[local_id] = Truth({job["text"]}, audio={self.audio_of.get(job["text"])})
             if job["sync_status"] == "pending_deletion":
                 self.known[local_id].delete = "maybe"
         return local
@@ -296,10 +380,46 @@ class Harness:
                     f"job {local_id} holds {text!r} on the server, expected one of {truth.texts}"
                 )
                 assert local[local_id]["server_id"] == remote_by_lid[local_id]["id"]
-                self.known[local_id] = Truth({text})  # a delete killed before it wrote: live
+                theirs = (remote_by_lid[local_id]["audio"] or {}).get("sha256")
+                here = _sha256_of(local[local_id]["audio_file"])
+                assert theirs == here and here in truth.audio, (
+                    f"job {local_id}: audio {theirs} on the server, {here} here, "
+                    f"expected one of {truth.audio}; after {self.log[-12:]}"
+                )
+                # A delete killed before it wrote left it live.
+                self.known[local_id] = Truth({text}, audio={here})
         self.maybe_created.clear()  # every killed create has shown up by now or never will
+        self.audio_of.clear()
+        self.check_server_audio(remote)
         self.full_checks += 1
         self.kills_since_check = 0
+
+    def server_audio_dir(self) -> Path:
+        return self.server.workdir / "server-audio"
+
+    def check_server_audio(self, remote: list[dict]) -> None:
+        """One audio file on the server per job with audio: none left by a killed upload, a
+        replaced audio or a deleted job (a request cut a moment ago may still be ending)."""
+        want = sum(1 for j in remote if j["audio"])
+
+        def files() -> int:
+            return sum(1 for p in self.server_audio_dir().iterdir() if p.is_file())
+
+        poll(lambda: files() == want, 10, f"{want} audio files on the server, not {files()}")
+
+    def check_no_upload_left_after_expiry(self) -> tuple[int, int]:
+        """The server's expiry sweep as it would run 25 h from now (24 h expiry), on the running
+        server's audio dir: every upload a killed agent left behind goes, none is left. Returns
+        (uploads there before the sweep, uploads it removed)."""
+        root = self.server_audio_dir() / SUBDIR
+        if not root.exists():
+            return 0, 0
+        before = sum(1 for p in root.iterdir() if p.name.endswith(".json"))
+        later = UploadStore(self.server_audio_dir(), 1 << 30, clock=lambda: time.time() + 25 * 3600)
+        removed = later.expire()
+        left = sorted(p.name for p in root.iterdir() if p.name != ".lock")
+        assert not left, f"uploads left after expiry: {left}"
+        return before, removed
 
     def check_daemon_logs(self) -> None:
         for path in self.daemon_logs:
@@ -329,7 +449,14 @@ def test_random_sigkills_through_a_proxy_that_loses_and_trickles_answers_lose_no
             print(f"lossy proxy connections: {proxy.counts}")
 
 
+def _sha256_of(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()  # at most 2 MiB
+
+
 def run_harness(h: Harness, kills: int, capsys, label: str) -> None:
+    h.cli.env["JOBSYNCD_UPLOAD_CHUNK_BYTES"] = str(UPLOAD_CHUNK)
     start = time.monotonic()
     try:
         for _ in range(20 * kills):  # bounded: most rounds deliver a kill
@@ -343,15 +470,21 @@ def run_harness(h: Harness, kills: int, capsys, label: str) -> None:
                     h.check_after_sync()
         h.check_after_sync()
         h.check_daemon_logs()
+        uploads_before, uploads_expired = h.check_no_upload_left_after_expiry()
     except AssertionError as exc:
         raise AssertionError(
             f"seed {SEED}, after {h.kills} kills{label} (replay: JOBSYNCD_CRASH_SEED={SEED} "
             f"JOBSYNCD_CRASH_KILLS={KILLS}): {exc}"
         ) from None
     assert h.kills >= kills, f"only {h.kills} kills were delivered"
+    if not h.lossy and kills >= 30:  # through the lossy proxy uploads go slower: not asked
+        assert h.mid_upload, "no kill landed in the middle of an upload"
     line = (
-        f"crash harness: {h.kills} kills survived, jobs lost: 0, duplicates: 0 "
-        f"(seed {SEED}, {h.full_checks} full checks, {len(h.known)} jobs at the end, "
+        f"crash harness: {h.kills} kills survived, jobs lost: 0, duplicates: 0, audio wrong: 0, "
+        f"uploads left after expiry: 0 (seed {SEED}, {h.full_checks} full checks, "
+        f"{len(h.known)} jobs at the end, {h.audio_jobs} creates/updates with audio, "
+        f"{h.mid_upload} kills left an upload in progress, "
+        f"{uploads_before} uploads on the server before its sweep, {uploads_expired} expired, "
         f"{time.monotonic() - start:.1f} s; killed: "
         + ", ".join(f"{k} {v}" for k, v in sorted(h.by_kind.items()))
         + ")"

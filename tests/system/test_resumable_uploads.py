@@ -1,12 +1,16 @@
 """The agent's resumable audio uploads (contract 6.8) against the real reference server: audio
 larger than `upload_chunk_bytes` goes up by tus and is attached to the job; a `jobsyncd sync`
 SIGKILLed mid-upload resumes where the server stands and never sends a confirmed byte again;
-`update --audio` during an upload abandons it; a server without tus gets multipart.
+`update --audio` during an upload abandons it; a server without tus (the fault server, or the
+reference server behind a proxy of ours that switches its uploads off) gets multipart, also
+one that stops offering them in the middle of an upload; an upload the server no longer has
+(404 after its expiry sweep, 410) starts again, and the audio arrives whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -14,10 +18,13 @@ import socket
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from helpers import poll
+
+from jobsyncd.server.uploads import SUBDIR, UploadStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,6 +89,71 @@ class CountingProxy:
                 s.close()
             except OSError:
                 pass
+
+
+class TusSwitch:
+    """An HTTP/1.1 proxy of ours in front of the real reference server. It forwards every
+    request, except that with `off` set, anything under /api/v1/uploads answers 404 (a server
+    that does not, or no longer, offers resumable uploads), and an upload id in `gone` answers
+    the status mapped to it (404/410: expired or lost on the server). Bodies are read whole:
+    test audio is small."""
+
+    def __init__(self, port: int) -> None:
+        self.off = False
+        self.gone: dict[str, int] = {}
+        switch = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+                pass
+
+            def do_any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?", 1)[0]
+                if path.startswith("/api/v1/uploads"):
+                    status = 404 if switch.off else switch.gone.get(path.rsplit("/", 1)[1])
+                    if status is not None:
+                        self._answer(status, [], b'{"error": "no such upload"}')
+                        return
+                upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                    skip = ("connection", "content-length", "date", "server", "transfer-encoding")
+                    kept = [(k, v) for k, v in answer.getheaders() if k.lower() not in skip]
+                    self._answer(answer.status, kept, data)
+                finally:
+                    upstream.close()
+
+            def _answer(self, status: int, headers: list, data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if status not in (204, 304):
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD" and status not in (204, 304):
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_any
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
 
 
 @pytest.fixture
@@ -197,3 +269,144 @@ def test_update_audio_during_an_upload_abandons_it_and_sends_the_new_audio(
         assert agent.json("show", lid)["sync_status"] == "synced"
     finally:
         proxy.close()
+
+
+def uploads_left(ref_server) -> list[str]:
+    """The files of uploads in the server's store (partial, finished, or a crash's leftovers)."""
+    root = ref_server.workdir / "server-audio" / SUBDIR
+    return sorted(p.name for p in root.iterdir() if p.name != ".lock")
+
+
+def sweep_a_day_later(ref_server) -> int:
+    """The server's own expiry sweep, run as it would run 25 h from now (24 h expiry), on the
+    running server's audio dir (the store is shared by processes through its locks)."""
+    later = UploadStore(
+        ref_server.workdir / "server-audio", 1 << 30, clock=lambda: time.time() + 25 * 3600
+    )
+    return later.expire()
+
+
+def kill_mid_upload(agent, lid: str, proxy: CountingProxy, at: int) -> int:
+    """Start `jobsyncd sync`, SIGKILL it once `at` bytes of the job's upload are confirmed;
+    returns the offset recorded in the job's record."""
+    proc = agent.popen("sync", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        poll(
+            lambda: last_record(agent, lid).get("upload_offset", 0) >= at,
+            60,
+            f"{at} bytes of the upload confirmed",
+        )
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    return int(last_record(agent, lid)["upload_offset"])
+
+
+@pytest.mark.parametrize("options_status", [404, 405, 501])
+def test_large_audio_goes_by_multipart_to_a_server_without_resumable_uploads(
+    cli, fault_server, tmp_path, options_status
+):
+    # The fault server has no tus: OPTIONS /api/v1/uploads answers 404 like any unknown path.
+    # 501 (a server that does not know the method at all) is taken as "not offered" too.
+    if options_status != 404:
+        fault_server.add_fault("OPTIONS", r"/api/v1/uploads", times=None, status=options_status)
+    cli.env["JOBSYNCD_SERVER_URL"] = fault_server.url
+    cli.env["JOBSYNCD_UPLOAD_CHUNK_BYTES"] = str(CHUNK)
+    path, digest = audio(tmp_path, 3 * CHUNK + 7)
+    lid = cli("create", "--audio", str(path), check=True).stdout.strip()
+    cli("sync", check=True)
+    job = fault_server.job_by_local_id(lid)
+    assert hashlib.sha256(fault_server.audio_bytes(job["id"])).hexdigest() == digest
+    assert job["audio"]["sha256"] == digest
+    second, second_digest = audio(tmp_path, 2 * CHUNK + 1, "second.wav")
+    lid2 = cli("create", "--audio", str(second), check=True).stdout.strip()
+    cli("sync", check=True)
+    assert fault_server.job_by_local_id(lid2)["audio"]["sha256"] == second_digest
+    asked = [(m, p) for m, p, _ in fault_server.all_requests if p.startswith("/api/v1/uploads")]
+    assert asked == [("OPTIONS", "/api/v1/uploads")]  # asked once, then again after a day
+
+
+def test_large_audio_goes_by_multipart_to_the_reference_server_with_uploads_switched_off(
+    agent, ref_server, tmp_path
+):
+    switch = TusSwitch(ref_server.port)
+    try:
+        switch.off = True
+        agent.env["JOBSYNCD_SERVER_URL"] = switch.url
+        path, digest = audio(tmp_path, 3 * CHUNK + 7)
+        lid = agent("create", "--audio", str(path), check=True).stdout.strip()
+        agent("sync", check=True)
+        assert server_job(ref_server, lid)["audio"]["sha256"] == digest
+        assert uploads_left(ref_server) == []
+    finally:
+        switch.close()
+
+
+def test_a_server_that_stops_offering_uploads_mid_upload_still_gets_the_whole_audio(
+    agent, ref_server, tmp_path
+):
+    size = 40 * CHUNK
+    path, digest = audio(tmp_path, size)
+    switch = TusSwitch(ref_server.port)
+    proxy = CountingProxy(switch.port, delay_per_block=0.01)
+    try:
+        agent.env["JOBSYNCD_SERVER_URL"] = proxy.url
+        lid = agent("create", "--audio", str(path), check=True).stdout.strip()
+        proc = agent.popen("sync", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            poll(
+                lambda: last_record(agent, lid).get("upload_offset", 0) >= 4 * CHUNK,
+                60,
+                "the upload under way",
+            )
+            switch.off = True  # the next PATCH gets 404, and so does a new upload's POST
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode == 1, err  # an error for the job, retried by the next pass
+        assert "Traceback" not in err
+        assert agent.json("show", lid)["sync_status"] == "error"
+        proxy.delay = 0.0
+        agent("sync", check=True)  # OPTIONS now answers 404: multipart
+        assert server_job(ref_server, lid)["audio"]["sha256"] == digest
+        assert agent.json("show", lid)["sync_status"] == "synced"
+        assert "upload_url" not in last_record(agent, lid)
+    finally:
+        proxy.close()
+        switch.close()
+    # The upload left half-done on the server goes with its expiry.
+    assert len(uploads_left(ref_server)) == 2  # its data file and its sidecar
+    assert sweep_a_day_later(ref_server) == 1
+    assert uploads_left(ref_server) == []
+
+
+@pytest.mark.parametrize("how", ["expired and swept (404)", "expired (410)"])
+def test_an_upload_the_server_no_longer_has_starts_again_and_the_audio_arrives_whole(
+    agent, ref_server, tmp_path, how
+):
+    size = 40 * CHUNK
+    path, digest = audio(tmp_path, size)
+    switch = TusSwitch(ref_server.port)
+    proxy = CountingProxy(switch.port, delay_per_block=0.01)
+    try:
+        agent.env["JOBSYNCD_SERVER_URL"] = proxy.url
+        lid = agent("create", "--audio", str(path), check=True).stdout.strip()
+        assert 0 < kill_mid_upload(agent, lid, proxy, 4 * CHUNK) < size
+        old_id = last_record(agent, lid)["upload_url"].rsplit("/", 1)[1]
+        if how.endswith("(404)"):
+            assert sweep_a_day_later(ref_server) == 1  # the server's own sweep removes it
+        else:
+            switch.gone[old_id] = 410
+        proxy.delay = 0.0
+        before = proxy.upstream_bytes
+        agent("sync", check=True)
+        assert proxy.upstream_bytes - before >= size  # started again from zero
+        assert server_job(ref_server, lid)["audio"]["sha256"] == digest
+        assert "upload_url" not in last_record(agent, lid)
+    finally:
+        proxy.close()
+        switch.close()
+    sweep_a_day_later(ref_server)
+    assert uploads_left(ref_server) == []
