@@ -552,7 +552,7 @@ class _Pass:
             audio_on_server = None
         elif snap.audio_file and sj.audio.get("sha256") not in (
             None,
-            _file_sha256(snap.audio_file),
+            digest or _file_sha256(snap.audio_file),  # an upload's digest: no fifth hash pass
         ):
             audio_on_server = None  # an earlier POST whose answer was lost carried other audio
         self._record(lambda view: self._apply_synced(view, snap, sj, audio_on_server, created=True))
