@@ -17,7 +17,8 @@ from jobsyncd.server.errors import HTTPError
 MAX_OPERATIONS = 500
 MAX_BATCH_BYTES = 8 << 20
 
-Checked = tuple[Any, ...]  # ("create", local_id, text, metadata) | ("update", id, changes) | ...
+# ("create", local_id, text, metadata JSON as stored) | ("update", id, changes) | ("delete", id)
+Checked = tuple[Any, ...]
 
 
 def check_document(document: dict[str, Any]) -> list[Any]:
@@ -50,7 +51,7 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
             "create",
             validation.check_local_id(fields.get("local_id")),
             validation.check_text(fields.get("text")),
-            validation.check_metadata(fields.get("metadata", {})),
+            validation.stored_metadata(fields.get("metadata", {})),
         )
     if kind == "update":
         validation.check_fields(operation, ("op", "id", "fields"))

@@ -104,18 +104,29 @@ def check_text(value: Any) -> str | None:
 
 
 def check_metadata(value: Any) -> dict[str, Any]:
+    stored_metadata(value)
+    checked: dict[str, Any] = value
+    return checked
+
+
+def stored_metadata(value: Any) -> str:
+    """Check metadata as check_metadata does; returns its JSON as the storage keeps it (compact,
+    ASCII), so that a batch encodes each operation's metadata once."""
     if not isinstance(value, dict):
         raise HTTPError(422, "metadata must be a JSON object")
     try:
         check_value(value, 1, "metadata")
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+        stored = json.dumps(value, separators=(",", ":"))
+        # The limit is on the UTF-8 JSON, never longer than this ASCII form with its escapes.
+        if len(stored) > MAX_METADATA_BYTES:
+            size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+            if size > MAX_METADATA_BYTES:
+                raise HTTPError(422, f"metadata larger than {MAX_METADATA_BYTES} bytes as JSON")
     except Invalid as e:
         raise HTTPError(422, str(e)) from None
     except (ValueError, RecursionError):
         raise HTTPError(422, "metadata cannot be stored") from None
-    if size > MAX_METADATA_BYTES:
-        raise HTTPError(422, f"metadata larger than {MAX_METADATA_BYTES} bytes as JSON")
-    return value
+    return stored
 
 
 def check_status(value: Any) -> str:
