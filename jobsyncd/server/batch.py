@@ -21,6 +21,9 @@ MAX_BATCH_BYTES = 8 << 20
 Checked = tuple[Any, ...]
 
 
+_CREATE_KEYS = frozenset(("op", *validation.POST_FIELDS))
+
+
 def check_document(document: dict[str, Any]) -> list[Any]:
     validation.check_fields(document, ("operations",))
     operations = document.get("operations")
@@ -45,8 +48,10 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
             raise HTTPError(413, f"operation larger than {MAX_JSON_BYTES} bytes")
     kind = operation.get("op")
     if kind == "create":
-        fields = {k: v for k, v in operation.items() if k != "op"}
-        validation.check_fields(fields, validation.POST_FIELDS)
+        if not operation.keys() <= _CREATE_KEYS:  # the usual create passes without a copy
+            fields = {k: v for k, v in operation.items() if k != "op"}
+            validation.check_fields(fields, validation.POST_FIELDS)
+        fields = operation
         return (
             "create",
             validation.check_local_id(fields.get("local_id")),

@@ -678,10 +678,14 @@ class _Counter:
 
 
 def new_job_ids(count: int) -> list[str]:
-    """`count` random (version 4) UUIDs as text: str(uuid.uuid4()) in a fifth of the time."""
+    """`count` new job ids: time-ordered UUIDs (version 7, RFC 9562) made in bulk. A batch's
+    rows then go to the end of the id index, not to 500 random pages of it, which a database
+    of 100,000 jobs would have to write back at every commit (a batch took 3x as long)."""
+    prefix = (time.time_ns() // 1_000_000).to_bytes(6, "big")
     raw = bytearray(os.urandom(16 * count))
     for at in range(0, 16 * count, 16):
-        raw[at + 6] = (raw[at + 6] & 0x0F) | 0x40
+        raw[at : at + 6] = prefix
+        raw[at + 6] = (raw[at + 6] & 0x0F) | 0x70
         raw[at + 8] = (raw[at + 8] & 0x3F) | 0x80
     text = raw.hex()
     return [
