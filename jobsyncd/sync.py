@@ -351,6 +351,8 @@ class _Pass:
         finally:
             self.flush()
             self._unmark_unsent()
+            if not self.sparse:
+                self._holders = None  # the pull has its own index: not both at once
 
     def _progressed(self, jobs: int) -> None:
         self.done += jobs
