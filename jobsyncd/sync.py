@@ -69,6 +69,9 @@ FAILED = SyncStatus.FAILED.value
 
 BATCH_MAX_OPS = 500
 BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the envelope
+# Jobs whose creates are marked (create_sent, fsynced) in one write before their batches go:
+# one fsync per four batches, not per batch (at 5 ms each, a second of 100,000 jobs).
+MARK_AHEAD = 4 * BATCH_MAX_OPS
 FEED_PAGE_LIMIT = 500
 SPARSE_MAX_DUE = 32  # at most this many due jobs are pushed without folding the store
 SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
@@ -516,10 +519,10 @@ class _Pass:
         self, batchable: list[str], now: _dt.datetime, max_wait: float, alone: list[Job]
     ) -> Iterator[tuple[list[Job] | None, _Batch]]:
         """(the creates to mark before it is sent, or None, batch) for each batch to send,
-        BATCH_MAX_OPS jobs read at a time; jobs that came to need a request of their own go
-        to `alone`."""
-        for first in range(0, len(batchable), BATCH_MAX_OPS):
-            snaps = self._batch_snapshots(batchable[first : first + BATCH_MAX_OPS], now, max_wait)
+        MARK_AHEAD jobs read (and their creates marked in one fsynced write) at a time; jobs
+        that came to need a request of their own go to `alone`."""
+        for first in range(0, len(batchable), MARK_AHEAD):
+            snaps = self._batch_snapshots(batchable[first : first + MARK_AHEAD], now, max_wait)
             alone += [snap for snap, op in snaps if op is None]
             chunk = [(snap, op) for snap, op in snaps if op is not None]
             marks: list[Job] | None = [snap for snap, _ in chunk]
@@ -1409,13 +1412,14 @@ def _encoded_operation(job: Job) -> tuple[str, bytes] | None:
 def _groups_by_size(
     ops: list[tuple[Job, tuple[str, bytes]]],
 ) -> Iterator[list[tuple[Job, tuple[str, bytes]]]]:
-    """Split a chunk so that each batch body stays under BATCH_MAX_BYTES (an operation too
-    large for one goes alone, and the server answers 413 for it as for its own request)."""
+    """Split a chunk into batches of at most BATCH_MAX_OPS operations whose body stays under
+    BATCH_MAX_BYTES (an operation too large for one goes alone, and the server answers 413
+    for it as for its own request)."""
     group: list[tuple[Job, tuple[str, bytes]]] = []
     size = 0
     for item in ops:
         op_size = len(item[1][1]) + 1
-        if group and size + op_size > BATCH_MAX_BYTES:
+        if group and (size + op_size > BATCH_MAX_BYTES or len(group) >= BATCH_MAX_OPS):
             yield group
             group, size = [], 0
         group.append(item)
