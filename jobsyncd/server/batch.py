@@ -17,7 +17,8 @@ from jobsyncd.server.errors import HTTPError
 MAX_OPERATIONS = 500
 MAX_BATCH_BYTES = 8 << 20
 
-# ("create", local_id, text, metadata JSON as stored) | ("update", id, changes) | ("delete", id)
+# ("create", local_id, text, metadata JSON as stored) | ("update", id, changes (metadata as
+# stored JSON)) | ("delete", id)
 Checked = tuple[Any, ...]
 
 
@@ -72,7 +73,7 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
         if "text" in changes:
             checked["text"] = validation.check_text(changes["text"])
         if "metadata" in changes:
-            checked["metadata"] = validation.check_metadata(changes["metadata"])
+            checked["metadata"] = validation.stored_metadata(changes["metadata"])
         if "status" in changes:
             checked["status"] = validation.check_status(changes["status"])
         return ("update", _job_id(operation), checked)

@@ -18,7 +18,9 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import hmac
+import itertools
 import json
+import operator
 import os
 import threading
 import time
@@ -375,34 +377,24 @@ class SQLStorage(abc.ABC):
         self, user: str, operations: list[tuple[Any, ...]]
     ) -> tuple[list[tuple[int, str | None]], list[str]]:
         """Apply checked operations in order, in one transaction: ("create", local_id, text,
-        metadata as stored JSON), ("update", job_id, changes) or ("delete", job_id). Returns one (status, job
-        JSON or None) per operation, as its own request would have answered, and the audio file
-        names to remove after the commit. Each change gets its own counter value, so that a page
-        boundary of the feed never falls between two changes of the same value."""
+        metadata as stored JSON), ("update", job_id, changes with metadata as stored JSON) or
+        ("delete", job_id). Returns one (status, job JSON or None) per operation, as its own
+        request would have answered, and the audio file names to remove after the commit. Each
+        change gets its own counter value, so that a page boundary of the feed never falls
+        between two changes of the same value."""
         results: list[tuple[int, str | None]] = []
         unlinked: list[str] = []
         with self._write(user) as tx:
             counter = _Counter(self, tx, user)
-            run: list[tuple[Any, ...]] = []
-            for operation in [*operations, ("end",)]:
-                if operation[0] == "create":
-                    run.append(operation)
-                    continue
-                if run:
+            # Consecutive operations of one kind go together, a few statements for the run.
+            for kind, same in itertools.groupby(operations, key=operator.itemgetter(0)):
+                run = list(same)
+                if kind == "create":
                     results += self._create_many(tx, user, run, counter)
-                    run = []
-                if operation[0] == "update":
-                    status, job, audio = self._update_one(
-                        tx, user, operation[1], operation[2], counter
-                    )
-                    results.append((status, job))
-                    if audio:
-                        unlinked.append(audio)
-                elif operation[0] == "delete":
-                    status, audio = self._delete_one(tx, user, operation[1], counter)
-                    results.append((status, None))
-                    if audio:
-                        unlinked.append(audio)
+                elif kind == "update":
+                    results += self._update_many(tx, user, run, counter, unlinked)
+                elif kind == "delete":
+                    results += self._delete_many(tx, user, run, counter, unlinked)
             if counter.used:
                 counter.finish()
             else:
@@ -466,54 +458,160 @@ class SQLStorage(abc.ABC):
         ).fetchall()
         return {row[1] for row in rows} - {r[0] for r in inserted}
 
-    def _update_one(
-        self, tx: Tx, user: str, job_id: str, changes: dict[str, Any], counter: _Counter
-    ) -> tuple[int, str | None, str | None]:
-        """(status, job JSON or None, the removed audio file's name when `"audio": None`)."""
-        sets: list[str] = []
-        params: list[Any] = []
-        removed = None
-        where = 'WHERE "user" = ? AND id = ?'
-        if "audio" in changes:
-            old = tx.execute(f"SELECT audio_name FROM jobs {where}", (user, job_id)).fetchone()
-            removed = old and old[0]
-            sets.append(
-                "audio_name = NULL, audio_filename = NULL, audio_size = NULL, audio_sha256 = NULL"
-            )
-        for name in ("text", "status"):
-            if name in changes:
-                sets.append(f"{name} = ?")
-                params.append(self._text_in(changes[name]))
-        if "metadata" in changes:
-            sets.append("metadata = ?")
-            params.append(json.dumps(changes["metadata"], separators=(",", ":")))
-        if sets:
-            row = tx.execute(
-                f"UPDATE jobs SET {', '.join(sets)}, updated_at = ?, change_seq = ? {where} "
-                f"RETURNING {COLUMNS}",
-                (*params, utc_now(), counter.peek(), user, job_id),
-            ).fetchone()
-            if row is not None:
-                counter.next()
-        else:
-            row = tx.execute(f"SELECT {COLUMNS} FROM jobs {where}", (user, job_id)).fetchone()
-        return (404, None, None) if row is None else (200, self.job_json(row), removed)
+    def _update_many(
+        self,
+        tx: Tx,
+        user: str,
+        updates: list[tuple[Any, ...]],
+        counter: _Counter,
+        unlinked: list[str],
+    ) -> list[tuple[int, str | None]]:
+        """A run of updates in a few statements (which jobs exist, one update of them all, a
+        read of those given no change), not one or two per operation. A run that names a job
+        twice goes in parts that name each job once, in order."""
+        results: list[tuple[int, str | None]] = []
+        part: list[tuple[Any, ...]] = []
+        named: set[str] = set()
+        for operation in updates:
+            if operation[1] in named:
+                results += self._update_part(tx, user, part, counter, unlinked)
+                part, named = [], set()
+            part.append(operation)
+            named.add(operation[1])
+        return results + self._update_part(tx, user, part, counter, unlinked)
 
-    def _delete_one(
-        self, tx: Tx, user: str, job_id: str, counter: _Counter
-    ) -> tuple[int, str | None]:
-        row = tx.execute(
-            'DELETE FROM jobs WHERE "user" = ? AND id = ? RETURNING audio_name, local_id',
-            (user, job_id),
-        ).fetchone()
-        if row is None:
-            return 404, None
-        tx.execute(
-            'INSERT INTO tombstones (id, "user", local_id, change_seq, deleted_at) '
-            "VALUES (?, ?, ?, ?, ?)",
-            (job_id, user, row[1], counter.next(), time.time()),
+    def _update_part(
+        self,
+        tx: Tx,
+        user: str,
+        part: list[tuple[Any, ...]],
+        counter: _Counter,
+        unlinked: list[str],
+    ) -> list[tuple[int, str | None]]:
+        counter.peek()  # the user's lock first: the jobs read below stay as read
+        audio = dict(self._audio_by_id(tx, user, [op[1] for op in part]))
+        rows = []
+        for _, job_id, changes in part:
+            if job_id in audio and changes:
+                text, status = changes.get("text"), changes.get("status")
+                rows.append(
+                    (
+                        job_id,
+                        "text" in changes,
+                        self._text_in(text) if "text" in changes else None,
+                        "metadata" in changes,
+                        changes.get("metadata"),
+                        "status" in changes,
+                        self._text_in(status) if "status" in changes else None,
+                        "audio" in changes,
+                        counter.next(),
+                    )
+                )
+        found = {row[1]: row for row in self._update_jobs(tx, user, utc_now(), rows)} if rows else {}
+        unchanged = [op[1] for op in part if op[1] in audio and not op[2]]
+        if unchanged:
+            found.update((row[1], row) for row in self._jobs_by_id(tx, user, unchanged))
+        results: list[tuple[int, str | None]] = []
+        for _, job_id, changes in part:
+            row = found.get(job_id)
+            if row is None:
+                results.append((404, None))
+                continue
+            results.append((200, self.job_json(row)))
+            if "audio" in changes and audio[job_id]:
+                unlinked.append(audio[job_id])
+        return results
+
+    def _delete_many(
+        self,
+        tx: Tx,
+        user: str,
+        deletes: list[tuple[Any, ...]],
+        counter: _Counter,
+        unlinked: list[str],
+    ) -> list[tuple[int, str | None]]:
+        """A run of deletes in two statements: one delete of them all, one insert of their
+        tombstones. A job named twice is deleted by the first, and 404 for the second."""
+        counter.peek()
+        gone = {
+            row[0]: row
+            for row in self._delete_jobs(tx, user, list(dict.fromkeys(op[1] for op in deletes)))
+        }
+        tombstones = []
+        results: list[tuple[int, str | None]] = []
+        now = time.time()
+        for _, job_id in deletes:
+            row = gone.pop(job_id, None)
+            if row is None:
+                results.append((404, None))
+                continue
+            tombstones.append((job_id, row[2], counter.next(), now))
+            results.append((204, None))
+            if row[1]:
+                unlinked.append(row[1])
+        if tombstones:
+            self._insert_tombstones(tx, user, tombstones)
+        return results
+
+    # The statements of the batch runs, in portable SQL (PostgreSQL has its own with arrays).
+
+    def _audio_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        """(id, audio_name) of the user's jobs among `job_ids`."""
+        marks = ", ".join("?" * len(job_ids))
+        return tx.execute(
+            f'SELECT id, audio_name FROM jobs WHERE "user" = ? AND id IN ({marks})',
+            (user, *job_ids),
+        ).fetchall()
+
+    def _jobs_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        marks = ", ".join("?" * len(job_ids))
+        return tx.execute(
+            f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND id IN ({marks})', (user, *job_ids)
+        ).fetchall()
+
+    def _update_jobs(
+        self, tx: Tx, user: str, now: str, rows: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Apply (id, has text, text, has metadata, metadata, has status, status, drop audio,
+        change_seq) rows, one job each; returns the updated jobs' rows. Here one statement per
+        row, the same one each time (SQLite runs in process: a statement costs no round trip,
+        and its UPDATE ... FROM a list of rows is slower than that)."""
+        sql = (
+            "UPDATE jobs SET "
+            "text = CASE WHEN ?2 THEN ?3 ELSE text END, "
+            "metadata = CASE WHEN ?4 THEN ?5 ELSE metadata END, "
+            "status = CASE WHEN ?6 THEN ?7 ELSE status END, "
+            "audio_name = CASE WHEN ?8 THEN NULL ELSE audio_name END, "
+            "audio_filename = CASE WHEN ?8 THEN NULL ELSE audio_filename END, "
+            "audio_size = CASE WHEN ?8 THEN NULL ELSE audio_size END, "
+            "audio_sha256 = CASE WHEN ?8 THEN NULL ELSE audio_sha256 END, "
+            'updated_at = ?10, change_seq = ?9 WHERE "user" = ?11 AND id = ?1 '
+            f"RETURNING {COLUMNS}"
         )
-        return 204, row[0]
+        updated = []
+        for row in rows:
+            updated += tx.execute(sql, (*row, now, user)).fetchall()
+        return updated
+
+    def _delete_jobs(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        """Delete the user's jobs among `job_ids`; (id, audio_name, local_id) of each."""
+        marks = ", ".join("?" * len(job_ids))
+        return tx.execute(
+            f'DELETE FROM jobs WHERE "user" = ? AND id IN ({marks}) '
+            "RETURNING id, audio_name, local_id",
+            (user, *job_ids),
+        ).fetchall()
+
+    def _insert_tombstones(self, tx: Tx, user: str, rows: list[tuple[Any, ...]]) -> None:
+        """(id, local_id, change_seq, deleted_at) rows."""
+        params: list[Any] = []
+        for job_id, local_id, seq, deleted_at in rows:
+            params += (job_id, user, local_id, seq, deleted_at)
+        tx.execute(
+            'INSERT INTO tombstones (id, "user", local_id, change_seq, deleted_at) VALUES '
+            + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
+            params,
+        )
 
     # -- the change feed --------------------------------------------------------------------
 
@@ -604,6 +702,21 @@ class SQLStorage(abc.ABC):
             tx.execute("UPDATE server_meta SET value = ? WHERE key = 'history_id'", (history,))
         self.history = history
         return history
+
+
+# The SET of a batch's update of many jobs from a row source `v` (see _update_jobs): each
+# field changes only where its row says so; the change time is a parameter.
+BATCH_UPDATE_SET = (
+    "UPDATE jobs SET "
+    "text = CASE WHEN v.ht THEN v.vt ELSE jobs.text END, "
+    "metadata = CASE WHEN v.hm THEN v.vm ELSE jobs.metadata END, "
+    "status = CASE WHEN v.hs THEN v.vs ELSE jobs.status END, "
+    "audio_name = CASE WHEN v.ha THEN NULL ELSE jobs.audio_name END, "
+    "audio_filename = CASE WHEN v.ha THEN NULL ELSE jobs.audio_filename END, "
+    "audio_size = CASE WHEN v.ha THEN NULL ELSE jobs.audio_size END, "
+    "audio_sha256 = CASE WHEN v.ha THEN NULL ELSE jobs.audio_sha256 END, "
+    "updated_at = ?, change_seq = v.vseq "
+)
 
 
 class _Flight:

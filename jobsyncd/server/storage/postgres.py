@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from jobsyncd.server.storage.base import (
+    BATCH_UPDATE_SET,
     COLUMNS,
     SQLStorage,
     StorageBusy,
@@ -209,6 +210,57 @@ class PostgresStorage(SQLStorage):
             binary=True,
         ).fetchall()
         return set(columns[1]) - {r[0] for r in inserted}
+
+    def _audio_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            'SELECT id, audio_name FROM jobs WHERE "user" = %s AND id = ANY(%b)',
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _jobs_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            f'SELECT {COLUMNS} FROM jobs WHERE "user" = %s AND id = ANY(%b)',
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _update_jobs(
+        self, tx: Tx, user: str, now: str, rows: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+        return tx.execute(
+            BATCH_UPDATE_SET.replace("?", "%s")
+            + "FROM unnest(%b::text[], %b::bool[], %b::text[], %b::bool[], %b::text[], "
+            "%b::bool[], %b::text[], %b::bool[], %b::bigint[]) "
+            "AS v(vid, ht, vt, hm, vm, hs, vs, ha, vseq) "
+            f'WHERE jobs."user" = %s AND jobs.id = v.vid RETURNING {COLUMNS}',
+            (now, *columns, user),
+            binary=True,
+        ).fetchall()
+
+    def _delete_jobs(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            'DELETE FROM jobs WHERE "user" = %s AND id = ANY(%b) '
+            "RETURNING id, audio_name, local_id",
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _insert_tombstones(self, tx: Tx, user: str, rows: list[tuple[Any, ...]]) -> None:
+        assert isinstance(tx, _Tx)
+        ids, local_ids, seqs, times = ([list(c) for c in zip(*rows, strict=True)])
+        tx.execute(
+            'INSERT INTO tombstones (id, "user", local_id, change_seq, deleted_at) '
+            "SELECT i, %s, l, c, d FROM unnest(%b::text[], %b::text[], %b::bigint[], "
+            "%b::float8[]) AS r(i, l, c, d)",
+            (user, ids, local_ids, seqs, times),
+            binary=True,
+        )
 
     def _text_in(self, value: str | None) -> Any:
         return json.dumps(value, ensure_ascii=False)
