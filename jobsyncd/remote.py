@@ -852,10 +852,27 @@ class Remote:
         answer its own request would have given: a ServerJob (create, update), None (delete
         done), or the RemoteError to raise for that job. Only the batch's own status stops the
         pass (AuthRefused, BackOff, Offline, TLSFailure raised here); a 5xx, a timeout or a
-        broken connection for the whole batch raises Transient (an error for each of its jobs)."""
+        broken connection for the whole batch raises Transient (an error for each of its jobs).
+        The same as batch_answers(operations, batch_results(operations))."""
+        return list(self.batch_answers(operations, self.batch_results(operations)))
+
+    def batch_results(self, operations: list[tuple[str, bytes]]) -> list[Any]:
+        """The request of batch(), raising as it does: the server's results, not yet read as
+        answers (batch_answers), so that reading them can wait for the next batch's request."""
         with self._redacting():
-            answers = self._batch(operations)
-        return [self._redact_error(a) if isinstance(a, RemoteError) else a for a in answers]
+            return self._batch(operations)
+
+    def batch_answers(
+        self, operations: list[tuple[str, bytes]], results: list[Any]
+    ) -> Iterator[Any]:
+        """The answer for each operation (as batch() gives them) from its result; an operation
+        left without a result is an error for its job."""
+        for i, (kind, _) in enumerate(operations):
+            if i >= len(results):
+                answer = Transient("POST /batch: the server gave no result for this operation")
+            else:
+                answer = _batch_answer(kind, results[i], self._job)
+            yield self._redact_error(answer) if isinstance(answer, RemoteError) else answer
 
     def _batch(self, operations: list[tuple[str, bytes]]) -> list[Any]:
         body = b'{"operations":[' + b",".join(op for _, op in operations) + b"]}"
@@ -879,13 +896,7 @@ class Remote:
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list):
             raise Transient("POST /batch: the server answered junk, not a list of results")
-        out: list[Any] = []
-        for i, (kind, _) in enumerate(operations):
-            if i >= len(results):
-                out.append(Transient("POST /batch: the server gave no result for this operation"))
-            else:
-                out.append(_batch_answer(kind, results[i], self._job))
-        return out
+        return results
 
 
 def _batch_answer(kind: str, result: Any, parse: Callable[[Any], ServerJob]) -> Any:

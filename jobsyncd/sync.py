@@ -20,7 +20,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import audio, log
@@ -481,20 +481,25 @@ class _Pass:
         answer: the server's time and the agent's overlap (a fifth of a first sync)."""
         alone: list[Job] = []
         batches = self._batches(batchable, now, max_wait, alone)
+        upcoming = next(batches, None)  # (the creates to mark first, or None, batch)
+        if upcoming is not None and upcoming[0]:
+            self.flush(marks=upcoming[0])  # durable before the batch is sent
         sending: tuple[_Batch, _Call] | None = None
-        group: _Batch | None = None
         stopped = False
         try:
             while True:
-                marks, group = next(batches, (None, None))
+                group = upcoming[1] if upcoming is not None else None
                 if group is not None and self.should_stop():
                     group, stopped = None, True
                 answers = self._answers(*sending) if sending is not None else None
                 following = None
                 if group is not None:
-                    if marks:
-                        self.flush(marks=marks)  # durable before the batch is sent
-                    following = (group, _Call(self.remote.batch, [op for _, op in group]))
+                    following = (group, _Call(self.remote.batch_results, [op for _, op in group]))
+                    # While the server works on it: the next batch's jobs read (their creates
+                    # marked, durably, with the outcomes so far), and the last answer handled.
+                    upcoming = next(batches, None)
+                    if upcoming is not None and upcoming[0]:
+                        self.flush(marks=upcoming[0])
                 if sending is not None and answers is not None:
                     self._handle(sending[0], answers)
                 sending = following
@@ -504,7 +509,7 @@ class _Pass:
             self.pull_state["batch"] = {"offered": False, "checked_at": time.time()}
             log.info("the server has no batch endpoint: one request per job")
             left = [snap for snap, _ in sending[0]] if sending is not None else []
-            left += [snap for snap, _ in group or ()]
+            left += [snap for snap, _ in upcoming[1]] if upcoming is not None else []
             left += [snap for _, more in batches for snap, _ in more]
             return alone + left
         finally:
@@ -547,24 +552,25 @@ class _Pass:
                 out.append((snap, _encoded_operation(snap)))
         return out
 
-    def _answers(self, group: _Batch, call: _Call) -> list[Any] | None:
-        """The answers to a batch sent, one per job; None when it was sent again in halves (a
-        413), their answers handled. Raises _StopPass for the batch's own 401/403/429/503 and
-        the like, and BatchNotOffered."""
+    def _answers(self, group: _Batch, call: _Call) -> Iterable[Any] | None:
+        """The answers to a batch sent, one per job (read from the results as they are
+        handled); None when it was sent again in halves (a 413), their answers handled. Raises
+        _StopPass for the batch's own 401/403/429/503 and the like, and BatchNotOffered."""
         try:
-            answers: list[Any] = call.wait()
-            return answers
+            results: list[Any] = call.wait()
+            return self.remote.batch_answers([op for _, op in group], results)
         except BatchTooLarge:
             if len(group) == 1:
                 return [Permanent("POST /batch: the server refused the operation as too large")]
             for half in (group[: len(group) // 2], group[len(group) // 2 :]):
                 try:
-                    got = self._answers(half, _Call(self.remote.batch, [op for _, op in half]))
+                    call = _Call(self.remote.batch_results, [op for _, op in half])
+                    got = self._answers(half, call)
                 except BatchNotOffered:
                     # After a 413 for the same endpoint: an error for these jobs, not a
                     # reason to send them (or the half already answered) again one by one.
-                    got = [Transient("POST /batch: the server stopped offering batches")]
-                    got *= len(half)
+                    stopped = Transient("POST /batch: the server stopped offering batches")
+                    got = [stopped] * len(half)
                 if got is not None:
                     self._handle(half, got)
             return None
@@ -574,7 +580,7 @@ class _Pass:
                 raise stop from None
             return [exc] * len(group)  # the whole batch failed: an error for each job
 
-    def _handle(self, group: _Batch, answers: list[Any]) -> None:
+    def _handle(self, group: _Batch, answers: Iterable[Any]) -> None:
         # One write for the batch's outcomes (with the next batch's marks), not one per 200.
         self._holding = True
         try:
