@@ -293,9 +293,20 @@ class Store:
             cut = data.rfind(b"\n", pos, min(pos + (1 << 20), end) - 1) + 1
             if cut <= pos:
                 cut = data.find(b"\n", pos, end) + 1
-            chunk = [ln for ln in data[pos:cut].split(b"\n") if ln.strip()]
+            piece = data[pos:cut]
             is_last = final and cut >= end
             pos = cut
+            try:
+                # The lines as one array without splitting them (a blank line breaks it: then
+                # the lines that are not blank are joined, and failing that parsed one by one).
+                parsed = json.loads(b"[" + piece[:-1].replace(b"\n", b",") + b"]")
+                if all(_valid_record(r) for r in parsed):
+                    self._fold(parsed)
+                    count += len(parsed)
+                    continue
+            except ValueError:
+                pass
+            chunk = [ln for ln in piece.split(b"\n") if ln.strip()]
             if not chunk:
                 continue
             try:

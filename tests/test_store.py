@@ -831,3 +831,15 @@ def test_jobs_a_loaded_store_adopts_are_the_jobs_a_fresh_load_reads_back(data_di
     assert store.jobs[kept.local_id] is synced
     assert type(synced._base) is tuple and synced._base[1] is synced.metadata
     assert synced.server_status is sys.intern("submitted")
+
+
+def test_blank_lines_and_crlf_endings_between_records_still_load_every_job(data_dir: Path) -> None:
+    store, warned = make_store(data_dir)
+    jobs = [job(f"j{i}") for i in range(5)]
+    store.append(jobs)
+    path = data_dir / STORE_NAME
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n\n".join(lines[:2]) + b"\r\n \n" + b"\n".join(lines[2:]))
+    fresh, _ = make_store(data_dir)
+    assert sorted(fresh.load()) == sorted(j.local_id for j in jobs)
+    assert not warned
