@@ -302,3 +302,29 @@ def test_an_edit_made_while_its_batch_is_in_flight_stays_pending_and_reaches_the
     sync(agent, want=0)
     assert srv.job_by_local_id(edited)["text"] == "v2"
     assert by_id(agent)[edited]["sync_status"] == "synced"
+
+
+@pytest.mark.parametrize("earlier", ["before the pass", "in the same batch"])
+def test_a_batch_answer_naming_a_server_id_another_job_holds_is_an_error_and_binds_nothing(
+    agent, srv, earlier
+):
+    first = create(agent, "first")
+    if earlier == "before the pass":
+        sync(agent, want=0)
+    second = create(agent, "second")
+    taken = srv.server_create(local_id=second, text="second")  # the id the answers will name
+    if earlier == "before the pass":
+        taken["id"] = srv.job_by_local_id(first)["id"]
+        results = [{"status": 201, "job": taken, "error": None}]
+    else:
+        mine = srv.server_create(local_id=first, text="first")
+        results = [
+            {"status": 201, "job": mine, "error": None},
+            {"status": 201, "job": {**taken, "id": mine["id"]}, "error": None},
+        ]
+    srv.add_fault("POST", BATCH, status=200, body={"results": results})
+    summary = sync(agent, want=1)
+    assert summary["errors"] == 1
+    jobs = by_id(agent)
+    assert jobs[second]["sync_status"] == "error" and jobs[second]["server_id"] is None
+    assert jobs[first]["server_id"] is not None
