@@ -7,7 +7,7 @@
 (b) fan-out: 500 idle long-polls on one server; one change reaches all of them (p50/p99/max
     from the change's answer to each poll's answer; target p99 < 1 s), the server's memory;
 (c) /changes after one change at 100,000 jobs: server time, against the full listing;
-(d) POST /api/v1/batch of 500 creates.
+(d) POST /api/v1/batch of 500 creates (and of 500 updates).
 
 PostgreSQL rows need JOBSYNCD_TEST_PG_URL (tests/pg_cluster.sh start DIR prints one); without
 it they are skipped. Run: python bench/bench_feed.py [--agents 50] [--jobs 200]
@@ -366,9 +366,10 @@ def server_ms(log: Path, request: str) -> list[float]:
     return [float(m.group(1)) for m in pattern.finditer(log.read_text(errors="replace"))]
 
 
-def batch_creates(base: str, rounds: int) -> float:
-    """Median client-side time of POST /api/v1/batch with 500 new creates."""
-    times = []
+def batch_creates(base: str, rounds: int) -> tuple[float, float]:
+    """Median client-side times of POST /api/v1/batch with 500 new creates, and with 500
+    updates of jobs created so."""
+    times, updates = [], []
     with requests.Session() as session:
         for _ in range(rounds):
             operations = [
@@ -383,8 +384,17 @@ def batch_creates(base: str, rounds: int) -> float:
             started = time.perf_counter()
             answer = session.post(f"{base}/api/v1/batch", json={"operations": operations})
             times.append(time.perf_counter() - started)
-            assert [r["status"] for r in answer.json()["results"]] == [201] * 500
-    return statistics.median(times) * 1000
+            results = answer.json()["results"]
+            assert [r["status"] for r in results] == [201] * 500
+            operations = [
+                {"op": "update", "id": r["job"]["id"], "fields": {"text": "edited"}}
+                for r in results
+            ]
+            started = time.perf_counter()
+            answer = session.post(f"{base}/api/v1/batch", json={"operations": operations})
+            updates.append(time.perf_counter() - started)
+            assert [r["status"] for r in answer.json()["results"]] == [200] * 500
+    return statistics.median(times) * 1000, statistics.median(updates) * 1000
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -451,11 +461,11 @@ def main() -> int:
         for engine in (["sqlite"] + (["postgres"] if pg else [])) if "d" in want else []:
             db = pg_database() if engine == "postgres" else str(work / "batch.sqlite3")
             with server("single", work, db or "", None) as (base, _pid, log):
-                ms = batch_creates(base, 7)
-                inside = statistics.median(server_ms(log, "POST /api/v1/batch"))
+                ms, updates_ms = batch_creates(base, 7)
+                inside = statistics.median(server_ms(log, "POST /api/v1/batch")[::2])
             print(
                 f"  single   {engine:8} server time {inside:.0f} ms, "
-                f"client-side {ms:.0f} ms (medians of 7)"
+                f"client-side {ms:.0f} ms (medians of 7); 500 updates: {updates_ms:.0f} ms"
             )
         return 0
     finally:

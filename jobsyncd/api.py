@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -229,9 +229,20 @@ class RemoteAPI(Protocol):
         FeedNotOffered, or FeedGone for a checkpoint the server cannot serve."""
         ...
 
-    def batch(self, operations: list[dict[str, Any]]) -> list[Any]:
-        """POST /batch: per operation a ServerJob, None (a delete done) or the RemoteError its
-        own request would have raised; BatchNotOffered, BatchTooLarge."""
+    def batch(self, operations: list[tuple[str, bytes]]) -> list[Any]:
+        """POST /batch: `operations` are (kind, the operation encoded as JSON); per operation a
+        ServerJob, None (a delete done) or the RemoteError its own request would have raised;
+        BatchNotOffered, BatchTooLarge. The same as batch_answers(ops, batch_results(ops))."""
+        ...
+
+    def batch_results(self, operations: list[tuple[str, bytes]]) -> list[Any]:
+        """The request of batch(), raising as it does; its results not yet read as answers (so
+        the pass can read them while the server works on the next batch)."""
+        ...
+
+    def batch_answers(self, operations: list[tuple[str, bytes]], results: list[Any]) -> Iterable[Any]:
+        """The answer for each operation from its result; one left without a result is an
+        error for its job."""
         ...
 
     def uploader(

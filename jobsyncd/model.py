@@ -174,6 +174,61 @@ class Job:
             rec["upload_offset"] = self.upload_offset
         return rec
 
+    def record_json(self) -> str:
+        """compact_json(self.record()) in a third of the time (a sync pass writes every job it
+        pushes twice): the line written straight from the fields when they have their usual
+        types (a property test holds the two equal)."""
+        lid, sid, text, audio, meta, sst, sync, count, att, err, cat, uat = _public_values(self)
+        rev, base = self.rev, self._base
+        if not (
+            type(lid) is str
+            and type(text) is str
+            and type(sync) is str
+            and type(cat) is str
+            and type(uat) is str
+            and type(count) is int
+            and type(rev) is int
+            and type(meta) is dict
+            and type(base) in _BASE_TYPES
+            and type(sid) in _STR_OR_NONE
+            and type(audio) in _STR_OR_NONE
+            and type(sst) in _STR_OR_NONE
+            and type(att) in _STR_OR_NONE
+            and type(err) in _STR_OR_NONE
+        ):
+            return compact_json(self.record())
+        q = _quote
+        line = (
+            f'{{"local_id":{q(lid)},"server_id":{"null" if sid is None else q(sid)},'
+            f'"text":{q(text)},"audio_file":{"null" if audio is None else q(audio)},'
+            f'"metadata":{compact_json(meta)},'
+            f'"server_status":{"null" if sst is None else q(sst)},"sync_status":{q(sync)},'
+            f'"retry_count":{count},"last_sync_attempt_at":{"null" if att is None else q(att)},'
+            f'"last_error":{"null" if err is None else q(err)},"created_at":{q(cat)},'
+            f'"updated_at":{q(uat)},"rev":{rev}'
+        )
+        if base is not None:
+            if isinstance(base, tuple):
+                same = base[0] == text and (base[1] is meta or base[1] == meta)
+            else:
+                same = len(base) == 2 and base.get("text") == text and base.get("metadata") == meta
+            line += ',"base":"="' if same else ',"base":' + compact_json(self.base)
+        if self.create_sent:
+            line += ',"create_sent":true'
+        if self.audio_sent is not None:
+            line += ',"audio_sent":' + compact_json(self.audio_sent)
+        if self.error_kind is not None:
+            line += ',"error_kind":' + compact_json(self.error_kind)
+        if self.next_attempt_at is not None:
+            line += ',"next_attempt_at":' + compact_json(self.next_attempt_at)
+        if self.upload_url is not None:
+            line += (
+                f',"upload_url":{compact_json(self.upload_url)},'
+                f'"upload_for":{compact_json(self.upload_for)},'
+                f'"upload_offset":{compact_json(self.upload_offset)}'
+            )
+        return line + "}"
+
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Job:
         job = _from_record(rec)
@@ -181,17 +236,110 @@ class Job:
             raise TypeError("not a job record")
         return job
 
+    def clone(self) -> Job:
+        """A new job object with the same values, sharing `metadata` and `base` (never changed
+        in place anywhere: an edit assigns a new object). For a version about to be written."""
+        return _clone(self)
+
+    def as_stored(self) -> Job:
+        """This job made what folding its record() gives back, without parsing it: the
+        bookkeeping a record leaves out reset, a base equal to its own values kept as the
+        compact tuple, statuses interned. For a job nobody holds to change afterwards."""
+        base = self._base
+        if (
+            type(base) is dict
+            and len(base) == 2
+            and base.get("text") == self.text
+            and base.get("metadata") == self.metadata
+        ):
+            self._base = (self.text, self.metadata)
+        if self.upload_url is None:
+            self.upload_for, self.upload_offset = None, 0
+        self.create_sent = bool(self.create_sent)
+        if type(self.sync_status) is str:
+            self.sync_status = sys.intern(self.sync_status)
+        if type(self.server_status) is str:
+            self.server_status = sys.intern(self.server_status)
+        if type(self.error_kind) is str:
+            self.error_kind = sys.intern(self.error_kind)
+        return self
+
     def copy(self) -> Job:
-        job = Job.__new__(Job)
-        for name in Job.__slots__:
-            setattr(job, name, getattr(self, name))
-        job.metadata = json.loads(json.dumps(self.metadata))
-        if self._base is not None:
-            job._base = json.loads(json.dumps(self.base))
+        """A copy sharing nothing mutable with this job (a pass copies every job it pushes)."""
+        job = _clone(self)
+        metadata = job.metadata = copy_json(self.metadata)
+        base = self._base
+        if type(base) is tuple:
+            # A base equal to the job's own values stays a tuple, now of the copy's objects.
+            job._base = (base[0], metadata if base[1] is self.metadata else copy_json(base[1]))
+        elif base is not None:
+            job._base = copy_json(base)
         return job
 
 
+_SCALARS: frozenset[type] = frozenset((str, int, float, bool, type(None)))
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value: several times faster than a json round trip (a pass of
+    100,000 jobs copies each of them more than once)."""
+    try:
+        return _copy_json(value)
+    except RecursionError:  # nested deeper than Python's stack: the C codec goes further
+        return json.loads(json.dumps(value))
+
+
+def _copy_json(value: Any, scalars: frozenset[type] = _SCALARS) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in scalars else _copy_json(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in scalars else _copy_json(v) for v in value]
+    return value
+
+
 _public_values = operator.attrgetter(*PUBLIC_KEYS)
+
+
+def _not_serialisable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# What json.dumps(value, separators=(",", ":"), ensure_ascii=False) runs, made once rather than
+# for every call: a third of the cost of a store record, and a first sync of 100,000 jobs
+# writes 200,000 of them. No circular check: these values are trees of JSON values.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encoders = (
+    {
+        allow_nan: _c_make_encoder(
+            None,
+            _not_serialisable,
+            json.encoder.encode_basestring,
+            None,
+            ":",
+            ",",
+            False,
+            False,
+            allow_nan,
+        )
+        for allow_nan in (False, True)
+    }
+    if _c_make_encoder is not None
+    else None
+)
+
+
+_quote = json.encoder.encode_basestring  # a str as JSON, as compact_json writes it
+_BASE_TYPES = frozenset((type(None), tuple, dict))
+_STR_OR_NONE = frozenset((str, type(None)))
+
+
+def compact_json(value: Any, allow_nan: bool = True) -> str:
+    """`json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)`,
+    faster."""
+    if _encoders is None:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
+    return "".join(_encoders[allow_nan](value, 0))
 
 
 def _make_from_record() -> Callable[[dict[str, Any]], Job]:
@@ -214,6 +362,9 @@ def _make_from_record() -> Callable[[dict[str, Any]], Job]:
             lines.append(f"    j.{slot} = get({name!r}, {value})")
     lines.append("    if j._base == '=':")
     lines.append("        j._base = (j.text, j.metadata)")
+    # A job never edited has one timestamp twice: one string (100,000 jobs: 7 MiB less).
+    lines.append("    if j.updated_at == j.created_at:")
+    lines.append("        j.updated_at = j.created_at")
     lines.append("    return j")
     namespace: dict[str, Any] = {"Job": Job, "intern": sys.intern}
     exec("\n".join(lines), namespace)  # noqa: S102 - code built from our own constants
@@ -222,6 +373,20 @@ def _make_from_record() -> Callable[[dict[str, Any]], Job]:
 
 
 _from_record = _make_from_record()
+
+
+def _make_clone() -> Callable[[Job], Job]:
+    # A shallow copy in straight-line attribute copies, as for from_record: 4x a getattr loop.
+    lines = ["def clone(job, new=Job.__new__, Job=Job):", "    j = new(Job)"]
+    lines += [f"    j.{slot} = job.{slot}" for slot in Job.__slots__]
+    lines.append("    return j")
+    namespace: dict[str, Any] = {"Job": Job}
+    exec("\n".join(lines), namespace)  # noqa: S102 - code built from our own constants
+    clone: Callable[[Job], Job] = namespace["clone"]
+    return clone
+
+
+_clone = _make_clone()
 
 
 def new_local_id() -> str:

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 from .errors import JobsyncdError, NoSuchJob, SymlinkRefused
@@ -25,7 +26,7 @@ from .fsutil import (
     write_file_atomically,
 )
 from .fsutil import write_all as _write_all  # a module global: tests make it fail here
-from .model import STATUSES, Job
+from .model import STATUSES, Job, compact_json
 
 STORE_NAME = "jobs.jsonl"
 LOCK_NAME = "jobs.lock"
@@ -48,7 +49,7 @@ def _default_warn(message: str) -> None:
 def encode_record(record: dict[str, Any]) -> bytes:
     # Compact separators and local_id first: `find` relies on each line starting with
     # {"local_id":"<id>" so it can locate a job's lines without parsing the whole store.
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return compact_json(record).encode() + b"\n"
 
 
 def tombstone(local_id: str) -> dict[str, Any]:
@@ -143,9 +144,20 @@ class Store:
             cut = data.rfind(b"\n", pos, min(pos + (1 << 20), end) - 1) + 1
             if cut <= pos:
                 cut = data.find(b"\n", pos, end) + 1
-            chunk = [ln for ln in data[pos:cut].split(b"\n") if ln.strip()]
+            piece = data[pos:cut]
             is_last = final and cut >= end
             pos = cut
+            try:
+                # The lines as one array without splitting them (a blank line breaks it: then
+                # the lines that are not blank are joined, and failing that parsed one by one).
+                parsed = json.loads(b"[" + piece[:-1].replace(b"\n", b",") + b"]")
+                if all(_valid_record(r) for r in parsed):
+                    self._fold(parsed)
+                    count += len(parsed)
+                    continue
+            except ValueError:
+                pass
+            chunk = [ln for ln in piece.split(b"\n") if ln.strip()]
             if not chunk:
                 continue
             try:
@@ -586,27 +598,50 @@ class Store:
             return None
 
     # ---- writing --------------------------------------------------------------------------
-    def append(self, jobs: Iterable[Job] = (), purge: Iterable[str] = ()) -> None:
-        """Append the new state of `jobs` and tombstones for `purge`, as one fsynced write."""
-        records = [j.record() for j in jobs] + [tombstone(i) for i in purge]
-        if not records:
+    def append(
+        self,
+        jobs: Iterable[Job] = (),
+        purge: Iterable[str] = (),
+        compact: bool = True,
+        adopt: bool = False,
+    ) -> None:
+        """Append the new state of `jobs` and tombstones for `purge`, as one fsynced write.
+        `compact` False: no automatic compaction now (a sync pass writes every job it pushes
+        twice, and compacts once at its end rather than every time the dead lines add up).
+        `adopt`: a loaded store keeps these very job objects (Job.as_stored) instead of
+        parsing them back from their records; the caller never changes them afterwards."""
+        jobs = list(jobs)
+        tombstones = [tombstone(i) for i in purge]
+        if not jobs and not tombstones:
             return
-        blob = b"".join(encode_record(r) for r in records)
+        lines = [j.record_json() for j in jobs]
+        lines += [compact_json(t) for t in tombstones]
+        blob = ("\n".join(lines) + "\n").encode()
+        del lines
         with self.lock:
             if not self._loaded and os.path.lexists(self.repair_marker):
                 self.load()  # a reader found unreadable lines: this write drops them
             if self._loaded:
                 self.refresh()
                 if self._needs_repair:
-                    self._fold(records)
+                    self._fold([j.record() for j in jobs] + tombstones)
                     self._rewrite()
                     return
             self._append_blob(blob)
             if self._loaded:
-                self._fold(records)
+                if adopt:
+                    for job in jobs:
+                        self.jobs[job.local_id] = job.as_stored()
+                    self._fold(tombstones)
+                else:
+                    self._fold([j.record() for j in jobs] + tombstones)
                 self._offset += len(blob)
-                self._lines += len(records)
-                if self._lines > 2 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
+                self._lines += len(jobs) + len(tombstones)
+                if (
+                    compact
+                    and self._lines > 2 * len(self.jobs)
+                    and self._lines >= AUTO_COMPACT_MIN_LINES
+                ):
                     self._rewrite()
 
     def _append_blob(self, blob: bytes) -> None:
@@ -679,15 +714,25 @@ class Store:
             raise SymlinkRefused(self.tmp_path)
         if os.path.lexists(self.tmp_path):
             os.unlink(self.tmp_path)  # our own temporary file, left by a crash
-        blob = b"".join(encode_record(j.record()) for j in self.jobs.values())
         fd = open_nofollow(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        size = 0
         try:
-            _write_all(fd, blob)
+            # Written a few thousand records at a time: a store of 100,000 jobs is never held
+            # as lines in memory (twice, with the join), beside the jobs themselves.
+            jobs = iter(self.jobs.values())
+            while piece := "".join(j.record_json() + "\n" for j in islice(jobs, 4096)):
+                data = piece.encode()
+                _write_all(fd, data)
+                size += len(data)
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
             os.unlink(self.tmp_path)
             raise JobsyncdError(f"cannot write {self.tmp_path}: {exc.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp_path)
+            raise
         os.close(fd)
         if os.path.islink(self.path):
             os.unlink(self.tmp_path)
@@ -699,7 +744,7 @@ class Store:
             self._held_fd = open_nofollow(self.path, os.O_RDONLY)
         if os.path.lexists(self.repair_marker):
             _unlink_quietly(self.repair_marker)
-        self._offset = len(blob)
+        self._offset = size
         self._lines = len(self.jobs)
         self._needs_repair = False
 

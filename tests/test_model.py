@@ -165,3 +165,129 @@ def test_job_copy_does_not_share_metadata():
     other = job.copy()
     other.metadata["a"]["b"] = 2
     assert job.metadata == {"a": {"b": 1}}
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=8)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+        max_leaves=8,
+    )
+
+
+def _jobs():
+    """Jobs as a store may hold them, odd types included (a hand-edited line folds as it is)."""
+    from hypothesis import strategies as st
+
+    text_or_none = st.none() | st.text(max_size=12)
+    odd = _json_values()
+    metadata = st.dictionaries(st.text(max_size=4), _json_values(), max_size=3)
+    fields = {
+        "server_id": text_or_none | odd,
+        "text": st.text(max_size=12) | odd,
+        "audio_file": text_or_none,
+        "metadata": metadata,
+        "server_status": text_or_none,
+        "sync_status": st.sampled_from(["pending", "synced", "error"]),
+        "retry_count": st.integers(0, 9) | odd,
+        "last_sync_attempt_at": text_or_none,
+        "last_error": text_or_none | odd,
+        "created_at": st.text(max_size=5),
+        "updated_at": st.text(max_size=5),
+        "rev": st.integers(0, 2**40) | st.booleans(),
+        "base": st.none()
+        | st.builds(lambda t, m: {"text": t, "metadata": m}, st.text(max_size=5), metadata)
+        | st.fixed_dictionaries({"text": st.text(max_size=5)}),
+        "create_sent": st.booleans() | st.integers(0, 2),
+        "audio_sent": text_or_none,
+        "error_kind": st.none() | st.sampled_from(["gone", "delete"]),
+        "next_attempt_at": text_or_none,
+        "upload_url": text_or_none,
+        "upload_for": text_or_none,
+        "upload_offset": st.integers(0, 99),
+    }
+    return st.builds(
+        lambda lid, same, **kw: _with_own_base(Job(lid, **kw), same),
+        st.just(str(uuid.uuid4())),
+        st.booleans(),
+        **fields,
+    )
+
+
+def _with_own_base(job: Job, same: bool) -> Job:
+    if same:  # as a folded synced job holds it: a tuple of its own text and metadata
+        job._base = (job.text, job.metadata)
+    return job
+
+
+def test_a_jobs_line_is_exactly_the_json_of_its_record() -> None:
+    from hypothesis import given, settings
+
+    from jobsyncd.model import compact_json
+
+    @settings(max_examples=400, deadline=None)
+    @given(_jobs())
+    def check(job: Job) -> None:
+        assert job.record_json() == compact_json(job.record())
+
+    check()
+
+
+def test_a_job_kept_as_stored_equals_the_job_its_record_folds_to() -> None:
+    import json as _json
+
+    from hypothesis import given, settings
+
+    from jobsyncd.model import compact_json
+
+    @settings(max_examples=300, deadline=None)
+    @given(_jobs())
+    def check(job: Job) -> None:
+        folded = Job.from_record(_json.loads(compact_json(job.record())))
+        kept = job.clone().as_stored()
+        for name in Job.__slots__:
+            if name != "_base":
+                assert getattr(kept, name) == getattr(folded, name), name
+        assert kept.base == folded.base
+        assert kept.record() == folded.record()
+
+    check()
+
+
+def test_copy_json_makes_an_equal_value_sharing_no_container() -> None:
+    from hypothesis import given, settings
+
+    from jobsyncd.model import copy_json
+
+    def containers(value):
+        if isinstance(value, dict):
+            yield value
+            for item in value.values():
+                yield from containers(item)
+        elif isinstance(value, list):
+            yield value
+            for item in value:
+                yield from containers(item)
+
+    @settings(max_examples=200, deadline=None)
+    @given(_json_values())
+    def check(value) -> None:
+        copied = copy_json(value)
+        assert copied == value
+        ours = {id(c) for c in containers(value)}
+        assert not ours & {id(c) for c in containers(copied)}
+
+    check()
+    deep: list = []
+    for _ in range(900):  # `--meta` may nest this deep
+        deep = [deep]
+    assert copy_json(deep) == deep

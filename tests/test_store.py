@@ -806,3 +806,40 @@ def test_an_empty_or_missing_store_holds_no_due_jobs(data_dir):
     assert Store(str(data_dir)).may_hold_due_jobs() is False
     (data_dir / STORE_NAME).write_bytes(b"")
     assert Store(str(data_dir)).may_hold_due_jobs() is False
+
+
+def test_jobs_a_loaded_store_adopts_are_the_jobs_a_fresh_load_reads_back(data_dir: Path) -> None:
+    store, _ = make_store(data_dir)
+    kept, gone = job("kept"), job("gone")
+    store.append([kept, gone])
+    store.load()
+    synced = job("synced", local_id=kept.local_id, sync_status="synced", server_id="s1", rev=2)
+    synced.metadata = {"k": ["ü", 1.5, None]}
+    synced.base = {"text": "synced", "metadata": {"k": ["ü", 1.5, None]}}
+    synced.server_status = "".join(["sub", "mitted"])  # not the interned string
+    synced.upload_for, synced.upload_offset = "left over", 7  # no upload_url: not written
+    other = job("other", base={"text": "older", "metadata": {}}, create_sent=1)
+    store.append([synced, other], [gone.local_id], adopt=True)
+    fresh, _ = make_store(data_dir)
+    assert {k: j.record() for k, j in store.jobs.items()} == {
+        k: j.record() for k, j in fresh.load().items()
+    }
+    for local_id, loaded in fresh.jobs.items():
+        adopted = store.jobs[local_id]
+        for name in Job.__slots__:
+            assert getattr(adopted, name) == getattr(loaded, name), name
+    assert store.jobs[kept.local_id] is synced
+    assert type(synced._base) is tuple and synced._base[1] is synced.metadata
+    assert synced.server_status is sys.intern("submitted")
+
+
+def test_blank_lines_and_crlf_endings_between_records_still_load_every_job(data_dir: Path) -> None:
+    store, warned = make_store(data_dir)
+    jobs = [job(f"j{i}") for i in range(5)]
+    store.append(jobs)
+    path = data_dir / STORE_NAME
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n\n".join(lines[:2]) + b"\r\n \n" + b"\n".join(lines[2:]))
+    fresh, _ = make_store(data_dir)
+    assert sorted(fresh.load()) == sorted(j.local_id for j in jobs)
+    assert not warned

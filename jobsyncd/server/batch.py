@@ -17,7 +17,12 @@ from jobsyncd.server.errors import HTTPError
 MAX_OPERATIONS = 500
 MAX_BATCH_BYTES = 8 << 20
 
-Checked = tuple[Any, ...]  # ("create", local_id, text, metadata) | ("update", id, changes) | ...
+# ("create", local_id, text, metadata JSON as stored) | ("update", id, changes (metadata as
+# stored JSON)) | ("delete", id)
+Checked = tuple[Any, ...]
+
+
+_CREATE_KEYS = frozenset(("op", *validation.POST_FIELDS))
 
 
 def check_document(document: dict[str, Any]) -> list[Any]:
@@ -44,13 +49,15 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
             raise HTTPError(413, f"operation larger than {MAX_JSON_BYTES} bytes")
     kind = operation.get("op")
     if kind == "create":
-        fields = {k: v for k, v in operation.items() if k != "op"}
-        validation.check_fields(fields, validation.POST_FIELDS)
+        if not operation.keys() <= _CREATE_KEYS:  # the usual create passes without a copy
+            fields = {k: v for k, v in operation.items() if k != "op"}
+            validation.check_fields(fields, validation.POST_FIELDS)
+        fields = operation
         return (
             "create",
             validation.check_local_id(fields.get("local_id")),
             validation.check_text(fields.get("text")),
-            validation.check_metadata(fields.get("metadata", {})),
+            validation.stored_metadata(fields.get("metadata", {})),
         )
     if kind == "update":
         validation.check_fields(operation, ("op", "id", "fields"))
@@ -66,7 +73,7 @@ def check_operation(operation: Any, may_be_large: bool = True) -> Checked:
         if "text" in changes:
             checked["text"] = validation.check_text(changes["text"])
         if "metadata" in changes:
-            checked["metadata"] = validation.check_metadata(changes["metadata"])
+            checked["metadata"] = validation.stored_metadata(changes["metadata"])
         if "status" in changes:
             checked["status"] = validation.check_status(changes["status"])
         return ("update", _job_id(operation), checked)

@@ -185,3 +185,42 @@ def test_a_batch_s_changes_reach_the_feed_in_order_one_page_at_a_time(
             if not page["more"]:
                 break
     assert seen == [r["job"]["id"] for r in results[:5]] + [doomed["id"]]
+
+
+def test_updates_of_one_job_twice_in_a_batch_apply_in_order_and_audio_null_removes_the_file(
+    server: RunningServer,
+) -> None:
+    with server.session() as client:
+        plain = new_job(client, server.jobs_url, text="plain")
+        answer = client.post(
+            server.jobs_url,
+            data={"local_id": str(uuid.uuid4()), "text": "with audio"},
+            files={"audio": ("a.wav", b"RIFF" + bytes(100), "audio/wav")},
+        )
+        assert answer.status_code == 201, answer.text
+        voiced = answer.json()
+        assert [p for p in server.audio_dir.iterdir() if p.is_file()]
+        start = client.get(server.changes_url).json()
+        before = int(client.get(server.jobs_url).headers["ETag"].strip('"').rsplit("-", 1)[1])
+        results = send(
+            client,
+            server,
+            [
+                {"op": "update", "id": plain["id"], "fields": {"text": "one"}},
+                {"op": "update", "id": voiced["id"], "fields": {"audio": None}},
+                {"op": "update", "id": plain["id"], "fields": {"metadata": {"n": 2}}},
+                {"op": "update", "id": plain["id"], "fields": {}},
+                {"op": "update", "id": voiced["id"], "fields": {"audio": None, "status": "s"}},
+            ],
+        )
+        assert [r["status"] for r in results] == [200] * 5
+        assert results[0]["job"]["text"] == "one" and results[0]["job"]["metadata"] == {}
+        assert (results[2]["job"]["text"], results[2]["job"]["metadata"]) == ("one", {"n": 2})
+        assert results[3]["job"] == results[2]["job"]  # no change: answered as it stands
+        assert results[1]["job"]["audio"] is None and results[4]["job"]["status"] == "s"
+        assert client.get(f"{server.jobs_url}/{plain['id']}").json() == results[3]["job"]
+        assert not [p for p in server.audio_dir.iterdir() if p.is_file()]
+        changes = client.get(server.changes_url, params={"since": start["next"]}).json()
+        assert [c["id"] for c in changes["changes"]] == [plain["id"], voiced["id"]]
+        after = int(client.get(server.jobs_url).headers["ETag"].strip('"').rsplit("-", 1)[1])
+        assert after == before + 4  # each change its own counter value; none for no change

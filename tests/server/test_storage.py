@@ -246,3 +246,38 @@ def test_the_app_purges_tombstones_again_while_it_serves(tmp_path: Path) -> None
     with pytest.raises(CheckpointExpired):
         app.storage.changes("default", 1, 10)
     app.storage.close()
+
+
+def test_a_batch_answers_each_created_job_exactly_as_reading_it_back_gives(
+    storage: SQLStorage,
+) -> None:
+    from jobsyncd.server.validation import stored_metadata
+
+    repeat = create(storage)["local_id"]
+    values = [("é\u0000\u2028 \"x\"", {"k": "ü", "n": [1.5, None, True]}), (None, {}), ("", {"a": {}})]
+    operations: list[tuple[Any, ...]] = [
+        ("create", str(uuid.uuid4()), text, stored_metadata(meta)) for text, meta in values
+    ]
+    operations.append(("create", repeat, "ignored", stored_metadata({})))
+    results, _ = storage.apply_batch("u", operations)
+    assert [status for status, _ in results] == [201, 201, 201, 200]
+    for (_, answered), op in zip(results, operations, strict=True):
+        job = json.loads(answered or "null")
+        assert job["local_id"] == op[1]
+        assert answered == storage.get_job("u", job["id"])
+
+
+def test_inserting_jobs_leaves_out_a_local_id_the_user_has_and_says_which(
+    storage: SQLStorage,
+) -> None:
+    """The fallback of a batch's insert when another writer stored a local_id first."""
+    taken = create(storage)["local_id"]
+    fresh = str(uuid.uuid4())
+    rows = [
+        (str(uuid.uuid4()), lid, storage._text_in("t"), "{}", storage._text_in("new"), 100 + i)
+        for i, lid in enumerate([taken, fresh])
+    ]
+    with storage._write("u") as tx:
+        missed = storage._insert_jobs(tx, "u", "2026-01-01T00:00:00.000Z", rows)
+    assert missed == {taken}
+    assert storage.find_local("u", fresh) is not None

@@ -310,13 +310,22 @@ class MemoryRemote:
         ]
         return FeedPage(items, self.server.make_checkpoint(next_seq), more)
 
-    def batch(self, operations: list[dict[str, Any]]) -> list[Any]:
+    def batch(self, operations: list[tuple[str, bytes]]) -> list[Any]:
+        return list(self.batch_answers(operations, self.batch_results(operations)))
+
+    def batch_results(self, operations: list[tuple[str, bytes]]) -> list[Any]:
+        """Each operation (its kind, its JSON as the pass encoded it) applied in turn."""
         if not self.server.offers_batch:
             raise BatchNotOffered()
         if len(operations) > MAX_BATCH_OPERATIONS:
             raise Permanent(f"POST /batch: more than {MAX_BATCH_OPERATIONS} operations")
-        operations = json.loads(json.dumps(operations))
-        return [_batch_answer(op, self._batch_result(op), self._job) for op in operations]
+        return [self._batch_result(json.loads(encoded)) for _, encoded in operations]
+
+    def batch_answers(
+        self, operations: list[tuple[str, bytes]], results: list[Any]
+    ) -> Iterator[Any]:
+        for (kind, _), result in zip(operations, results, strict=True):
+            yield _batch_answer(kind, result, self._job)
 
     def _batch_result(self, op: dict[str, Any]) -> dict[str, Any]:
         """One operation applied as the reference server's batch applies it: its own status."""

@@ -9,6 +9,7 @@ an error for the missing ones; a server without the endpoint is sent one request
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 
 import pytest
@@ -241,3 +242,89 @@ def test_every_job_is_attempted_at_most_once_per_pass(agent, srv):
     sync(agent, want=1)
     assert posts(srv, BATCH) == 1 and posts(srv, JOBS) == 0
     assert str(uuid.UUID(ids[0])) == ids[0]
+
+
+def test_a_batch_is_sent_only_once_the_one_before_is_answered_so_a_503_stops_the_rest(
+    agent, srv
+):
+    from test_sync import bulk_create
+
+    bulk_create(agent, 1200)  # three batches
+    srv.add_fault("POST", BATCH, status=503, headers={"Retry-After": "1"})
+    summary = sync(agent, want=75)
+    assert summary["skipped"] == "backoff"
+    assert posts(srv, BATCH) == 1 and posts(srv, JOBS) == 0
+    assert srv.snapshot() == []
+    assert all(j["sync_status"] == "pending" for j in agent.jobs())
+
+
+def test_a_batch_lost_between_others_is_an_error_for_its_jobs_only_and_makes_no_duplicate(
+    agent, srv
+):
+    from test_sync import bulk_create
+
+    bulk_create(agent, 1200)
+    srv.add_fault("POST", BATCH, drop_after_store=True)  # the first batch's answer is lost
+    summary = sync(agent, want=1)
+    assert (summary["created"], summary["errors"]) == (700, 500)
+    assert posts(srv, BATCH) == 3
+    sync(agent, want=0)
+    assert len(srv.snapshot()) == 1200
+    assert len({j["local_id"] for j in srv.snapshot()}) == 1200
+
+
+def test_an_edit_made_while_its_batch_is_in_flight_stays_pending_and_reaches_the_server_next(
+    agent, srv
+):
+    import threading
+
+    from helpers import poll
+
+    edited, other = create(agent, "v1"), create(agent, "other")
+    event = threading.Event()
+    srv.add_fault("POST", BATCH, delay_event=event)
+    proc = agent.popen("sync", "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        poll(lambda: posts(srv, BATCH) >= 1)
+        agent("update", edited, "--text", "v2", check=True, timeout=10)
+        assert proc.poll() is None, "the pass ended before the server answered"
+        event.set()
+        proc.communicate(timeout=30)
+    finally:
+        event.set()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    jobs = by_id(agent)
+    assert (jobs[edited]["text"], jobs[edited]["sync_status"]) == ("v2", "pending")
+    assert jobs[other]["sync_status"] == "synced"
+    assert srv.job_by_local_id(edited)["text"] == "v1"
+    sync(agent, want=0)
+    assert srv.job_by_local_id(edited)["text"] == "v2"
+    assert by_id(agent)[edited]["sync_status"] == "synced"
+
+
+@pytest.mark.parametrize("earlier", ["before the pass", "in the same batch"])
+def test_a_batch_answer_naming_a_server_id_another_job_holds_is_an_error_and_binds_nothing(
+    agent, srv, earlier
+):
+    first = create(agent, "first")
+    if earlier == "before the pass":
+        sync(agent, want=0)
+    second = create(agent, "second")
+    taken = srv.server_create(local_id=second, text="second")  # the id the answers will name
+    if earlier == "before the pass":
+        taken["id"] = srv.job_by_local_id(first)["id"]
+        results = [{"status": 201, "job": taken, "error": None}]
+    else:
+        mine = srv.server_create(local_id=first, text="first")
+        results = [
+            {"status": 201, "job": mine, "error": None},
+            {"status": 201, "job": {**taken, "id": mine["id"]}, "error": None},
+        ]
+    srv.add_fault("POST", BATCH, status=200, body={"results": results})
+    summary = sync(agent, want=1)
+    assert summary["errors"] == 1
+    jobs = by_id(agent)
+    assert jobs[second]["sync_status"] == "error" and jobs[second]["server_id"] is None
+    assert jobs[first]["server_id"] is not None

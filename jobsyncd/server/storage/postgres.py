@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from jobsyncd.server.storage.base import (
+    BATCH_UPDATE_SET,
+    COLUMNS,
     SQLStorage,
     StorageBusy,
     StorageError,
@@ -100,8 +102,12 @@ class _Tx:
         self.conn = conn
         self.aborted = False
 
-    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Cursor[TupleRow]:
-        return self.conn.execute(sql.replace("?", "%s"), params)
+    def execute(
+        self, sql: str, params: tuple[Any, ...] | list[Any] = (), binary: bool = False
+    ) -> Cursor[TupleRow]:
+        # binary: rows in PostgreSQL's binary format (a %b placeholder sends a parameter so:
+        # an array then needs no quoting and escaping of every element in Python)
+        return self.conn.execute(sql.replace("?", "%s"), params, binary=binary)
 
     def abort(self) -> None:
         self.aborted = True
@@ -175,6 +181,86 @@ class PostgresStorage(SQLStorage):
         version = super()._bump(tx, user)
         tx.execute("SELECT pg_notify(?, ?)", (CHANNEL, user))  # sent at commit, not before
         return version
+
+    def _jobs_by_local_id(self, tx: Tx, user: str, local_ids: list[str]) -> list[Any]:
+        # One array parameter: the same statement for any count (prepared once per
+        # connection), and no 500 placeholders to parse.
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            f'SELECT {COLUMNS} FROM jobs WHERE "user" = %s AND local_id = ANY(%b)',
+            (user, local_ids),
+            binary=True,
+        ).fetchall()
+
+    def _insert_jobs(
+        self, tx: Tx, user: str, now: str, rows: list[tuple[Any, ...]]
+    ) -> set[str]:
+        # One row of arrays, unnested by the server: the statement does not grow with the
+        # batch, and psycopg sends nine parameters rather than 4,500.
+        assert isinstance(tx, _Tx)
+        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+        inserted = tx.execute(
+            'INSERT INTO jobs (id, "user", local_id, text, metadata, status, created_at, '
+            "updated_at, change_seq) "
+            "SELECT i, %s, l, t, m, s, %s, %s, c "
+            "FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[]) "
+            "AS r(i, l, t, m, s, c) "
+            'ON CONFLICT ("user", local_id) DO NOTHING RETURNING local_id',
+            (user, now, now, *columns),
+            binary=True,
+        ).fetchall()
+        return set(columns[1]) - {r[0] for r in inserted}
+
+    def _audio_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            'SELECT id, audio_name FROM jobs WHERE "user" = %s AND id = ANY(%b)',
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _jobs_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            f'SELECT {COLUMNS} FROM jobs WHERE "user" = %s AND id = ANY(%b)',
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _update_jobs(
+        self, tx: Tx, user: str, now: str, rows: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+        return tx.execute(
+            BATCH_UPDATE_SET.replace("?", "%s")
+            + "FROM unnest(%b::text[], %b::bool[], %b::text[], %b::bool[], %b::text[], "
+            "%b::bool[], %b::text[], %b::bool[], %b::bigint[]) "
+            "AS v(vid, ht, vt, hm, vm, hs, vs, ha, vseq) "
+            f'WHERE jobs."user" = %s AND jobs.id = v.vid RETURNING {COLUMNS}',
+            (now, *columns, user),
+            binary=True,
+        ).fetchall()
+
+    def _delete_jobs(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
+        assert isinstance(tx, _Tx)
+        return tx.execute(
+            'DELETE FROM jobs WHERE "user" = %s AND id = ANY(%b) '
+            "RETURNING id, audio_name, local_id",
+            (user, job_ids),
+            binary=True,
+        ).fetchall()
+
+    def _insert_tombstones(self, tx: Tx, user: str, rows: list[tuple[Any, ...]]) -> None:
+        assert isinstance(tx, _Tx)
+        ids, local_ids, seqs, times = ([list(c) for c in zip(*rows, strict=True)])
+        tx.execute(
+            'INSERT INTO tombstones (id, "user", local_id, change_seq, deleted_at) '
+            "SELECT i, %s, l, c, d FROM unnest(%b::text[], %b::text[], %b::bigint[], "
+            "%b::float8[]) AS r(i, l, c, d)",
+            (user, ids, local_ids, seqs, times),
+            binary=True,
+        )
 
     def _text_in(self, value: str | None) -> Any:
         return json.dumps(value, ensure_ascii=False)

@@ -10,6 +10,7 @@ SQLite bumps when another connection commits) every WATCH_INTERVAL seconds while
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -25,6 +26,8 @@ from jobsyncd.server.storage.base import (
     iter_statements,
     secrets_hex,
 )
+
+_json_string = json.encoder.encode_basestring_ascii
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
@@ -178,9 +181,8 @@ class SQLiteStorage(SQLStorage):
         return value
 
     def _text_json(self, stored: Any) -> str:
-        import json
-
-        return json.dumps(stored)
+        # json.dumps of a str or None, without its dispatch (two per job of every answer)
+        return "null" if stored is None else _json_string(stored)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
