@@ -129,9 +129,9 @@ def test_dry_run_is_never_handed_to_a_running_daemon(cli, served, daemons):
     cli("create", "--text", "before the daemon", check=True)
     d = daemons(interval="60")
     d.wait_passes(1, timeout=20)
-    local_id = cli("create", "--text", "planned", check=True).stdout.strip()
     d.proc.send_signal(signal.SIGSTOP)  # a daemon that would take the pass cannot act now
     try:
+        local_id = cli("create", "--text", "planned", check=True).stdout.strip()
         proc = cli("sync", "--dry-run", check=0, timeout=20)
     finally:
         d.proc.send_signal(signal.SIGCONT)
