@@ -753,6 +753,9 @@ _DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
 _DUE_STATUSES = ("pending", "pending_deletion", "error")
 _MAX_STALE_CHECKS = 64
 _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
+_FEW_HEADS = 8  # more due-named jobs than this are resolved by one scan (_last_lines)
+_SCAN_BLOCK = 4 << 20
+_HEAD_AT_LINE_START = re.compile(rb'(?m)^\{"local_id":"[^"\n]{36}"')
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
 
 
@@ -826,26 +829,62 @@ def _due_candidates(
 ) -> list[str] | None:
     """The local_ids whose latest line has a status that needs a push, by byte search from
     `start` (the jobs `known` to be due before it are checked too); None when more than `limit`
-    are due, more than `max_checks` (4 x limit) jobs had to be looked at, or a line is not of
+    are due, more than `max_checks` (4 x limit) jobs name such a status, or a line is not of
     our layout."""
     max_checks = 4 * limit if max_checks is None else max_checks
-    found: list[str] = []
-    checked: set[bytes] = set()
-    for head in _due_heads(data, start, known):
+    heads: dict[bytes, int | None] = {}  # each job's head -> where its first hit starts
+    for head, line_start in _due_heads(data, start, known):
         if head is None:
             return None  # a line not of our layout
-        if head in checked:
-            continue
-        checked.add(head)
-        if len(checked) > max_checks:
-            return None
+        if head not in heads:
+            heads[head] = line_start
+            if len(heads) > max_checks:
+                return None
+    hits = [p for p in heads.values() if p is not None]
+    # A few jobs (a create while the daemon idles): each found backwards from the end. Many (a
+    # first sync, a backlog): one scan from the first hit finds every one's last line, instead
+    # of one scan of the file per job.
+    lasts = _last_lines(data, set(heads), min(hits)) if len(hits) > _FEW_HEADS else {}
+    found: list[str] = []
+    for head in heads:
         local_id = head[13:49].decode()
-        rec = _latest_record(data, head, local_id)
+        rec = _record_at(data, lasts[head], local_id) if head in lasts else None
+        if rec is None:
+            rec = _latest_record(data, head, local_id)
         if rec is not None and rec.get("sync_status") in _DUE_STATUSES:
             found.append(local_id)
             if len(found) > limit:
                 return None
     return found
+
+
+def _last_lines(data: Any, heads: set[bytes], begin: int) -> dict[bytes, int]:
+    """Where the last line of each of `heads` at or after `begin` (a line's start) starts, by
+    one scan in blocks of whole lines."""
+    last: dict[bytes, int] = {}
+    pos, size = begin, len(data)
+    while pos < size:
+        block = data[pos : pos + _SCAN_BLOCK]
+        cut = len(block)
+        if pos + cut < size:
+            cut = block.rfind(b"\n") + 1 or cut  # whole lines (a longer line: cut anywhere)
+        for match in _HEAD_AT_LINE_START.finditer(block, 0, cut):
+            if match.group(0) in heads:
+                last[match.group(0)] = pos + match.start()
+        pos += cut
+    return last
+
+
+def _record_at(data: Any, start: int, local_id: str) -> dict[str, Any] | None:
+    """The valid record of `local_id` on the line at `start`, else None."""
+    stop = data.find(b"\n", start)
+    if stop == -1:
+        return None  # a torn last line
+    try:
+        rec = json.loads(data[start:stop])
+    except ValueError:
+        return None
+    return rec if _valid_record(rec) and rec["local_id"] == local_id else None
 
 
 def _latest_record(data: Any, head: bytes, local_id: str) -> dict[str, Any] | None:
@@ -874,20 +913,23 @@ def _latest_record(data: Any, head: bytes, local_id: str) -> dict[str, Any] | No
         end = pos
 
 
-def _due_heads(data: Any, start: int, known: Iterable[str]) -> Iterator[bytes | None]:
-    """The heads (`{"local_id":"<id>"`) of the jobs `known` to be due, then of each line from
-    `start` that names a due status; None for a line that is not of our layout."""
+def _due_heads(
+    data: Any, start: int, known: Iterable[str]
+) -> Iterator[tuple[bytes | None, int | None]]:
+    """The heads (`{"local_id":"<id>"`) of the jobs `known` to be due (where: None), then of
+    each line from `start` that names a due status, with where that line starts; (None, None)
+    for a line that is not of our layout."""
     for local_id in known:
-        yield b'{"local_id":"' + local_id.encode() + b'"'
+        yield b'{"local_id":"' + local_id.encode() + b'"', None
     for needle in _DUE_NEEDLES:
         pos = data.find(needle, start)
         while pos != -1:
             line_start, end = _line_at(data, pos)
             head = data[line_start : line_start + 50]  # {"local_id":"<36 characters>"
             if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
-                yield None
+                yield None, None
                 return
-            yield head
+            yield head, line_start
             pos = data.find(needle, end)
 
 
