@@ -46,6 +46,10 @@ class Transient(RemoteError):
     pass
 
 
+class AnswerTooLarge(Transient):
+    """An answer larger than the client accepts (a page of big jobs: ask for fewer)."""
+
+
 class Permanent(RemoteError):
     pass
 

@@ -35,6 +35,7 @@ import urllib3.exceptions
 
 from . import log
 from .api import (  # the kinds live in api.py (no requests); re-exported here
+    AnswerTooLarge,
     AuthRefused,
     BackOff,
     BatchNotOffered,
@@ -587,14 +588,16 @@ class Remote:
     ) -> bytes:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise Transient(f"{method} {path}: the answer is too large ({declared} bytes)")
+            raise AnswerTooLarge(f"{method} {path}: the answer is too large ({declared} bytes)")
         chunks: list[bytes] = []
         size = 0
         try:
             for chunk in response.iter_content(1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
+                    raise AnswerTooLarge(
+                        f"{method} {path}: the answer is larger than {max_bytes} bytes"
+                    )
                 chunks.append(chunk)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if isinstance(

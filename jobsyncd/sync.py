@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from . import audio, lifecycle, log
 from .api import (
+    AnswerTooLarge,
     AuthRefused,
     BackOff,
     BatchNotOffered,
@@ -65,7 +66,7 @@ BATCH_MAX_BYTES = (8 << 20) - 64 * 1024  # the server's 8 MiB, less room for the
 # Jobs whose creates are marked (create_sent, fsynced) in one write before their batches go:
 # one fsync per four batches, not per batch (at 5 ms each, a second of 100,000 jobs).
 MARK_AHEAD = 4 * BATCH_MAX_OPS
-FEED_PAGE_LIMIT = 500
+FEED_PAGE_LIMIT = 1000  # a first sync reads its own creates back: fewer pages, fewer writes
 SPARSE_MAX_DUE = 32  # at most this many due jobs are pushed without folding the store
 SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
 FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loops is cut off
@@ -904,10 +905,17 @@ class _Pass:
         tombstones: dict[str, str | None] = {}
         complete = False
         pages = 0
+        limit = FEED_PAGE_LIMIT
         try:
             stalls = 0
             while True:
-                page = self.remote.changes(since, FEED_PAGE_LIMIT, 0)
+                try:
+                    page = self.remote.changes(since, limit, 0)
+                except AnswerTooLarge:
+                    if limit == 1:
+                        raise
+                    limit = max(1, limit // 4)  # big jobs: fewer per page, never stuck
+                    continue
                 pages += 1
                 if page.items and self._index is None and not self.sparse:
                     if (
@@ -1615,10 +1623,11 @@ def run_pass(
     run.upload_progress = upload_progress
     # A store not folded yet in which no line names a status that needs a push: skip the push
     # and fold the store only if the listing changed. A no-change pass then reads no job at all.
-    lazy = not store.loaded and not store.may_hold_due_jobs()
     # A few due jobs in a store not folded (a create while the daemon idles): they are pushed
     # without folding 100,000 jobs; the pull then folds only if it must (listing mode).
-    candidates = None if (lazy or store.loaded) else store.due_candidates(SPARSE_MAX_DUE)
+    found = None if store.loaded else store.due_candidates(SPARSE_MAX_DUE)
+    lazy = found == []
+    candidates = None if lazy else found
     if candidates is not None and not _bound_once(store, candidates):
         candidates = None  # a store that breaks the one-binding invariant: fold (and repair)
     if candidates is not None:
