@@ -47,7 +47,8 @@ class Transient(RemoteError):
 
 
 class AnswerTooLarge(Transient):
-    """An answer larger than the client accepts (a page of big jobs: ask for fewer)."""
+    """An answer that says (Content-Length) it is larger than the client accepts: a page of big
+    jobs, so ask for fewer. One found too large while read (a flood) is a plain Transient."""
 
 
 class Permanent(RemoteError):

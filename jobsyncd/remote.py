@@ -595,9 +595,8 @@ class Remote:
             for chunk in response.iter_content(1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise AnswerTooLarge(
-                        f"{method} {path}: the answer is larger than {max_bytes} bytes"
-                    )
+                    # Not AnswerTooLarge: an answer that never ends is no reason to ask again.
+                    raise Transient(f"{method} {path}: the answer is larger than {max_bytes} bytes")
                 chunks.append(chunk)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if isinstance(
