@@ -469,9 +469,12 @@ class _Pass:
 
     # ---- batches (6.3) ---------------------------------------------------------------------------
     def _batch_wanted(self) -> bool:
-        if not hasattr(self.remote, "batch"):
-            return False
-        state = self.pull_state.get("batch")
+        return hasattr(self.remote, "batch") and self._worth_asking("batch")
+
+    def _worth_asking(self, feature: str) -> bool:
+        """Whether to use (or ask again for) a feature the server may offer: yes unless it said
+        no within the last day; a "no" recorded in the future (a clock set back) is stale."""
+        state = self.pull_state.get(feature)
         if not isinstance(state, dict) or state.get("offered") is not False:
             return True
         checked, now = state.get("checked_at"), time.time()
@@ -860,14 +863,7 @@ class _Pass:
         self.pull_listing(begin_synced)
 
     def _feed_wanted(self) -> bool:
-        if not hasattr(self.remote, "changes"):
-            return False
-        feed = self.pull_state.get("feed")
-        if not isinstance(feed, dict) or feed.get("offered") is not False:
-            return True
-        checked, now = feed.get("checked_at"), time.time()
-        # Asked again after a day; a check recorded in the future (a clock set back) is stale.
-        return not isinstance(checked, (int, float)) or not now - FEED_PROBE_SECONDS < checked <= now
+        return hasattr(self.remote, "changes") and self._worth_asking("feed")
 
     def pull_feed(self, begin_synced: dict[str, str] | None) -> None:
         checkpoint = self.pull_state.get("checkpoint")
