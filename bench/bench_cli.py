@@ -4,7 +4,10 @@ The floor is the same virtual environment's `python -c "import click"`. This mac
 (2 shared cores), so each command's runs alternate with runs of the floor, and each ratio is
 the median of the command over the median of the floor runs made alongside it.
 Targets (issue 2): create within 1.3x the floor at 1,000 and 100,000 jobs; show/update within
-2x at 100,000; list --json of 100,000 under 1.5 s.
+2x at 100,000; list --json of 100,000 under 1.5 s. Issue 10: create, show and list keep their
+start-up within 1.3x the floor. A list's start-up is measured on a store of 20 jobs (a screen);
+at 1,000 jobs its ratio also holds reading and printing them (about 20 ms here), shown for
+information, not held to the start-up target.
 Run: .venv/bin/python bench/bench_cli.py [--runs N]
 """
 
@@ -44,25 +47,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_store(tmp + "/data", 20)
+        env = clean_env(tmp + "/data")
+        parts = []
+        for name, cmd in (
+            ("list", [JOBSYNCD, "list"]),
+            ("list --json", [JOBSYNCD, "list", "--json"]),
+        ):
+            ms, floor = paired(cmd, env, args.runs)
+            parts.append(f"{name} {ms:.1f} ms ({ms / floor:.2f}x of {floor:.1f})")
+        print(f"{20:>7} jobs: " + "; ".join(parts))
     for size in (1_000, 100_000):
         with tempfile.TemporaryDirectory() as tmp:
             ids = build_store(tmp + "/data", size)
             env = clean_env(tmp + "/data")
             target = ids[size // 2]
             parts = []
-            for name, cmd in (
+            commands = [
                 ("create", [JOBSYNCD, "create", "--text", "bench"]),
                 ("show", [JOBSYNCD, "show", target]),
                 ("show by prefix", [JOBSYNCD, "show", target[:8]]),
                 ("update", [JOBSYNCD, "update", target, "--meta", "k=1"]),
-            ):
+            ]
+            if size == 1_000:
+                commands.append(("list", [JOBSYNCD, "list"]))
+            for name, cmd in commands:
                 ms, floor = paired(cmd, env, args.runs)
                 parts.append(f"{name} {ms:.1f} ms ({ms / floor:.2f}x of {floor:.1f})")
             runs = max(3, args.runs // 4)
             lst = statistics.median(_once([JOBSYNCD, "list", "--json"], env) for _ in range(runs)) * 1000
             parts.append(f"list --json {lst:.0f} ms")
             print(f"{size:>7} jobs: " + "; ".join(parts))
-
 
 if __name__ == "__main__":
     main()

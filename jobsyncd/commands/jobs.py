@@ -62,9 +62,9 @@ def display_ids(jobs: list[Job], shown: list[Job]) -> dict[str, tuple[str, str]]
         i = bisect.bisect_left(ids, job.local_id)
         need = 8
         for other in ids[max(i - 1, 0) : i + 2]:
-            if other != job.local_id:
-                common = len(_common_prefix(other, job.local_id))
-                need = max(need, common + 1)
+            # Most neighbours differ in their first 8 characters: no prefix to measure then.
+            if other != job.local_id and other[:8] == job.local_id[:8]:
+                need = max(need, len(_common_prefix(other, job.local_id)) + 1)
         while job.local_id[:need] in server_count and need < len(job.local_id):
             need += 1  # a prefix that is also a server id would be ambiguous
         sid = job.server_id or ""
