@@ -2,7 +2,7 @@
 kinds (an exception class per kind, raised by the HTTP layer and sorted by the pass), and the
 change feed's and batches' answers (contract sections 6 and 7).
 
-The HTTP client (`remote.py`) turns answers into these; the pass (`sync.py`) consumes them.
+The HTTP client (`remote.py`) turns answers into these; the pass (`sync/`) consumes them.
 Nothing here imports requests, so a command that only hands its pass to a daemon stays light.
 """
 

@@ -19,15 +19,15 @@ from . import log
 from .api import Stop
 from .lifecycle import PENDING_DELETION, SYNCED, ErrorKind
 from .model import Job, is_uuid, utc_now
-from .sync import (
+from .sync.rules import (
     PassSummary,
     Policy,
-    _differs,
-    _is_due,
-    _stop_for,
-    _StopPass,
+    StopPass,
     changed_fields,
+    differs,
+    is_due,
     longest_backoff,
+    stop_for,
 )
 
 
@@ -57,7 +57,7 @@ class Action:
 def plan_push(jobs: dict[str, Job], policy: Policy, now: _dt.datetime) -> Iterator[Action]:
     max_wait = longest_backoff(policy)
     due = sorted(
-        (j for j in jobs.values() if _is_due(j, now, max_wait)),
+        (j for j in jobs.values() if is_due(j, now, max_wait)),
         key=lambda j: (j.created_at, j.local_id),
     )
     for job in due:
@@ -100,7 +100,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
                 local_id = by_server_id.get(sj.id)
                 if local_id is not None:
                     cur = jobs[local_id]
-                    if cur.sync_status == SYNCED and _differs(cur, sj):
+                    if cur.sync_status == SYNCED and differs(cur, sj):
                         yield Action("pull", local_id, sj.id, _pulled_fields(cur, sj))
                     continue
                 if sj.id not in seen_new:
@@ -111,7 +111,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
     except NotModified:
         return
     except RemoteError as exc:
-        stop = _stop_for(exc)
+        stop = stop_for(exc)
         if stop is not None:
             raise stop from None
         summary.ok = False
@@ -135,7 +135,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
         try:
             sj = remote.get(server_id)
         except RemoteError as exc:
-            stop = _stop_for(exc)
+            stop = stop_for(exc)
             if stop is not None:
                 raise stop from None
             from .api import Gone
@@ -145,7 +145,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
             else:
                 summary.ok = False
             continue
-        if _differs(jobs[local_id], sj):
+        if differs(jobs[local_id], sj):
             yield Action("pull", local_id, server_id, _pulled_fields(jobs[local_id], sj))
 
 
@@ -176,7 +176,7 @@ def dry_run(
     try:
         for action in plan_pull(jobs, remote, policy, etag, summary):
             emit(action)
-    except _StopPass as stop:
+    except StopPass as stop:
         summary.ok = False
         summary.skipped = stop.skipped
         summary.message = str(stop)

@@ -111,3 +111,13 @@ def test_the_lifecycle_and_the_file_system_helpers_import_only_what_the_readme_a
         "jobsyncd.wakeup",
     }
     assert "jobsyncd.cli" not in _reachable(graph, "jobsyncd.sync")
+
+
+def test_the_sync_packages_pure_layers_import_no_store_no_server_and_no_clock_of_their_own():
+    graph = _graph()
+    pure = {"jobsyncd.model", "jobsyncd.lifecycle", "jobsyncd.api", "jobsyncd.errors"}
+    assert graph["jobsyncd.sync.rules"] <= pure
+    assert graph["jobsyncd.sync.outcomes"] <= pure | {"jobsyncd.sync.rules"}
+    for layer in ("journal", "push", "pull", ""):
+        name = f"jobsyncd.sync.{layer}".rstrip(".")
+        assert not graph[name] & {"jobsyncd.remote", "jobsyncd.cli", "jobsyncd.config"}, name

@@ -1,4 +1,4 @@
-"""Which jobs a pass pushes (sync._is_due): pure logic, no I/O."""
+"""Which jobs a pass pushes (sync.rules.is_due): pure logic, no I/O."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from jobsyncd.model import Job, rfc3339
-from jobsyncd.sync import _is_due
+from jobsyncd.sync.rules import is_due as _is_due
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
 PAST = rfc3339(NOW - dt.timedelta(seconds=5))
