@@ -49,9 +49,7 @@ class Refused(JobsyncdError):
 def _evolve(job: Job, **changes: Any) -> Job:
     """A new Job: `job`'s fields with `changes`. Text, metadata and base are shared, not copied:
     no transition changes them in place, and a deep copy per job would slow every pass."""
-    new = Job.__new__(Job)
-    for name in Job.__slots__:
-        setattr(new, name, getattr(job, name))
+    new = job.clone()  # generated code: a quarter of the time of a setattr per slot
     for name, value in changes.items():
         setattr(new, name, value)
     return new
