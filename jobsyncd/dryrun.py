@@ -27,7 +27,7 @@ from .sync.rules import (
     differs,
     is_due,
     longest_backoff,
-    stop_for,
+    raise_if_stops,
 )
 
 
@@ -111,9 +111,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
     except NotModified:
         return
     except RemoteError as exc:
-        stop = stop_for(exc)
-        if stop is not None:
-            raise stop from None
+        raise_if_stops(exc)
         summary.ok = False
         summary.message = f"the server listing failed part-way: {exc}"
         return
@@ -135,9 +133,7 @@ def plan_pull(  # noqa: C901 - the pull's decision table, kept in the pass's ord
         try:
             sj = remote.get(server_id)
         except RemoteError as exc:
-            stop = stop_for(exc)
-            if stop is not None:
-                raise stop from None
+            raise_if_stops(exc)
             from .api import Gone
 
             if isinstance(exc, Gone):

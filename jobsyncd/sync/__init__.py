@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 from ..api import RemoteAPI
 from ..model import utc_now
 from ..store import Store
-from .journal import Journal
+from .journal import Journal, PassContext
 from .pull import Puller, synced_ids
 from .push import Pusher
 from .rules import (
@@ -101,10 +101,9 @@ def run_pass(
     summary = PassSummary()
     state = pull_state if pull_state is not None else {}
     journal = Journal(store, policy, summary, now, rng or random.Random())
-    pusher = Pusher(
-        store, remote, policy, journal, summary, should_stop, state, progress, upload_progress
-    )
-    puller = Puller(store, remote, policy, journal, summary, should_stop, state)
+    ctx = PassContext(store, remote, policy, journal, summary, should_stop, state)
+    pusher = Pusher(ctx, progress, upload_progress)
+    puller = Puller(ctx)
     # A store not folded yet in which no line names a status that needs a push: skip the push
     # and fold the store only if the listing changed. A no-change pass then reads no job at all.
     # A few due jobs in a store not folded (a create while the daemon idles): they are pushed

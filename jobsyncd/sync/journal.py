@@ -12,6 +12,7 @@ never sent are taken back at the end of the push.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import random
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import audio, log
+from ..api import RemoteAPI
 from ..lifecycle import PENDING_DELETION
 from ..model import Job
 from ..store import Store
@@ -27,6 +29,19 @@ from .rules import PassSummary, Policy
 
 FLUSH_EVERY_JOBS = 200
 FLUSH_EVERY_SECONDS = 1.0
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the push and the pull of one pass share."""
+
+    store: Store
+    remote: RemoteAPI
+    policy: Policy
+    journal: Journal
+    summary: PassSummary
+    should_stop: Callable[[], bool]
+    pull_state: dict[str, Any]  # what is known of the server: ETag, checkpoint, offers
 
 
 class Journal:

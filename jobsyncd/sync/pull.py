@@ -9,7 +9,6 @@ Decides and talks; what it learns goes to the journal as outcomes (journal.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .. import log
@@ -20,15 +19,13 @@ from ..api import (
     Gone,
     NotAFeed,
     NotModified,
-    RemoteAPI,
     RemoteError,
     ServerJob,
     Tombstone,
 )
 from ..lifecycle import SYNCED
 from ..model import Job
-from ..store import Store
-from .journal import Journal, _StoreLookup
+from .journal import PassContext, _StoreLookup
 from .outcomes import (
     AddedFromServer,
     BackToPending,
@@ -36,7 +33,7 @@ from .outcomes import (
     RemovedByServer,
     ServerCopyTaken,
 )
-from .rules import PassSummary, Policy, differs, file_sha256, stop_for, worth_asking
+from .rules import differs, file_sha256, raise_if_stops, worth_asking
 
 FEED_PAGE_LIMIT = 1000  # a first sync reads its own creates back: fewer pages, fewer writes
 SPARSE_MAX_CHANGES = 64  # a feed read this small is applied without folding the store
@@ -44,23 +41,11 @@ FEED_MAX_STALLS = 3  # pages in a row with `more` but no change: a feed that loo
 
 
 class Puller:
-    def __init__(
-        self,
-        store: Store,
-        remote: RemoteAPI,
-        policy: Policy,
-        journal: Journal,
-        summary: PassSummary,
-        should_stop: Callable[[], bool],
-        pull_state: dict[str, Any],
-    ) -> None:
-        self.store = store
-        self.remote = remote
-        self.policy = policy
-        self.journal = journal
-        self.summary = summary
-        self.should_stop = should_stop
-        self.pull_state = pull_state
+    def __init__(self, ctx: PassContext) -> None:
+        self.store, self.remote, self.policy = ctx.store, ctx.remote, ctx.policy
+        self.journal, self.summary = ctx.journal, ctx.summary
+        self.should_stop, self.pull_state = ctx.should_stop, ctx.pull_state
+        journal = ctx.journal
         self._record = journal.record
         self.flush = journal.flush
         self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
@@ -186,13 +171,12 @@ class Puller:
             if isinstance(exc, NotAFeed) and not pages and not confirmed:
                 # A server that answers every path (200, not a feed): it has no feed.
                 raise FeedNotOffered() from None
-            stop = stop_for(exc) if isinstance(exc, RemoteError) else None
-            if stop is not None:
-                raise stop from None
-            self.summary.ok = False
-            self.summary.message = f"the change feed failed part-way: {exc}"
-            log.warning(f"{self.summary.message}; it is read again from the last checkpoint")
-            self.summary.message_logged = True
+            if isinstance(exc, RemoteError):
+                raise_if_stops(exc)
+            self._failed_part_way(
+                f"the change feed failed part-way: {exc}",
+                "it is read again from the last checkpoint",
+            )
             return
         except FeedGone as exc:
             if resync is None:
@@ -300,13 +284,10 @@ class Puller:
         except NotModified:
             return
         except RemoteError as exc:
-            stop = stop_for(exc)
-            if stop is not None:
-                raise stop from None
-            self.summary.ok = False
-            self.summary.message = f"the server listing failed part-way: {exc}"
-            log.warning(f"{self.summary.message}; no job is removed in this pass")
-            self.summary.message_logged = True
+            raise_if_stops(exc)
+            self._failed_part_way(
+                f"the server listing failed part-way: {exc}", "no job is removed in this pass"
+            )
             self.pull_state.pop("etag", None)
             return
         finally:
@@ -386,9 +367,7 @@ class Puller:
                 self._record(_rebound(mine, old_id, sj))
                 continue
             except RemoteError as exc:
-                stop = stop_for(exc)
-                if stop is not None:
-                    raise stop from None
+                raise_if_stops(exc)
                 self.summary.ok = False
                 log.warning(f"job {mine.local_id}: could not check its server copy: {exc}")
                 continue
@@ -445,9 +424,7 @@ class Puller:
                 self._record(RemovedByServer(local_id, server_id))
                 continue
             except RemoteError as exc:
-                stop = stop_for(exc)
-                if stop is not None:
-                    raise stop from None
+                raise_if_stops(exc)
                 self.summary.ok = False
                 settled = False
                 log.warning(f"job {local_id}: could not confirm it on the server: {exc}")
@@ -457,6 +434,13 @@ class Puller:
                 self._record(ServerCopyTaken(local_id, cur.rev if cur else -1, sj))
             settled = False  # the listing and the job disagree: list again next time
         return settled
+
+    def _failed_part_way(self, message: str, consequence: str) -> None:
+        """The pull could not finish: the pass is not ok, and says why (once)."""
+        self.summary.ok = False
+        self.summary.message = message
+        log.warning(f"{message}; {consequence}")
+        self.summary.message_logged = True
 
     def _guard_trips(self, synced: int, going: int, what: str) -> bool:
         """The deletion guard (vdirsyncer's StorageEmpty): removing every one of the (at least

@@ -23,7 +23,6 @@ from ..api import (
     Gone,
     Offline,
     Permanent,
-    RemoteAPI,
     RemoteError,
     ServerJob,
     Stop,
@@ -32,16 +31,14 @@ from ..api import (
 )
 from ..lifecycle import PENDING_DELETION, ErrorKind
 from ..model import Job, compact_json
-from ..store import Store
-from .journal import FLUSH_EVERY_JOBS, Journal
+from .journal import FLUSH_EVERY_JOBS, PassContext
 from .outcomes import DeletedOnServer, Pushed, PushFailed
 from .rules import (
-    PassSummary,
-    Policy,
     changed_fields,
     file_sha256,
     is_due,
     longest_backoff,
+    raise_if_stops,
     stop_for,
     worth_asking,
 )
@@ -60,26 +57,16 @@ _Batch = list[tuple[Job, tuple[str, bytes]]]  # jobs and their operations as JSO
 class Pusher:
     def __init__(
         self,
-        store: Store,
-        remote: RemoteAPI,
-        policy: Policy,
-        journal: Journal,
-        summary: PassSummary,
-        should_stop: Callable[[], bool],
-        pull_state: dict[str, Any],
+        ctx: PassContext,
         progress: Callable[[int], Any] | None = None,
         upload_progress: Callable[[int, int], Any] | None = None,
     ) -> None:
-        self.store = store
-        self.remote = remote
-        self.policy = policy
-        self.journal = journal
-        self.summary = summary
-        self.should_stop = should_stop
-        self.pull_state = pull_state
+        self.store, self.remote, self.policy = ctx.store, ctx.remote, ctx.policy
+        self.journal, self.summary = ctx.journal, ctx.summary
+        self.should_stop, self.pull_state = ctx.should_stop, ctx.pull_state
         self.progress = progress
         self.upload_progress = upload_progress
-        self.via: Any = remote  # what a push talks to: the server, or a batch's answers
+        self.via: Any = ctx.remote  # what a push talks to: the server, or a batch's answers
         self._uploader: Any = None  # upload.Uploader once the server offers uploads
         self._uploads_checked = False
         self.done = 0
@@ -333,9 +320,7 @@ class Pusher:
                     self._handle(half, got)
             return None
         except RemoteError as exc:
-            stop = stop_for(exc)
-            if stop is not None:
-                raise stop from None
+            raise_if_stops(exc)
             return [exc] * len(group)  # the whole batch failed: an error for each job
 
     def _handle(self, group: _Batch, answers: Iterable[Any]) -> None:
@@ -373,9 +358,7 @@ class Pusher:
             exc.__traceback__ = None
             if not isinstance(exc, (Offline, TLSFailure, AuthRefused, BackOff, Permanent, Gone)):
                 self.journal.unsent.discard(snap.local_id)  # it may have been stored: keep create_sent
-            stop = stop_for(exc)
-            if stop is not None:
-                raise stop from None
+            raise_if_stops(exc)
             self._failure(snap, exc)
 
     def _push_create(self, snap: Job) -> None:

@@ -82,6 +82,14 @@ def stop_for(exc: RemoteError) -> StopPass | None:
     return StopPass(stop, str(exc), exc.retry_after if isinstance(exc, BackOff) else None)
 
 
+def raise_if_stops(exc: RemoteError) -> None:
+    """Raise the StopPass an error that stops the whole pass comes to; else return (the error
+    is the job's, or the page's, alone)."""
+    stop = stop_for(exc)
+    if stop is not None:
+        raise stop from None
+
+
 def longest_backoff(policy: Policy) -> float:
     """The furthest a job's next attempt can legitimately be: base * 2^(max_retries-1) (6.9)."""
     return policy.backoff_base_seconds * float(1 << min(max(policy.max_retries - 1, 0), 30))
