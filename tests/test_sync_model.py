@@ -1,8 +1,8 @@
 """A hypothesis state machine for the sync pass (contract section 6), in process.
 
 Random local creates, edits, deletes and retries, server-side creates, edits and deletes, injected
-server failures and sync passes run against an in-memory FaultServer over real HTTP, with the
-contract's promises checked after every step:
+server failures and sync passes run against a server, with the contract's promises checked after
+every step:
 
 - the server never holds two jobs with the same `local_id`;
 - a job the agent knows is never lost, unless the user deleted it or the server deleted a job that
@@ -13,11 +13,26 @@ contract's promises checked after every step:
   matches its server copy, every server job is known here, and every job deleted here is gone
   from the server.
 
-The machine runs twice: in listing mode, and in feed mode (the fault server's `/changes` on),
-with backups and restores of the server among its steps. In feed mode a restore never costs a
-job: only a job the server deleted (a tombstone) may vanish from a synced agent.
+The machine runs in listing mode, and in feed mode (the server's change feed on), with backups
+and restores of the server (with `new-history`) among its steps. In feed mode a restore never
+costs a job: only a job the server deleted (a tombstone) may vanish from a synced agent.
+
+Each mode runs against two servers, behind one `ServerSide` (the other clients, the faults, the
+admin's backups, and what the server holds): "http", the FaultServer (tests/support/
+faultserver.py) over real HTTP through `remote.Remote`; "memory", the MemoryServer with the
+reference server's semantics through `MemoryRemote` (tests/support/memory_remote.py), whose
+faults raise what `remote.Remote` makes of the FaultServer's. Every fault of FAULTS has its
+in-memory equivalent, so no rule is left out in memory. Neither server offers batches here.
 
 CI runs a bounded number of examples; set JOBSYNCD_HYPOTHESIS_EXAMPLES for a longer search.
+The longer search (200 examples of 30 steps, memory modes) fails today on three findings that the
+CI default does not reach, each also failing over HTTP but the third:
+- feed, either server: a diverged resync whose feed is empty (a restore to a backup taken before
+  the first job) re-uploads nothing: `_read_feed` fills `unlisted` only on a page with items;
+- either mode and server: a DELETE answered 200 with a body that is not JSON (a captive portal)
+  is taken as done, the job goes here and stays on the server, unknown;
+- listing, memory: after a restore the reference server's ETags repeat (`new-history` renews the
+  history id, not the ETag epoch), so a listing that changed answers 304.
 """
 
 from __future__ import annotations
@@ -27,17 +42,21 @@ import os
 import random
 import shutil
 import tempfile
+import uuid
+from typing import Any, Protocol
 
 import pytest
-from faultserver import FaultServer  # noqa: E402
+from faultserver import API_PREFIX, FaultServer
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from memory_remote import MemoryRemote, MemoryServer
 
-from jobsyncd.jobs import create_job, delete_job, retry_job, update_job  # noqa: E402
-from jobsyncd.remote import Remote  # noqa: E402
-from jobsyncd.store import Store  # noqa: E402
-from jobsyncd.sync import Policy, run_pass  # noqa: E402
+from jobsyncd.api import RemoteAPI, RemoteError
+from jobsyncd.jobs import create_job, delete_job, retry_job, update_job
+from jobsyncd.remote import Remote
+from jobsyncd.store import Store
+from jobsyncd.sync import Policy, run_pass
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,8 +64,9 @@ EXAMPLES = int(os.environ.get("JOBSYNCD_HYPOTHESIS_EXAMPLES", "25"))
 STEPS = 15 if "JOBSYNCD_HYPOTHESIS_EXAMPLES" not in os.environ else 30
 POLICY = Policy(max_retries=3, backoff_base_seconds=0)
 
-JOBS = r"/api/v1/jobs"
-ONE_JOB = r"/api/v1/jobs/.+"
+# Paths under the API, as both servers' faults take them.
+JOBS = r"/jobs"
+ONE_JOB = r"/jobs/.+"
 
 texts = st.sampled_from(["", "a", "hello", "zürich ✓", "line\nbreak", "x" * 50])
 metas = st.dictionaries(
@@ -81,19 +101,137 @@ def silent(message: str) -> None:
     pass
 
 
+# ---- the server side: what the machine does to the server, and reads of it ---------------------
+
+
+class ServerSide(Protocol):
+    remote: RemoteAPI  # the agent's client of this server
+
+    def jobs(self) -> dict[str, dict[str, Any]]: ...
+
+    def create(self, local_id: str | None, text: str | None, metadata: dict[str, Any]) -> None:
+        """Another client's job; `local_id` None: a fresh UUID."""
+
+    def edit(self, job_id: str, **fields: Any) -> None: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def add_fault(self, method: str, path: str, times: int, **action: Any) -> None: ...
+
+    def clear_faults(self) -> None: ...
+
+    def backup(self) -> Any: ...
+
+    def restore(self, state: Any) -> None:
+        """Back to `state`, with `new-history` as the documented restore procedure says."""
+
+    def local_ids_of(self, state: Any) -> set[str]: ...
+
+    def close(self) -> None: ...
+
+
+class HTTPSide:
+    """The FaultServer on 127.0.0.1, the agent's `remote.Remote` talking HTTP to it."""
+
+    def __init__(self, feed: bool) -> None:
+        self.srv = FaultServer()
+        self.srv.feed = feed
+        self.remote = Remote(self.srv.url + API_PREFIX, timeout=2)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return self.srv.jobs
+
+    def create(self, local_id: str | None, text: str | None, metadata: dict[str, Any]) -> None:
+        self.srv.server_create(local_id=local_id, text=text, metadata=metadata)
+
+    def edit(self, job_id: str, **fields: Any) -> None:
+        self.srv.server_edit(job_id, **fields)
+
+    def delete(self, job_id: str) -> None:
+        self.srv.server_delete(job_id)
+
+    def add_fault(self, method: str, path: str, times: int, **action: Any) -> None:
+        self.srv.add_fault(method, API_PREFIX + path, times=times, **action)
+
+    def clear_faults(self) -> None:
+        self.srv.clear_faults()
+
+    def backup(self) -> Any:
+        return self.srv.backup()
+
+    def restore(self, state: Any) -> None:
+        self.srv.restore(state, new_history=True)
+
+    def local_ids_of(self, state: Any) -> set[str]:
+        return {j["local_id"] for j in state["jobs"].values()}
+
+    def close(self) -> None:
+        try:
+            self.remote.close()
+        finally:
+            self.srv.close()
+
+
+class MemorySide:
+    """The MemoryServer, the reference server's semantics in memory, through a MemoryRemote."""
+
+    def __init__(self, feed: bool) -> None:
+        self.server = MemoryServer(offers_feed=feed, offers_batch=False)
+        self.remote = MemoryRemote(self.server)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return self.server.jobs()
+
+    def create(self, local_id: str | None, text: str | None, metadata: dict[str, Any]) -> None:
+        if local_id is None:
+            self.server.create(str(uuid.uuid4()), text, metadata)
+        else:  # not a UUID: the API refuses it; another server version may hold one
+            self.server.plant(local_id, text, metadata)
+
+    def edit(self, job_id: str, **fields: Any) -> None:
+        self.server.update(job_id, fields)
+
+    def delete(self, job_id: str) -> None:
+        self.server.delete(job_id)
+
+    def add_fault(self, method: str, path: str, times: int, **action: Any) -> None:
+        self.remote.add_fault(method, path, times=times, **action)
+
+    def clear_faults(self) -> None:
+        self.remote.clear_faults()
+
+    def backup(self) -> Any:
+        return self.server.backup()
+
+    def restore(self, state: Any) -> None:
+        self.server.restore(state, new_history=True)
+
+    def local_ids_of(self, state: Any) -> set[str]:
+        return self.server.local_ids_of(state)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+SIDES = {"http": HTTPSide, "memory": MemorySide}
+
+
+# ---- the machine -------------------------------------------------------------------------------
+
+
 class SyncMachine(RuleBasedStateMachine):
     feed = False
+    side_kind = "http"
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="jobsyncd-model-")
         os.chmod(self.dir, 0o700)
         self.store = Store(self.dir, warn=silent)
-        self.srv = FaultServer()
-        self.srv.feed = self.feed
-        self.backups: list[dict] = []
+        self.srv: ServerSide = SIDES[self.side_kind](self.feed)
+        self.backups: list[Any] = []
         self.deleted_on_server: set[str] = set()  # server ids deleted by a server-side client
-        self.remote = Remote(self.srv.url + "/api/v1", timeout=2)
+        self.remote = self.srv.remote
         self.rng = random.Random(0)
         self.pull_state: dict = {}
         # local_ids the agent must still hold (created here or pulled, not deleted here).
@@ -105,9 +243,8 @@ class SyncMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.remote.close()
-        finally:
             self.srv.close()
+        finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -122,7 +259,7 @@ class SyncMachine(RuleBasedStateMachine):
 
     def sync_once(self, policy: Policy = POLICY):
         before = self.local()
-        server_before = self.srv.jobs
+        server_before = self.srv.jobs()
         may_vanish = {
             lid
             for lid, job in before.items()
@@ -225,19 +362,19 @@ class SyncMachine(RuleBasedStateMachine):
 
     @rule(pick=picks, text=st.one_of(texts, st.none()), metadata=metas, status=st.booleans())
     def server_edit(self, pick, text, metadata, status):
-        sid = self.choose(self.srv.jobs, pick)
+        sid = self.choose(self.srv.jobs(), pick)
         if sid is None:
             return
         fields = {"text": text, "metadata": metadata}
         if status:
             fields["status"] = "transcribed"
-        self.srv.server_edit(sid, **fields)
+        self.srv.edit(sid, **fields)
 
     @rule(pick=picks)
     def server_delete(self, pick):
-        sid = self.choose(self.srv.jobs, pick)
+        sid = self.choose(self.srv.jobs(), pick)
         if sid is not None:
-            self.srv.server_delete(sid)
+            self.srv.delete(sid)
             self.deleted_on_server.add(sid)
 
     @rule()
@@ -250,15 +387,15 @@ class SyncMachine(RuleBasedStateMachine):
         if not self.backups:
             return
         state = self.backups[pick % len(self.backups)]
-        self.srv.restore(state, new_history=True)
+        self.srv.restore(state)
         # Jobs deleted here that the backup still holds come back from it: the admin's doing.
-        self.deleted_here -= {j["local_id"] for j in state["jobs"].values()}
+        self.deleted_here -= self.srv.local_ids_of(state)
 
     @rule(text=st.one_of(texts, st.none()), metadata=metas, uuid_local_id=st.booleans())
     def server_create(self, text, metadata, uuid_local_id):
         # Another client's job: a fresh UUID local_id, or one that is not a UUID at all.
         self.foreign += 1
-        self.srv.server_create(
+        self.srv.create(
             local_id=None if uuid_local_id else f"not-a-uuid-{self.foreign}",
             text=text,
             metadata=metadata,
@@ -271,7 +408,7 @@ class SyncMachine(RuleBasedStateMachine):
     )
     def inject_fault(self, where, fault, times):
         method, path = where
-        self.srv.add_fault(method, path, times=times, **fault)
+        self.srv.add_fault(method, path, times, **fault)
         self.faults_armed = True
 
     # ---- the clean sync and what it promises -------------------------------------------------------
@@ -291,7 +428,7 @@ class SyncMachine(RuleBasedStateMachine):
 
     def check_converged(self):
         local = self.local()
-        server = self.srv.jobs
+        server = self.srv.jobs()
         for lid, job in local.items():
             assert job.sync_status in ("synced", "failed"), (
                 f"after a clean sync job {lid} is {job.sync_status} ({job.last_error})"
@@ -322,7 +459,7 @@ class SyncMachine(RuleBasedStateMachine):
     @invariant()
     def no_two_server_jobs_share_a_local_id(self):
         seen: dict[str, str] = {}
-        for sj in self.srv.snapshot():
+        for sj in self.srv.jobs().values():
             lid = sj["local_id"]
             assert lid not in seen, f"server jobs {seen[lid]} and {sj['id']} share local_id {lid}"
             seen[lid] = sj["id"]
@@ -345,14 +482,57 @@ class SyncMachine(RuleBasedStateMachine):
                 assert job.retry_count == 0
 
 
-class FeedSyncMachine(SyncMachine):
-    feed = True
+# ---- the two servers fail alike -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("machine", [SyncMachine, FeedSyncMachine], ids=["listing", "feed"])
-def test_random_sync_histories_keep_every_promise_of_the_contract(machine):
+def _request_through(side: ServerSide, method: str, path: str) -> tuple[str, list[str]]:
+    """One request of `method` on `path` (a job or the listing) by the agent's client, with a
+    fault armed: what it raised (ids named alike) and the texts the server then holds."""
+    side.create(None, "before", {})
+    (sid,) = side.jobs()
+    remote = side.remote
+    try:
+        if method == "POST":
+            remote.create(str(uuid.uuid4()), "created", {}, None)
+        elif method == "PATCH":
+            remote.update(sid, {"text": "updated"}, None)
+        elif method == "DELETE":
+            remote.delete(sid)
+        elif path == JOBS:
+            list(remote.list_pages(None))
+        else:
+            remote.get(sid)
+        raised = "nothing"
+    except RemoteError as exc:
+        raised = f"{type(exc).__name__}: {str(exc).replace(sid, '{id}')}"
+    return raised, sorted(job["text"] for job in side.jobs().values())
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[next(iter(f)) + str(i) for i, f in enumerate(FAULTS)])
+@pytest.mark.parametrize("where", TARGETS, ids=[f"{m} {p}" for m, p in TARGETS])
+def test_each_fault_of_the_machine_fails_a_request_in_memory_as_it_does_over_http(where, fault):
+    method, path = where
+    outcomes = []
+    for side_kind in ("http", "memory"):
+        side = SIDES[side_kind](False)
+        try:
+            side.add_fault(method, path, 1, **fault)
+            outcomes.append(_request_through(side, method, path))
+        finally:
+            side.close()
+    assert outcomes[1] == outcomes[0]
+
+
+def machine_for(mode: str, side: str) -> type[SyncMachine]:
+    name = f"{mode.title()}{side.title()}SyncMachine"
+    return type(name, (SyncMachine,), {"feed": mode == "feed", "side_kind": side})
+
+
+@pytest.mark.parametrize("side", ["http", "memory"])
+@pytest.mark.parametrize("mode", ["listing", "feed"])
+def test_random_sync_histories_keep_every_promise_of_the_contract(mode, side):
     run_state_machine_as_test(
-        machine,
+        machine_for(mode, side),
         settings=settings(
             max_examples=EXAMPLES,
             stateful_step_count=STEPS,

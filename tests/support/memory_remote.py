@@ -8,22 +8,35 @@ answer goes through the agent's own parser (`remote.parse_server_job`), so a `Me
 answers what `remote.Remote` would make of the reference server's HTTP answers: the same
 ServerJobs, the same error kinds with the same messages.
 
-tests/test_sync_contract.py holds it and the real server to one suite of sync passes.
+For tests that play the world around the agent: another client's jobs (`MemoryServer.create`,
+`update`, `delete`, and `plant` for a job the API would refuse), a server bug (`corrupt`),
+backups and restores with `new-history` (`backup`, `restore`), and faults of the job routes as
+tests/support/faultserver.py programs them (`MemoryRemote.add_fault`), raised as `remote.Remote`
+raises what it reads of such an answer.
+
+tests/test_sync_contract.py holds it and the real server to one suite of sync passes;
+tests/test_sync_model.py runs its state machine against it and the FaultServer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from jobsyncd.api import (
+    AnswerTooLarge,
+    AuthRefused,
+    BackOff,
     BatchNotOffered,
     FeedGone,
     FeedNotOffered,
@@ -33,10 +46,20 @@ from jobsyncd.api import (
     InvalidJobObject,
     NotModified,
     Permanent,
+    RemoteError,
     ServerJob,
     Tombstone,
+    Transient,
 )
-from jobsyncd.remote import _batch_answer, _invalid_job, _server_message, parse_server_job
+from jobsyncd.remote import (
+    MAX_JOB_ANSWER_BYTES,
+    MAX_PAGE_ANSWER_BYTES,
+    _batch_answer,
+    _invalid_job,
+    _server_message,
+    parse_retry_after,
+    parse_server_job,
+)
 from jobsyncd.server import validation
 from jobsyncd.server.body import sanitise_filename
 from jobsyncd.server.errors import HTTPError
@@ -182,12 +205,125 @@ class MemoryServer:
     def jobs(self) -> dict[str, dict[str, Any]]:
         return {job_id: copy.deepcopy(r[2]) for job_id, r in self.rows.items()}
 
+    def plant(self, local_id: str, text: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+        """A job written into the storage without the API's checks (an import, an older
+        server): for a `local_id` that is not a UUID, which a create would refuse (6.4)."""
+        self.seq += 1
+        now = _utc_now()
+        job = {
+            "id": str(uuid.uuid4()),
+            "local_id": local_id,
+            "text": text,
+            "metadata": copy.deepcopy(metadata),
+            "status": NEW_JOB_STATUS,
+            "audio": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        self.rows[job["id"]] = [self.seq, self._bump(), job]
+        return copy.deepcopy(job)
+
+    def backup(self) -> dict[str, Any]:
+        """The whole state, as a copy of the database holds it (its ETag epoch and history
+        included)."""
+        return copy.deepcopy(
+            {
+                "rows": self.rows,
+                "tombstones": self.tombstones,
+                "version": self.version,
+                "seq": self.seq,
+                "epoch": self.epoch,
+                "history": self.history,
+            }
+        )
+
+    def restore(self, state: dict[str, Any], new_history: bool = True) -> None:
+        """The database put back from `backup()`'s copy; `new_history` as `jobsyncd-server
+        new-history` then gives it (a new history id; the ETag epoch stays the copy's)."""
+        state = copy.deepcopy(state)
+        self.rows, self.tombstones = state["rows"], state["tombstones"]
+        self.version, self.seq = state["version"], state["seq"]
+        self.epoch, self.history = state["epoch"], state["history"]
+        if new_history:
+            self.history = secrets.token_hex(8)
+
+    @staticmethod
+    def local_ids_of(state: dict[str, Any]) -> set[str]:
+        """The local_ids of the jobs a backup holds."""
+        return {row[2]["local_id"] for row in state["rows"].values()}
+
     def corrupt(self, job_id: str) -> None:
         """Serve the job with metadata that is not an object (a server bug): an invalid job
         object for the agent (contract 6.4). Counts as a change of the job."""
         row = self.rows[job_id]
         row[2]["metadata"] = []
         row[1] = self._bump()
+
+
+# What a fault of tests/support/faultserver.py may do that has a meaning without HTTP.
+# (Time, stalls and listing pages are the FaultServer's alone.)
+_ANSWER_ACTIONS = ("garbage", "content_type", "huge")  # an answer the client cannot read
+FAULT_ACTIONS = ("status", "headers", "drop_before", "drop_after_store", *_ANSWER_ACTIONS)
+
+
+class Fault:
+    """The next `times` requests of `method` on a path that `path` fullmatches fail by
+    `action`; `hits` counts them."""
+
+    def __init__(self, method: str, path: str, times: int, action: dict[str, Any]) -> None:
+        unknown = set(action) - set(FAULT_ACTIONS)
+        if unknown:
+            raise TypeError(f"no such fault in memory: {sorted(unknown)}")
+        status = action.get("status")
+        if status is not None and not 400 <= int(status) <= 599:
+            raise TypeError("a status fault in memory is a 4xx or 5xx")
+        if status is None and not any(action.get(a) for a in FAULT_ACTIONS[2:]):  # not headers
+            raise TypeError("a fault takes an action")
+        self.method, self.times, self.action = method.upper(), times, dict(action)
+        self.path = re.compile(path)
+        self.hits = 0
+
+    def takes(self, method: str, path: str) -> bool:
+        return self.hits < self.times and method == self.method and bool(self.path.fullmatch(path))
+
+
+def _broken(method: str, path: str) -> Transient:
+    # requests' words for a connection closed without an answer, as remote.Remote quotes them.
+    reason = (
+        "('Connection aborted.', "
+        "RemoteDisconnected('Remote end closed connection without response'))"
+    )
+    return Transient(f"{method} {path}: connection broken: {reason}")
+
+
+def fault_answer(action: dict[str, Any], method: str, path: str) -> None:
+    """Raise what `remote.Remote` raises on reading the answer a FaultServer's fault `action`
+    gives (as `_send`, `_check_status` and `_json` check it, in that order); return when it
+    takes the answer as done (a DELETE answered 2xx or 404, whatever the body)."""
+    listing = method == "GET" and path == "/jobs"
+    huge = action.get("huge")
+    if huge and huge > (MAX_PAGE_ANSWER_BYTES if listing else MAX_JOB_ANSWER_BYTES):
+        raise AnswerTooLarge(f"{method} {path}: the answer is too large ({huge} bytes)")
+    status = int(action.get("status") or 200)
+    if method == "DELETE" and status in (200, 404):
+        return
+    if status in (401, 403):
+        raise AuthRefused(status)
+    if status in (429, 503):
+        retry_after = (action.get("headers") or {}).get("Retry-After")
+        raise BackOff(status, parse_retry_after(retry_after))
+    if status == 404:
+        raise Gone(f"{method} {path}: not found on the server (404)")
+    # The fault server's own error body, unless the fault replaced the body.
+    injected = not any(action.get(a) for a in _ANSWER_ACTIONS)
+    message = f": injected fault ({status})" if injected else ""
+    if status >= 500:
+        raise Transient(f"{method} {path}: server error {status}{message}")
+    if status >= 400:
+        raise Permanent(f"{method} {path}: refused by the server ({status}){message}")
+    if action.get("content_type"):
+        raise Transient(f"{method} {path}: the server answered {action['content_type']}, not JSON")
+    raise Transient(f"{method} {path}: the server answered junk, not JSON")  # or JSON cut short
 
 
 class MemoryRemote:
@@ -198,6 +334,37 @@ class MemoryRemote:
         self.server = server if server is not None else MemoryServer()
         self.page_limit = page_limit
         self.closed = False
+        self.faults: list[Fault] = []
+
+    # ---- faults, as tests/support/faultserver.py programs them -------------------------------
+    def add_fault(self, method: str, path: str, times: int = 1, **action: Any) -> Fault:
+        """Fail the next `times` requests of `method` on a job route (POST and GET "/jobs", GET,
+        PATCH and DELETE "/jobs/{id}"; the feed and batches take no fault) whose path `path`, a
+        regular expression, fullmatches; the first programmed fault that matches is taken.
+        `action` as for FaultServer.add_fault: `status` (4xx, 5xx; `headers` may hold a
+        Retry-After), `drop_before` (the request never reaches the server), `drop_after_store`
+        (it is applied and its answer lost), `garbage`, `content_type` or `huge` (an answer
+        the client cannot read; nothing applied)."""
+        fault = Fault(method, path, times, action)
+        self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    def _through(self, method: str, path: str, apply: Callable[[], Any]) -> Any:
+        """`apply()` (the request reaching the server) unless a fault takes the request."""
+        fault = next((f for f in self.faults if f.takes(method, path)), None)
+        if fault is None:
+            return apply()
+        fault.hits += 1
+        if fault.action.get("drop_before"):
+            raise _broken(method, path)
+        if fault.action.get("drop_after_store"):
+            with contextlib.suppress(RemoteError):  # whatever it answered is lost
+                apply()
+            raise _broken(method, path)
+        return fault_answer(fault.action, method, path)
 
     # ---- errors as remote.Remote raises them ------------------------------------------------
     @staticmethod
@@ -212,11 +379,15 @@ class MemoryRemote:
         return parse_server_job(obj)
 
     def _call(self, method: str, path: str, action: Callable[[], dict[str, Any]]) -> ServerJob:
-        try:
-            obj = action()
-        except HTTPError as exc:
-            self._refused(exc, method, path)
-        return self._job(obj)
+        def request() -> ServerJob:
+            try:
+                obj = action()
+            except HTTPError as exc:
+                self._refused(exc, method, path)
+            return self._job(obj)
+
+        answer: ServerJob = self._through(method, path, request)
+        return answer
 
     @staticmethod
     def _audio(path: str) -> dict[str, Any]:
@@ -259,18 +430,21 @@ class MemoryRemote:
         path = "/jobs/" + server_id
         if upload is not None:
             raise Permanent(f"PATCH {path}: refused by the server (422): no uploads in memory")
-        if server_id not in self.server.rows:
-            raise Gone(f"PATCH {path}: not found on the server (404)")
         audio = self._audio(audio_path) if audio_path is not None else None
         fields = json.loads(json.dumps(fields))
         return self._call("PATCH", path, lambda: self.server.update(server_id, fields, audio))
 
     def delete(self, server_id: str) -> None:
-        try:
-            self.server.delete(server_id)
-        except HTTPError as exc:
-            if exc.status != 404:  # 404 counts as done
-                self._refused(exc, "DELETE", "/jobs/" + server_id)
+        path = "/jobs/" + server_id
+
+        def request() -> None:
+            try:
+                self.server.delete(server_id)
+            except HTTPError as exc:
+                if exc.status != 404:  # 404 counts as done
+                    self._refused(exc, "DELETE", path)
+
+        self._through("DELETE", path, request)
 
     def get(self, server_id: str) -> ServerJob:
         return self._call("GET", "/jobs/" + server_id, lambda: self.server.get(server_id))
@@ -278,17 +452,28 @@ class MemoryRemote:
     def list_pages(
         self, etag: str | None
     ) -> Iterator[tuple[list[ServerJob | InvalidJob], str | None]]:
-        if etag is not None and etag == self.server.etag:
-            raise NotModified()
         limit = min(self.page_limit or DEFAULT_LIMIT, MAX_LIMIT)
-        listing_etag = self.server.etag
+        listing_etag: str | None = None
         after = 0
         while True:
-            objects, last = self.server.list_page(after, limit)
+            first = listing_etag is None
+            page = functools.partial(self._page, etag if first else None, after, limit)
+            objects, last, page_etag = self._through("GET", "/jobs", page)
+            if first:
+                listing_etag = page_etag  # the first page's ETag names the listing
             yield [self._item(obj) for obj in objects], listing_etag
             if last is None:
                 return
             after = last
+
+    def _page(
+        self, etag: str | None, after: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int | None, str]:
+        """One GET of the listing: (its jobs, the seq to go on after, its ETag)."""
+        if etag is not None and etag == self.server.etag:
+            raise NotModified()
+        objects, last = self.server.list_page(after, limit)
+        return objects, last, self.server.etag
 
     def _item(self, obj: dict[str, Any]) -> ServerJob | InvalidJob:
         try:
