@@ -717,7 +717,8 @@ class Remote:
             fh.close()
 
     def delete(self, server_id: str) -> None:
-        """Delete on the server; 404 counts as done."""
+        """Delete on the server; 404 counts as done, and so does a 204, or a 200 or 202 whose
+        body is empty or JSON."""
         path = "/jobs/" + _quote(server_id)
         with self._redacting():
             response, body = self._send("DELETE", path)
@@ -726,6 +727,11 @@ class Remote:
             self._check_status(response, body, "DELETE", path)
             if response.status_code not in (200, 202, 204):
                 raise Transient(f"DELETE {path}: unexpected answer {response.status_code}")
+            if response.status_code != 204 and body.strip():
+                # A 200 with a body must be the job server's JSON: a captive portal or a proxy
+                # answers 200 text/html, and taking that as done would drop the job here while
+                # the server keeps it, never to be seen again.
+                self._json(response, body, "DELETE", path)
 
     def get(self, server_id: str) -> ServerJob:
         path = "/jobs/" + _quote(server_id)

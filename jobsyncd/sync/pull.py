@@ -131,7 +131,9 @@ class Puller:
                     limit = max(1, limit // 4)  # big jobs: fewer per page, never stuck
                     continue
                 pages += 1
-                if page.items and self._index is None and not self.journal.sparse:
+                # A resync needs the store even when the feed is empty (a restore to a backup
+                # older than every job): each job synced here and not in the feed is settled.
+                if (page.items or resync) and self._index is None and not self.journal.sparse:
                     if (
                         not resync
                         and not self.store.loaded

@@ -696,11 +696,14 @@ class SQLStorage(abc.ABC):
 
     def new_history(self) -> str:
         """Give the database a new history id (after a restore): every checkpoint given out
-        before reads as diverged."""
-        history = secrets_hex(16)
+        before reads as diverged. The ETag epoch is renewed too: the restored counters are
+        handed out again, and an ETag from after the backup would otherwise name another
+        listing (an agent would get a 304 for a listing that changed)."""
+        history, epoch = secrets_hex(16), secrets_hex(4)
         with self._write() as tx:
             tx.execute("UPDATE server_meta SET value = ? WHERE key = 'history_id'", (history,))
-        self.history = history
+            tx.execute("UPDATE server_meta SET value = ? WHERE key = 'etag_epoch'", (epoch,))
+        self.history, self._epoch = history, epoch
         return history
 
 
