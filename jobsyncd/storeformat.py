@@ -326,9 +326,7 @@ def ids_naming_server_id(data: Any, server_id: str) -> Iterator[str]:
         pos = data.find(needle, pos + 1)
 
 
-def synced_ids(
-    data: Any, excluded: set[str], enough: int, max_checks: int
-) -> set[bytes] | None:
+def synced_ids(data: Any, excluded: set[str], enough: int, max_checks: int) -> set[bytes] | None:
     """The ids (as bytes) of jobs other than `excluded` whose latest line names `synced`,
     newest lines first, until `enough` are found; None when a line is not of our layout or
     more than `max_checks` lines had to be looked at."""
