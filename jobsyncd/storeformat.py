@@ -326,11 +326,11 @@ def ids_naming_server_id(data: Any, server_id: str) -> Iterator[str]:
         pos = data.find(needle, pos + 1)
 
 
-def synced_ids(data: Any, excluded: set[str], enough: int, max_checks: int) -> set[bytes] | None:
-    """The ids (as bytes) of jobs other than `excluded` whose latest line names `synced`,
-    newest lines first, until `enough` are found; None when a line is not of our layout or
-    more than `max_checks` lines had to be looked at."""
-    found: set[bytes] = set()
+def synced_ids(data: Any, excluded: set[str], enough: int, max_checks: int) -> set[str] | None:
+    """The ids of jobs other than `excluded` whose latest record is `synced`, newest lines
+    first, until `enough` are found; None when a line is not of our layout or more than
+    `max_checks` lines had to be looked at."""
+    found: set[str] = set()
     checks = 0
     pos = data.rfind(SYNCED_NEEDLE)  # newest lines first: most likely still current
     while pos != -1 and len(found) < enough:
@@ -341,10 +341,11 @@ def synced_ids(data: Any, excluded: set[str], enough: int, max_checks: int) -> s
         checks += 1
         if checks > max_checks:
             return None
-        local_id = head[len(RECORD_HEAD) : HEAD_LENGTH - 1]
-        if local_id not in found and local_id.decode() not in excluded:
-            last = max(data.rfind(b"\n" + head) + 1, start)
-            if SYNCED_NEEDLE in data[last : line_at(data, last)[1]]:
+        local_id = local_id_in(head)
+        if local_id not in found and local_id not in excluded:
+            # Parsed, not searched: the needle may be a metadata key's, not the job's status.
+            rec = latest_record(data, head, local_id)
+            if rec is not None and rec.get(STATUS_KEY) == SyncStatus.SYNCED.value:
                 found.add(local_id)
         pos = data.rfind(SYNCED_NEEDLE, 0, start)
     return found

@@ -185,3 +185,24 @@ def test_the_format_imports_only_the_model_and_nothing_heavy():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
     assert not {"requests", "click", "hashlib", "jobsyncd.store", "jobsyncd.sync"} & set(loaded)
+
+
+def test_a_job_whose_metadata_names_synced_is_not_counted_as_synced(tmp_path):
+    """The deletion guard counts the synced jobs a feed leaves: a pending job that merely has
+    metadata sync_status=synced must not make a feed that deletes every synced job look safe."""
+    from jobsyncd.store import Store, prepare_data_dir
+
+    pending = Job(str(uuid.uuid4()), text="t", metadata={"sync_status": "synced"})
+    synced = Job(str(uuid.uuid4()), text="t", sync_status="synced", server_id="s-1")
+    blob = fmt.encode_lines([pending, synced])
+    assert fmt.synced_ids(blob, set(), 5, 64) == {synced.local_id}
+    assert fmt.synced_ids(blob, {synced.local_id}, 5, 64) == set()
+
+    prepare_data_dir(str(tmp_path / "d"))
+    store = Store(str(tmp_path / "d"), warn=lambda m: None)
+    store.append([pending, synced])
+    assert Store(store.data_dir).synced_jobs_besides({synced.local_id}, 1) == 0
+    # A synced job's later line that cannot be read is passed over, as a fold would.
+    with open(store.path, "ab") as fh:
+        fh.write(fmt.head_of(synced.local_id) + b',"server_id":"s-1","sync_status":"synced"\n')
+    assert Store(store.data_dir, warn=lambda m: None).synced_jobs_besides(set(), 5) == 1
