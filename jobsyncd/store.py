@@ -4,6 +4,7 @@ Each line is a whole job record (or a `purged` tombstone); later lines supersede
 Writers serialise on `jobs.lock` (flock); every append is one write of whole lines, fsynced;
 compaction writes a temporary file, fsyncs it and renames it over the store (then fsyncs the
 directory), so a crash at any instant leaves the old store or the new one, never a mix.
+The line format and the byte searches that find jobs without folding live in storeformat.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,21 @@ from .fsutil import (
     write_file_atomically,
 )
 from .fsutil import write_all as _write_all  # a module global: tests make it fail here
-from .model import STATUSES, Job, compact_json
+from .model import Job
+from .storeformat import (
+    FEW_HEADS,
+    FileView,
+    due_candidates,
+    encode_lines,
+    encode_record,  # noqa: F401 - re-exported: callers have always found it here
+    head_of,
+    ids_naming_server_id,
+    ids_with_prefix,
+    latest_record,
+    synced_ids,
+    tombstone,
+    valid_record,
+)
 
 STORE_NAME = "jobs.jsonl"
 LOCK_NAME = "jobs.lock"
@@ -44,28 +59,6 @@ AUTO_COMPACT_MIN_LINES = 200
 
 def _default_warn(message: str) -> None:
     print(f"jobsyncd: warning: {message}", file=sys.stderr)
-
-
-def encode_record(record: dict[str, Any]) -> bytes:
-    # Compact separators and local_id first: `find` relies on each line starting with
-    # {"local_id":"<id>" so it can locate a job's lines without parsing the whole store.
-    return compact_json(record).encode() + b"\n"
-
-
-def tombstone(local_id: str) -> dict[str, Any]:
-    return {"local_id": local_id, "purged": True}
-
-
-def _valid_record(rec: Any) -> bool:
-    if not isinstance(rec, dict) or not isinstance(rec.get("local_id"), str):
-        return False
-    if rec.get("purged") is True:
-        return True
-    return (
-        rec.get("sync_status") in STATUSES
-        and isinstance(rec.get("metadata", {}), dict)
-        and isinstance(rec.get("text", ""), str)
-    )
 
 
 class Store:
@@ -151,7 +144,7 @@ class Store:
                 # The lines as one array without splitting them (a blank line breaks it: then
                 # the lines that are not blank are joined, and failing that parsed one by one).
                 parsed = json.loads(b"[" + piece[:-1].replace(b"\n", b",") + b"]")
-                if all(_valid_record(r) for r in parsed):
+                if all(valid_record(r) for r in parsed):
                     self._fold(parsed)
                     count += len(parsed)
                     continue
@@ -162,7 +155,7 @@ class Store:
                 continue
             try:
                 parsed = json.loads(b"[" + b",".join(chunk) + b"]")
-                if all(_valid_record(r) for r in parsed):
+                if all(valid_record(r) for r in parsed):
                     self._fold(parsed)
                     count += len(parsed)
                     continue
@@ -173,7 +166,7 @@ class Store:
                     rec = json.loads(line)
                 except ValueError:
                     rec = None
-                if _valid_record(rec):
+                if valid_record(rec):
                     self._fold([rec])
                     count += 1
                     continue
@@ -321,9 +314,11 @@ class Store:
                 return []
             hint = self._usable_hint(data)
             if hint is None:
-                found = _due_candidates(data, limit)
+                found = due_candidates(data, limit, few_heads=_FEW_HEADS)
             else:
-                found = _due_candidates(data, limit, start=hint["end"], known=hint["due"])
+                found = due_candidates(
+                    data, limit, start=hint["end"], known=hint["due"], few_heads=_FEW_HEADS
+                )
             if found is not None:
                 self._keep_hint(data, found, hint)
             return found
@@ -493,14 +488,7 @@ class Store:
         return matches
 
     def _by_prefix(self, data: Any, prefix: str) -> dict[str, Job]:
-        needle = b'\n{"local_id":"' + prefix.encode()
-        candidates = set()
-        if data[: len(needle) - 1] == needle[1:]:
-            candidates.add(data[13:49].decode())
-        pos = data.find(needle)
-        while pos != -1:
-            candidates.add(data[pos + 14 : pos + 50].decode())
-            pos = data.find(needle, pos + 1)
+        candidates = ids_with_prefix(data, prefix)
         live = {}
         for local_id in candidates:
             found = self._fold_one(data, local_id)
@@ -549,47 +537,24 @@ class Store:
                 for j in self.refresh().values()
                 if j.sync_status == "synced" and j.local_id not in excluded
             )
-        needle = b'"sync_status":"synced"'
-        found: set[bytes] = set()
-        checks = 0
         with self.mapped() as data:
             if data is None:
                 return 0
-            pos = data.rfind(needle)  # newest lines first: most likely still current
-            while pos != -1 and len(found) < enough:
-                start, end = _line_at(data, pos)
-                head = data[start : start + 50]
-                if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
-                    return None
-                checks += 1
-                if checks > _MAX_STALE_CHECKS:
-                    return None
-                local_id = head[13:49]
-                if local_id not in found and local_id.decode() not in excluded:
-                    last = max(data.rfind(b"\n" + head) + 1, start)
-                    if needle in data[last : _line_at(data, last)[1]]:
-                        found.add(local_id)
-                pos = data.rfind(needle, 0, start)
-        return len(found)
+            found = synced_ids(data, excluded, enough, _MAX_STALE_CHECKS)
+        return None if found is None else len(found)
 
     @classmethod
     def _bound_to(cls, data: Any, server_id: str) -> Iterator[Job]:
         """The jobs whose latest record holds `server_id`, found in place (a line of any of them
         may name it; the server_id is the second key, right after the 36-character local_id)."""
-        needle = b'","server_id":' + json.dumps(server_id, ensure_ascii=False).encode() + b","
-        head = b'{"local_id":"'
-        pos = data.find(needle)
-        while pos != -1:
-            start = data.rfind(b"\n", 0, pos) + 1
-            if data[start : start + len(head)] == head and pos == start + len(head) + 36:
-                found = cls._fold_one(data, data[start + len(head) : pos].decode())
-                if found is not None and found.server_id == server_id:
-                    yield found
-            pos = data.find(needle, pos + 1)
+        for local_id in ids_naming_server_id(data, server_id):
+            found = cls._fold_one(data, local_id)
+            if found is not None and found.server_id == server_id:
+                yield found
 
     @staticmethod
     def _fold_one(data: Any, local_id: str) -> Job | None:
-        rec = _latest_record(data, b'{"local_id":' + json.dumps(local_id).encode(), local_id)
+        rec = latest_record(data, head_of(local_id), local_id)
         if rec is None or rec.get("purged"):
             return None
         try:
@@ -614,10 +579,7 @@ class Store:
         tombstones = [tombstone(i) for i in purge]
         if not jobs and not tombstones:
             return
-        lines = [j.record_json() for j in jobs]
-        lines += [compact_json(t) for t in tombstones]
-        blob = ("\n".join(lines) + "\n").encode()
-        del lines
+        blob = encode_lines(jobs, tombstones)
         with self.lock:
             if not self._loaded and os.path.lexists(self.repair_marker):
                 self.load()  # a reader found unreadable lines: this write drops them
@@ -680,7 +642,7 @@ class Store:
             return  # a last line longer than 64 KiB: left to a reader's check
         line = tail[start:-1]
         try:
-            ok = _valid_record(json.loads(line)) if line.strip() else True
+            ok = valid_record(json.loads(line)) if line.strip() else True
         except ValueError:
             ok = False
         if not ok:
@@ -720,8 +682,7 @@ class Store:
             # Written a few thousand records at a time: a store of 100,000 jobs is never held
             # as lines in memory (twice, with the join), beside the jobs themselves.
             jobs = iter(self.jobs.values())
-            while piece := "".join(j.record_json() + "\n" for j in islice(jobs, 4096)):
-                data = piece.encode()
+            while data := encode_lines(islice(jobs, 4096)):
                 _write_all(fd, data)
                 size += len(data)
             os.fsync(fd)
@@ -749,188 +710,17 @@ class Store:
         self._needs_repair = False
 
 
-_DUE_NEEDLES = (b'"sync_status":"pending', b'"sync_status":"error"')
-_DUE_STATUSES = ("pending", "pending_deletion", "error")
 _MAX_STALE_CHECKS = 64
 _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
-_FEW_HEADS = 8  # more due-named jobs than this are resolved by one scan (_last_lines)
-_SCAN_BLOCK = 4 << 20
-_HEAD_AT_LINE_START = re.compile(rb'(?m)^\{"local_id":"[^"\n]{36}"')
+# Passed to every due search rather than left to storeformat's default: tests set it here to
+# take either path (one scan of the file, or each job backwards from the end).
+_FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
-
-
-class FileView:
-    """The first `size` bytes of an open file, searched like bytes (find, rfind, slices, len)
-    by positioned reads: each search reads chunks that start small (a line's end is near) and
-    double up to 1 MiB, so a whole-file search copies the file once in 1 MiB pieces."""
-
-    FIRST_CHUNK = 4096
-    MAX_CHUNK = 1 << 20
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: slice) -> bytes:
-        start, stop, step = index.indices(self.size)
-        if step != 1:
-            raise ValueError("FileView slices have no step")
-        return os.pread(self.fd, stop - start, start) if stop > start else b""
-
-    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
-        end = self.size if end is None else min(end, self.size)
-        pos, chunk = max(start, 0), self.FIRST_CHUNK
-        while pos + len(sub) <= end:
-            stop = min(pos + chunk + len(sub) - 1, end)
-            found = os.pread(self.fd, stop - pos, pos).find(sub)
-            if found != -1:
-                return pos + found
-            if stop == end:
-                return -1
-            pos += chunk
-            chunk = min(2 * chunk, self.MAX_CHUNK)
-        return -1
-
-    def rfind(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
-        end = self.size if end is None else min(end, self.size)
-        start, chunk = max(start, 0), self.FIRST_CHUNK
-        while end - start >= len(sub):
-            lo = max(start, end - chunk - len(sub) + 1)
-            found = os.pread(self.fd, end - lo, lo).rfind(sub)
-            if found != -1:
-                return lo + found
-            if lo == start:
-                return -1
-            end = lo + len(sub) - 1
-            chunk = min(2 * chunk, self.MAX_CHUNK)
-        return -1
-
-
-def _line_at(data: Any, pos: int) -> tuple[int, int]:
-    start = data.rfind(b"\n", 0, pos) + 1
-    end = data.find(b"\n", pos)
-    return start, (len(data) if end == -1 else end)
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
     deleting = job.sync_status == "pending_deletion"
     return (deleting, job.sync_status == "synced", job.created_at, job.local_id)
-
-
-def _due_candidates(
-    data: Any,
-    limit: int,
-    max_checks: int | None = None,
-    start: int = 0,
-    known: Iterable[str] = (),
-) -> list[str] | None:
-    """The local_ids whose latest line has a status that needs a push, by byte search from
-    `start` (the jobs `known` to be due before it are checked too); None when more than `limit`
-    are due, more than `max_checks` (4 x limit) jobs name such a status, or a line is not of
-    our layout."""
-    max_checks = 4 * limit if max_checks is None else max_checks
-    heads: dict[bytes, int | None] = {}  # each job's head -> where its first hit starts
-    for head, line_start in _due_heads(data, start, known):
-        if head is None:
-            return None  # a line not of our layout
-        if head not in heads:
-            heads[head] = line_start
-            if len(heads) > max_checks:
-                return None
-    hits = [p for p in heads.values() if p is not None]
-    # A few jobs (a create while the daemon idles): each found backwards from the end. Many (a
-    # first sync, a backlog): one scan from the first hit finds every one's last line, instead
-    # of one scan of the file per job.
-    lasts = _last_lines(data, set(heads), min(hits)) if len(hits) > _FEW_HEADS else {}
-    found: list[str] = []
-    for head in heads:
-        local_id = head[13:49].decode()
-        rec = _record_at(data, lasts[head], local_id) if head in lasts else None
-        if rec is None:
-            rec = _latest_record(data, head, local_id)
-        if rec is not None and rec.get("sync_status") in _DUE_STATUSES:
-            found.append(local_id)
-            if len(found) > limit:
-                return None
-    return found
-
-
-def _last_lines(data: Any, heads: set[bytes], begin: int) -> dict[bytes, int]:
-    """Where the last line of each of `heads` at or after `begin` (a line's start) starts, by
-    one scan in blocks of whole lines."""
-    last: dict[bytes, int] = {}
-    pos, size = begin, len(data)
-    while pos < size:
-        block = data[pos : pos + _SCAN_BLOCK]
-        cut = len(block)
-        if pos + cut < size:
-            cut = block.rfind(b"\n") + 1 or cut  # whole lines (a longer line: cut anywhere)
-        for match in _HEAD_AT_LINE_START.finditer(block, 0, cut):
-            if match.group(0) in heads:
-                last[match.group(0)] = pos + match.start()
-        pos += cut
-    return last
-
-
-def _record_at(data: Any, start: int, local_id: str) -> dict[str, Any] | None:
-    """The valid record of `local_id` on the line at `start`, else None."""
-    stop = data.find(b"\n", start)
-    if stop == -1:
-        return None  # a torn last line
-    try:
-        rec = json.loads(data[start:stop])
-    except ValueError:
-        return None
-    return rec if _valid_record(rec) and rec["local_id"] == local_id else None
-
-
-def _latest_record(data: Any, head: bytes, local_id: str) -> dict[str, Any] | None:
-    """The job's latest valid record, searched from the end of the file backwards (`head` is
-    its line's start, `{"local_id":"<id>"`): a job changed lately is found without reading the
-    rest; a torn or unreadable line is passed over, as a load would."""
-    end = len(data)
-    while True:
-        pos = data.rfind(b"\n" + head, 0, end)
-        if pos != -1:
-            start = pos + 1
-        elif data[: len(head)] == head:
-            start = 0
-        else:
-            return None
-        stop = data.find(b"\n", start)
-        if stop != -1:  # else a torn last line
-            try:
-                rec = json.loads(data[start:stop])
-            except ValueError:
-                rec = None
-            if _valid_record(rec) and rec["local_id"] == local_id:
-                return dict(rec)
-        if start == 0:
-            return None
-        end = pos
-
-
-def _due_heads(
-    data: Any, start: int, known: Iterable[str]
-) -> Iterator[tuple[bytes | None, int | None]]:
-    """The heads (`{"local_id":"<id>"`) of the jobs `known` to be due (where: None), then of
-    each line from `start` that names a due status, with where that line starts; (None, None)
-    for a line that is not of our layout."""
-    for local_id in known:
-        yield b'{"local_id":"' + local_id.encode() + b'"', None
-    for needle in _DUE_NEEDLES:
-        pos = data.find(needle, start)
-        while pos != -1:
-            line_start, end = _line_at(data, pos)
-            head = data[line_start : line_start + 50]  # {"local_id":"<36 characters>"
-            if not head.startswith(b'{"local_id":"') or head[49:50] != b'"':
-                yield None, None
-                return
-            yield head, line_start
-            pos = data.find(needle, end)
 
 
 def _unlink_quietly(path: str) -> None:
