@@ -81,8 +81,11 @@ def patch(url: str, server_id: str, fields: dict) -> None:
     requests.patch(f"{url}/api/v1/jobs/{server_id}", json=fields, timeout=10).raise_for_status()
 
 
-def push_bench(jobs: int) -> None:
-    for mode in ("batch", "single"):
+def push_bench(jobs: int, repeat: int = 1) -> None:
+    """First sync of `jobs` new jobs in batches (`repeat` times, then the median) and one
+    request per job (once), and 1,000 edits pushed in one pass after each batched first sync."""
+    firsts, edits = [], []
+    for mode in ["batch"] * repeat + ["single"]:
         with tempfile.TemporaryDirectory() as tmp:
             server = Server(tmp).start()
             try:
@@ -95,6 +98,7 @@ def push_bench(jobs: int) -> None:
                 took = run([JOBSYNCD, "sync"], env)
                 print(f"first sync of {jobs} new jobs, {mode}: {took:.2f} s ({jobs / took:.0f} jobs/s)")
                 if mode == "batch":
+                    firsts.append(took)
                     # 1,000 edits in one pass
                     script = (
                         "import sys; from jobsyncd.store import Store; from jobsyncd.jobs import "
@@ -103,9 +107,15 @@ def push_bench(jobs: int) -> None:
                     )
                     subprocess.run([sys.executable, "-c", script, data], check=True, env=env)
                     took = run([JOBSYNCD, "sync"], env)
+                    edits.append(took)
                     print(f"1,000 edits pushed in one pass (whole process): {took:.2f} s")
             finally:
                 server.stop()
+    if repeat > 1:
+        print(
+            f"median of {repeat}: first sync {statistics.median(firsts):.2f} s, "
+            f"1,000 edits {statistics.median(edits):.2f} s"
+        )
 
 
 def push_memory(jobs: int) -> None:
@@ -263,9 +273,10 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--only", choices=["push", "feed", "daemon"], default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="batched first syncs to run")
     args = parser.parse_args()
     if args.only in (None, "push"):
-        push_bench(args.jobs)
+        push_bench(args.jobs, args.repeat)
         push_memory(args.big)
     if args.only in (None, "feed"):
         feed_bench(args.big, max(3, args.rounds // 4))
