@@ -282,7 +282,9 @@ def run_sync_command(
     """`jobsyncd sync`. With `quiet` (-q) stdout stays empty unless `--json`: cron mails any
     output, so a good pass must print nothing; a bad one still gets its error line on stderr.
     With `wait`, a pass handed to a daemon is waited for, and reported as if it ran here."""
-    check_server_url(settings)  # exit 78 before anything else
+    # Exit 78 before anything else; the HTTP layer's own parse of the URL waits for a pass run
+    # here (execute_pass): one handed to a daemon never imports it.
+    check_server_url(settings, http_layer=False)
     token, warnings = read_token(settings)
     for message in warnings:
         log.warning(message)

@@ -159,3 +159,30 @@ def test_a_quiet_sync_handed_to_the_daemon_prints_nothing(cli, daemon):
         for argv in (("-q", "sync"), ("sync", "-q")):
             proc = cli("--server", srv.url, *argv)
             assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["sync", "sync --wait"])
+def test_a_sync_handed_to_the_daemon_never_imports_the_http_client(cli, daemon, wait):
+    # Issue 11: a cron `sync` beside a running daemon only hands over; requests and urllib3
+    # (about 100 ms of imports) belong to the process that talks to the server.
+    import sys
+
+    with FaultServer() as srv:
+        d = daemon(srv.url)
+        code = (
+            "import sys\n"
+            "from jobsyncd.cli import main\n"
+            "try:\n"
+            f"    main(['--server', {srv.url!r}, 'sync', '--json'{', ' + repr('--wait') if wait else ''}])\n"
+            "except SystemExit as exc:\n"
+            "    rc = exc.code or 0\n"
+            "heavy = sorted(m for m in ('requests', 'urllib3') if m in sys.modules)\n"
+            "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
+            "sys.exit(rc)\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["handed_to_daemon"] == d.pid
+        assert proc.stderr.splitlines()[-1] == "HEAVY=", proc.stderr
