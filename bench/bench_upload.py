@@ -368,7 +368,7 @@ def memory(work: Path, size: int) -> None:
     print(f"  client          {r['peak_mib']:6.1f} MiB  (target < 64)")
     print(f"  server          {after:6.1f} MiB  (at start {base:.1f} MiB; target < 64)")
     print(f"  upload          {r['seconds']:6.2f} s, {size / MiB / r['seconds']:.0f} MiB/s")
-    print(f"  client of today's multipart POST, same file: {today['peak_mib']:.1f} MiB")
+    print(f"  client of a multipart POST (streamed), same file: {today['peak_mib']:.1f} MiB")
     one_patch(work, size)
 
 

@@ -326,6 +326,36 @@ def test_large_audio_goes_by_multipart_to_a_server_without_resumable_uploads(
     assert asked == [("OPTIONS", "/api/v1/uploads")]  # asked once, then again after a day
 
 
+def test_audio_sent_by_multipart_is_streamed_from_the_file_never_held_in_memory(
+    cli, fault_server, tmp_path
+):
+    # requests' `files=` read the whole recording into memory (and copied it): a 256 MiB file
+    # took 540 MiB. The body is now read from the file as it is sent; the agent's peak memory
+    # stays below the file's size, where a whole copy alone would pass it.
+    import sys
+
+    size = 60 << 20  # under the 64 MiB a server takes
+    cli.env["JOBSYNCD_SERVER_URL"] = fault_server.url
+    path, digest = audio(tmp_path, size)
+    lid = cli("create", "--audio", str(path), check=True).stdout.strip()
+    peak = (
+        "import resource, subprocess, sys\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", peak, cli.binary, "sync"],
+        env=cli.env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak_kib = int(proc.stderr.splitlines()[-1])
+    job = fault_server.job_by_local_id(lid)
+    assert job["audio"]["sha256"] == digest
+    assert hashlib.sha256(fault_server.audio_bytes(job["id"])).hexdigest() == digest
+    assert peak_kib * 1024 < size, f"peak {peak_kib // 1024} MiB for a {size >> 20} MiB file"
+
+
 def test_large_audio_goes_by_multipart_to_the_reference_server_with_uploads_switched_off(
     agent, ref_server, tmp_path
 ):
