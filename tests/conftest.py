@@ -7,12 +7,23 @@ them live in tests/support/helpers.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from faultserver import FaultServer  # noqa: E402
 from helpers import Cli, RefServer, _bin  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask() -> Iterator[None]:
+    """prepare_data_dir sets the process umask to 077 (as the CLI wants), and in-process tests
+    call it: every test starts and ends with the umask it found."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture(scope="session")

@@ -6,23 +6,12 @@ client's page-size limit lowered so that a few kilobytes of jobs make a page too
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import pytest
 
 import jobsyncd.remote as remote_module
 from jobsyncd.remote import Remote
 from jobsyncd.store import Store, prepare_data_dir
 from jobsyncd.sync import Policy, run_pass
-
-
-@pytest.fixture(autouse=True)
-def _restore_umask():
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
 
 
 def test_a_feed_page_too_large_is_asked_again_smaller_and_every_job_arrives(

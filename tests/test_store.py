@@ -28,15 +28,6 @@ from jobsyncd.store import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_umask():
-    """prepare_data_dir sets the process umask to 077 (as the CLI wants); keep tests independent."""
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"

@@ -29,14 +29,6 @@ DUE = ("pending", "pending_deletion", "error")
 STATUSES = ("pending", "pending_deletion", "error", "synced", "failed")
 
 
-@pytest.fixture(autouse=True)
-def _restore_umask():
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
 def _job(local_id: str, status: str, meta: dict | None = None) -> Job:
     now = rfc3339(utc_now())
     job = Job(local_id=local_id, text="t", metadata=meta or {}, created_at=now, updated_at=now)

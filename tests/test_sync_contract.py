@@ -193,14 +193,6 @@ def reference_server(server_bin: str, tmp_path_factory: pytest.TempPathFactory) 
         srv.stop()
 
 
-@pytest.fixture(autouse=True)
-def _restore_umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
 @pytest.fixture(params=["memory", "reference"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     if request.param == "memory":

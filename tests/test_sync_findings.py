@@ -4,7 +4,6 @@ HTTP client against the fault server on loopback."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +15,6 @@ from jobsyncd.store import Store, prepare_data_dir
 from jobsyncd.sync import Policy, run_pass
 
 POLICY = Policy(max_retries=3, backoff_base_seconds=0)
-
-
-@pytest.fixture(autouse=True)
-def _restore_umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
 
 
 class Agent:
