@@ -43,7 +43,7 @@ HEAD_LENGTH = len(RECORD_HEAD) + LOCAL_ID_LENGTH + 1
 SERVER_ID_FIELD = b',"' + SECOND_KEY.encode() + b'":'
 STATUS_FIELD = b'"' + STATUS_KEY.encode() + b'":'
 
-# The statuses that need a push (the pass decides when: sync._is_due).
+# The statuses that need a push (the pass decides when: sync.rules.is_due).
 DUE_STATUSES = (
     SyncStatus.PENDING.value,
     SyncStatus.PENDING_DELETION.value,

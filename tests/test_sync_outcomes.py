@@ -242,7 +242,72 @@ def test_a_rebind_keeps_the_audio_sent_only_when_the_servers_hash_is_the_files()
     assert run(View(here), other).job.audio_sent is None
 
 
+
+
+def test_an_update_answered_takes_the_servers_copy_of_the_fields_it_did_not_send():
+    snap = job(status="pending", server_id="s1", text="mine")
+    answer = ServerJob("s1", LID, "mine", {"other": "client"}, "done", None, None, None)
+    applied = run(View(snap), Pushed(snap, answer, None, created=False))
+    assert applied.job is not None and applied.job.sync_status == "synced"
+    assert applied.job.metadata == {"other": "client"} and applied.job.server_status == "done"
+    assert applied.job.base == {"text": "mine", "metadata": {"other": "client"}}
+    assert applied.job.last_sync_attempt_at == "2026-12-01T12:00:00.000Z" and not applied.again
+
+
+def test_a_push_answered_while_the_job_changed_binds_it_and_asks_for_another_pass():
+    snap = job()
+    applied = run(View(job(rev=2, text="newer")), Pushed(snap, sj(text="mine"), None, True))
+    assert applied.again and applied.job is not None
+    assert (applied.job.server_id, applied.job.create_sent, applied.job.text) == ("s1", True, "newer")
+    assert applied.job.sync_status == "pending"
+
+
+def test_a_push_whose_audio_the_server_does_not_hold_stays_pending():
+    snap = job(audio_file="/a.wav")
+    applied = run(View(snap), Pushed(snap, sj(text="mine"), None, created=True))
+    assert applied.job is not None and applied.job.sync_status == "pending" and applied.again
+
+
+def test_a_patch_answered_404_fails_the_job_as_gone():
+    snap = job(status="pending", server_id="s1")
+    applied = run(View(snap), PushFailed(snap, "404", permanent=True, gone=True))
+    assert applied.job is not None
+    assert (applied.job.sync_status, applied.job.error_kind) == ("failed", "gone")
+
+
+def test_a_deletion_that_errors_stays_a_deletion_with_its_back_off():
+    snap = job(status="pending_deletion", server_id="s1")
+    applied = run(View(snap), PushFailed(snap, "503", permanent=False, gone=False))
+    assert applied.job is not None
+    assert (applied.job.sync_status, applied.job.error_kind) == ("pending_deletion", "delete")
+    assert applied.job.next_attempt_at is not None
+
+
+def test_an_invalid_create_answer_naming_an_id_binds_the_job_as_unconfirmed():
+    snap = job()
+    applied = run(View(snap), PushFailed(snap, "bad", permanent=False, gone=False, bind_id="s7"))
+    assert applied.job is not None
+    assert (applied.job.server_id, applied.job.error_kind) == ("s7", "unconfirmed")
+    bound = job(server_id="s1")
+    kept = run(View(bound), PushFailed(bound, "bad", permanent=False, gone=False, bind_id="s7"))
+    assert kept.job is not None and kept.job.server_id == "s1"
+
+
 def test_a_back_off_is_drawn_from_the_policy_and_the_time_given():
     applied = run(View(job()), PushFailed(job(), "503", False, False), Policy(backoff_base_seconds=60))
-    assert applied.job is not None
-    assert applied.job.next_attempt_at > "2026-12-01T12:00:"
+    assert applied.job is not None and applied.job.next_attempt_at is not None
+    wait = dt.datetime.fromisoformat(applied.job.next_attempt_at.replace("Z", "+00:00")) - NOW
+    assert dt.timedelta(seconds=1) <= wait <= dt.timedelta(seconds=120)
+
+
+def test_a_job_removed_names_its_audio_copy_for_removal_after_the_write():
+    gone_here = job(status="pending_deletion", server_id="s1", audio_file="/d/audio/x.wav")
+    assert run(View(gone_here), DeletedOnServer(LID)).audio_to_remove == "/d/audio/x.wav"
+    synced = job(status="synced", server_id="s1", audio_file="/d/audio/y.wav")
+    removed = run(View(synced), RemovedByServer(LID, "s1"))
+    assert (removed.audio_to_remove, removed.line) == ("/d/audio/y.wav", ("removed", LID, ""))
+
+
+def test_an_outcome_apply_does_not_know_is_refused_never_taken_for_a_deletion():
+    with pytest.raises(TypeError):
+        run(View(job(status="synced", server_id="s1")), object())  # type: ignore[arg-type]

@@ -165,6 +165,9 @@ def apply(
             counts=(("reuploaded", 1),),
             line=("reuploaded", outcome.local_id, ""),
         )
+    if not isinstance(outcome, RemovedByServer):
+        # Never a deletion by default: an outcome nobody taught apply() is a bug, loudly.
+        raise TypeError(f"not an outcome: {outcome!r}")
     cur = view.get(outcome.local_id)
     if cur is None or cur.sync_status != SYNCED or cur.server_id != outcome.server_id:
         return NOTHING  # changed locally meanwhile: a local change is never dropped
