@@ -118,6 +118,6 @@ def test_the_sync_packages_pure_layers_import_no_store_no_server_and_no_clock_of
     pure = {"jobsyncd.model", "jobsyncd.lifecycle", "jobsyncd.api", "jobsyncd.errors"}
     assert graph["jobsyncd.sync.rules"] <= pure
     assert graph["jobsyncd.sync.outcomes"] <= pure | {"jobsyncd.sync.rules"}
-    for layer in ("journal", "push", "pull", ""):
+    for layer in ("journal", "push", "pull", "run", ""):
         name = f"jobsyncd.sync.{layer}".rstrip(".")
         assert not graph[name] & {"jobsyncd.remote", "jobsyncd.cli", "jobsyncd.config"}, name

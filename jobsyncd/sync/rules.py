@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 from typing import Any
 
 from ..api import BackOff, RemoteError, ServerJob, Stop
@@ -137,6 +136,8 @@ def file_sha256(path: str | None) -> str | None:
     """The file's sha256, or None when there is no file or it cannot be read."""
     if not path:
         return None
+    import hashlib  # 5 ms (OpenSSL): not for a `sync` that only hands over to a daemon
+
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
