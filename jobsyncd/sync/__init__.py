@@ -7,7 +7,7 @@ the remote's error kinds (api.py). The package, by layer:
 - run.py: run_pass, which puts a pass together (loaded on first use).
 - rules.py: Policy, PassSummary, StopPass, and what is decided from one job alone (is it due,
   which fields a PATCH carries); pure, shared with `sync --dry-run`.
-- outcomes.py: what the pass learned about a job, as frozen dataclasses, and the one pure
+- outcomes.py: what the pass learned about a job, as immutable records, and the one pure
   `apply` that turns one into the job's new record.
 - journal.py: writing outcomes in few fsynced batches under the store lock, create_sent
   marks, audio removal, the server ids bound in this pass.
