@@ -113,6 +113,12 @@ class MemoryServer:
         row = self._find_local(local_id)
         if row is not None:
             return copy.deepcopy(row[2]), False
+        return self._insert(local_id, text, metadata, audio), True
+
+    def _insert(
+        self, local_id: str, text: str | None, metadata: dict[str, Any], audio: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Store a new job row (a change in the feed, a new ETag); returns a copy of it."""
         now = _utc_now()
         self.seq += 1
         job = {
@@ -126,7 +132,7 @@ class MemoryServer:
             "updated_at": now,
         }
         self.rows[job["id"]] = [self.seq, self._bump(), job]
-        return copy.deepcopy(job), True
+        return copy.deepcopy(job)
 
     def update(
         self, job_id: str, changes: dict[str, Any], audio: dict[str, Any] | None = None
@@ -208,20 +214,7 @@ class MemoryServer:
     def plant(self, local_id: str, text: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
         """A job written into the storage without the API's checks (an import, an older
         server): for a `local_id` that is not a UUID, which a create would refuse (6.4)."""
-        self.seq += 1
-        now = _utc_now()
-        job = {
-            "id": str(uuid.uuid4()),
-            "local_id": local_id,
-            "text": text,
-            "metadata": copy.deepcopy(metadata),
-            "status": NEW_JOB_STATUS,
-            "audio": None,
-            "created_at": now,
-            "updated_at": now,
-        }
-        self.rows[job["id"]] = [self.seq, self._bump(), job]
-        return copy.deepcopy(job)
+        return self._insert(local_id, text, metadata, None)
 
     def backup(self) -> dict[str, Any]:
         """The whole state, as a copy of the database holds it (its ETag epoch and history
