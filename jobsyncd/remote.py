@@ -357,12 +357,15 @@ class MultipartBody:
     the whole body first: 540 MiB of memory for a 256 MiB recording). `len` gives requests the
     Content-Length."""
 
-    def __init__(self, fields: dict[str, str], name: str, filename: str, fh: BinaryIO) -> None:
+    def __init__(
+        self, fields: dict[str, str | None], name: str, filename: str, fh: BinaryIO
+    ) -> None:
         boundary = secrets.token_hex(16)
         self.content_type = f"multipart/form-data; boundary={boundary}"
-        head = b"".join(
+        head = b"".join(  # a None field is left out, as requests' `data=` leaves it out
             _part_head(boundary, key) + str(value).encode("utf-8") + b"\r\n"
             for key, value in fields.items()
+            if value is not None
         )
         head += _part_head(boundary, name, filename)
         tail = f"\r\n--{boundary}--\r\n".encode("ascii")

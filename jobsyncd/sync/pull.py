@@ -45,15 +45,14 @@ class Puller:
         self.store, self.remote, self.policy = ctx.store, ctx.remote, ctx.policy
         self.journal, self.summary = ctx.journal, ctx.summary
         self.should_stop, self.pull_state = ctx.should_stop, ctx.pull_state
-        journal = ctx.journal
-        self._record = journal.record
-        self.flush = journal.flush
-        self._added: set[str] = set()  # server-made jobs added in this pull (a page may repeat)
-        self._invalid_seen = False  # an invalid job object was skipped: nothing is removed
+        self._record, self.flush = ctx.journal.record, ctx.journal.flush
+        self._added: set[str]  # server-made jobs added in this pull (a page may repeat)
+        self._invalid_seen: bool  # an invalid job object was skipped: nothing is removed
         # server_id -> (local job, old server id, server job): listed under a local job's
         # local_id while that job is bound to another server id
-        self._rebinds: dict[str, tuple[Job, str, ServerJob]] = {}
-        self._index: dict[str, str] | None = None
+        self._rebinds: dict[str, tuple[Job, str, ServerJob]]
+        self._index: dict[str, str] | None  # server_id -> local_id, once the store is folded
+        self._forget()
 
     def pull(self, begin_synced: dict[str, str] | None) -> None:
         """The change feed when the server offers it (6.7), else the whole listing (6.4)."""
@@ -67,11 +66,11 @@ class Puller:
                 log.info("the server offers no change feed: listing mode (asked again in a day)")
         self.pull_listing(begin_synced)
 
+    def _forget(self) -> None:
+        self._added, self._invalid_seen, self._rebinds, self._index = set(), False, {}, None
+
     def _start_pull(self) -> None:
-        self._added = set()
-        self._invalid_seen = False
-        self._rebinds = {}
-        self._index = None
+        self._forget()
         self.journal.sparse = False
 
     def _index_store(self, begin_synced: dict[str, str] | None) -> dict[str, str]:
