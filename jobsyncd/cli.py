@@ -7,6 +7,7 @@ them, so local commands stay fast.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -218,6 +219,18 @@ def _traceback_with_vv(runtime: Runtime) -> None:
         import traceback
 
         traceback.print_exc()
+
+
+def entry() -> None:
+    """The `jobsyncd` command: main() in a process of its own, which then exits at once."""
+    try:
+        main()
+    finally:
+        # What is left is freed with the process: without this, the interpreter's shutdown
+        # has the cyclic collector walk every object (modules, classes, a folded store) once
+        # more, 40-50 ms of a 250 ms command. Objects still go by reference counting at
+        # shutdown (files are flushed and closed); only cycles are left to the exit.
+        gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,6 +178,28 @@ def test_create_does_not_import_requests(cli):
     assert proc.stderr.splitlines()[-1] == "HEAVY=", proc.stderr
 
 
+def test_the_installed_command_leaves_its_objects_to_the_exit(cli):
+    """`jobsyncd` (the console script) freezes the cyclic collector's objects as it ends, so
+    the interpreter's shutdown does not walk them all once more; its output is still whole."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "jobsyncd"]
+    assert script.value == "jobsyncd.cli:entry"
+    for i in range(3):
+        create(cli, "--text", f"job {i}")
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0, file=sys.stderr))\n"
+        "sys.argv = ['jobsyncd', 'list', '--json']\n"
+        "from jobsyncd.cli import entry\n"
+        "entry()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == [f"job {i}" for i in range(3)]
+    assert proc.stderr.splitlines()[-1] == "FROZEN True", proc.stderr
+
+
 # ---- update ----------------------------------------------------------------------------------
 
 
