@@ -509,3 +509,42 @@ def test_an_update_of_a_job_the_server_lost_fails_as_gone_and_retry_creates_it_a
     server = by_local_id(side)[job.local_id]
     assert server["text"] == "edited" and server["id"] != job.server_id
     assert agent.job(job.local_id).server_id == server["id"]
+
+
+def test_batches_go_with_a_short_switch_interval_and_leave_it_as_they_were(tmp_path, monkeypatch):
+    """The thread waiting for a batch's answer gets the GIL soon after it arrives (push.py's
+    BATCH_SWITCH_INTERVAL); the interpreter's own interval is back after the pass, also when
+    the batch fails."""
+    import sys
+
+    from jobsyncd.sync import push
+
+    server = MemoryServer()
+    remote = MemoryRemote(server, page_limit=PAGE_LIMIT)
+    agent = Agent(tmp_path / "agent", remote, "feed+batch")
+    seen: list[float] = []
+    send = remote.batch_results
+
+    def watched(operations: Any) -> Any:
+        seen.append(sys.getswitchinterval())
+        return send(operations)
+
+    monkeypatch.setattr(remote, "batch_results", watched)
+    before = sys.getswitchinterval()
+    assert before > push.BATCH_SWITCH_INTERVAL
+    for i in range(3):
+        create_job(agent.store, f"job {i}", None, {})
+    assert agent.sync().created == 3
+    assert seen == [push.BATCH_SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before
+
+    def broken(operations: Any) -> Any:
+        seen.append(sys.getswitchinterval())
+        raise RuntimeError("a bug in the middle of a batch")
+
+    monkeypatch.setattr(remote, "batch_results", broken)
+    create_job(agent.store, "one more", None, {})
+    with pytest.raises(RuntimeError):
+        agent.sync()
+    assert seen[-1] == push.BATCH_SWITCH_INTERVAL
+    assert sys.getswitchinterval() == before
