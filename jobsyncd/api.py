@@ -146,10 +146,22 @@ class Tombstone:
     local_id: str | None
 
 
+# Whether a feed's job object says exactly what the agent holds for its id (changes(held=)).
+HeldTest = Callable[[dict[str, Any]], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unchanged:
+    """A valid job object of the feed that says what the agent holds for it already (the
+    `held` test of `changes`): nothing to apply, so it is not parsed into a ServerJob."""
+
+    id: str
+
+
 @dataclasses.dataclass(frozen=True)
 class FeedPage:
-    """One answer of the feed: its items (ServerJob, InvalidJob or Tombstone), the checkpoint to
-    send next time, and whether more changes follow at once."""
+    """One answer of the feed: its items (ServerJob, InvalidJob, Tombstone or Unchanged), the
+    checkpoint to send next time, and whether more changes follow at once."""
 
     items: list[Any]
     next: str
@@ -229,9 +241,12 @@ class RemoteAPI(Protocol):
         `etag` still matches."""
         ...
 
-    def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
+    def changes(
+        self, since: str | None, limit: int, wait: float = 0, held: HeldTest | None = None
+    ) -> FeedPage:
         """One page of the change feed after checkpoint `since` (None: from the beginning);
-        FeedNotOffered, or FeedGone for a checkpoint the server cannot serve."""
+        FeedNotOffered, or FeedGone for a checkpoint the server cannot serve. A job object
+        that `held` says the agent holds as it is comes as Unchanged when it is valid."""
         ...
 
     def batch(self, operations: list[tuple[str, bytes]]) -> list[Any]:

@@ -46,6 +46,7 @@ from .api import (  # the kinds live in api.py (no requests); re-exported here
     FeedNotOffered,
     FeedPage,
     Gone,
+    HeldTest,
     InvalidJob,
     InvalidJobObject,
     NotAFeed,
@@ -57,6 +58,7 @@ from .api import (  # the kinds live in api.py (no requests); re-exported here
     TLSFailure,
     Tombstone,
     Transient,
+    Unchanged,
 )
 
 if TYPE_CHECKING:
@@ -872,17 +874,27 @@ class Remote:
             first = False
 
 
-    def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
+    def changes(
+        self, since: str | None, limit: int, wait: float = 0, held: HeldTest | None = None
+    ) -> FeedPage:
         """One answer of the change feed (contract 6.7): FeedNotOffered on 404/405, FeedGone
         on 410 (with its reason), the RemoteError kinds otherwise."""
+        if held is not None and self._token:
+            token, test = self._token, held
+
+            def held(obj: dict[str, Any]) -> bool:  # an id holding the token is never kept
+                return test(obj) and token not in obj["id"]
+
         with self._redacting():
-            page = self._changes(since, limit, wait)
+            page = self._changes(since, limit, wait, held)
         for i, item in enumerate(page.items):
             if isinstance(item, InvalidJob):
                 page.items[i] = replace(item, reason=self._redact(item.reason))
         return page
 
-    def _changes(self, since: str | None, limit: int, wait: float) -> FeedPage:
+    def _changes(
+        self, since: str | None, limit: int, wait: float, held: HeldTest | None
+    ) -> FeedPage:
         params: dict[str, Any] = {"limit": limit}
         if since is not None:
             params["since"] = since
@@ -922,7 +934,7 @@ class Remote:
             or not isinstance(page.get("more"), bool)
         ):
             raise NotAFeed("GET /changes: the server answered junk, not a page of changes")
-        items = [_feed_item(c, self._job) for c in page["changes"]]
+        items = [_feed_item(c, self._job, held) for c in page["changes"]]
         return FeedPage(items, page["next"], page["more"])
 
 
@@ -1003,14 +1015,45 @@ def _batch_answer(kind: str, result: Any, parse: Callable[[Any], ServerJob]) -> 
     return Transient(f"{what}: unexpected answer {status}")
 
 
-def _feed_item(obj: Any, parse: Callable[[Any], ServerJob]) -> Any:
-    """A tombstone, a ServerJob, or an InvalidJob (skipped by the pass with a warning)."""
-    if isinstance(obj, dict) and obj.get("deleted") is True:
-        sid = _usable_id(obj.get("id"))
-        local_id = obj.get("local_id")
-        if sid is not None:
-            return Tombstone(sid, _usable_id(local_id) if isinstance(local_id, str) else None)
+def _feed_item(obj: Any, parse: Callable[[Any], ServerJob], held: HeldTest | None = None) -> Any:
+    """A tombstone, a ServerJob, an InvalidJob (skipped by the pass with a warning), or
+    Unchanged (`held` says the agent holds it as it is)."""
+    if isinstance(obj, dict):
+        if obj.get("deleted") is True:
+            sid = _usable_id(obj.get("id"))
+            local_id = obj.get("local_id")
+            if sid is not None:
+                return Tombstone(sid, _usable_id(local_id) if isinstance(local_id, str) else None)
+        elif held is not None:
+            same = unchanged_item(obj, held)
+            if same is not None:
+                return same
     return _server_job_or_invalid(obj, parse)
+
+
+def unchanged_item(obj: dict[str, Any], held: HeldTest) -> Unchanged | None:
+    """Unchanged for a job object that `held` says the agent holds as it is (its id, local_id,
+    text, metadata and status are the held job's, so they are valid: they were checked when
+    they came) and whose other fields are valid too (an invalid one is skipped with its
+    warning as ever, 6.4); else None. A pass reading back the jobs it just pushed (a first
+    sync: all of them) checks each in a fraction of a full parse."""
+    if not held(obj):
+        return None
+    audio = obj.get("audio")
+    if audio is not None and (
+        type(audio) is not dict or _json_value_problem(audio, MAX_METADATA_DEPTH) is not None
+    ):
+        return None
+    for name in ("created_at", "updated_at"):
+        value = obj.get(name)
+        if value is not None:
+            if type(value) is not str:
+                return None
+            try:
+                _timestamp(value)
+            except ValueError:
+                return None
+    return Unchanged(obj["id"])
 
 
 class _SeenIds:

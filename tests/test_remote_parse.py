@@ -17,7 +17,10 @@ from jobsyncd.remote import (
     InvalidJobObject,
     Remote,
     ServerJob,
+    Tombstone,
     Transient,
+    Unchanged,
+    _feed_item,
     parse_server_job,
 )
 
@@ -165,3 +168,60 @@ def test_a_strict_json_dump_of_a_parsed_job_never_fails():
     obj = decode(json.dumps(job(metadata={"x": 1e308, "y": -(2**60), "z": "é"})).encode())
     sj = parse_server_job(obj)
     json.dumps(sj.metadata, allow_nan=False).encode("utf-8")
+
+
+# ---- a feed item the agent holds as it is (Unchanged) ----------------------------------------
+
+
+def _held_as_is(obj: dict[str, Any]) -> bool:
+    return obj.get("id") == "42" and obj.get("text") == "hello"  # what the pull's test compares
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"audio": {"sha256": "ab", "size": 3}}, {"created_at": None}, {"updated_at": ...}],
+    ids=["as listed", "with audio", "null created_at", "no updated_at"],
+)
+def test_a_feed_item_held_as_it_is_and_valid_is_unchanged_not_parsed(changes):
+    item = _feed_item(job(**changes), parse_server_job, _held_as_is)
+    assert item == Unchanged("42")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"updated_at": "yesterday"},
+        {"created_at": 5},
+        {"updated_at": "0999-01-01T00:00:00Z"},
+        {"audio": "a.wav"},
+        {"audio": {"name": "\ud800"}},
+        {"audio": {"size": float("inf")}},
+    ],
+    ids=["bad timestamp", "number timestamp", "year 999", "audio string", "surrogate", "inf"],
+)
+def test_a_feed_item_held_as_it_is_but_invalid_elsewhere_is_still_invalid(changes):
+    """Text, metadata and status equal to the held job's do not make an invalid object valid:
+    it is skipped with its warning as ever (contract 6.4)."""
+    item = _feed_item(job(**changes), parse_server_job, _held_as_is)
+    assert isinstance(item, InvalidJob) and item.id == "42"
+
+
+def test_a_feed_item_not_held_as_it_is_is_parsed_and_a_tombstone_stays_a_tombstone():
+    assert isinstance(_feed_item(job(text="changed"), parse_server_job, _held_as_is), ServerJob)
+    assert _feed_item(job(), parse_server_job, None) == parse_server_job(job())
+    tombstone = {"id": "42", "local_id": LOCAL_ID, "deleted": True, "text": "hello"}
+    assert _feed_item(tombstone, parse_server_job, _held_as_is) == Tombstone("42", LOCAL_ID)
+
+
+def test_a_held_feed_item_whose_id_holds_the_token_is_never_kept(monkeypatch):
+    """The remote's own check of ids (a token in one is never stored) still comes first."""
+    remote = Remote("http://127.0.0.1:9/api/v1", token="42")
+    try:
+        body = json.dumps({"changes": [job()], "next": "c1", "more": False}).encode()
+        answer = SimpleNamespace(status_code=200, headers={"Content-Type": "application/json"})
+        monkeypatch.setattr(remote, "_send", lambda *a, **k: (answer, body))
+        monkeypatch.setattr(remote, "_check_status", lambda *a, **k: None)
+        (item,) = remote.changes(None, 10, 0, _held_as_is).items
+    finally:
+        remote.close()
+    assert isinstance(item, InvalidJob)

@@ -17,11 +17,13 @@ from ..api import (
     FeedGone,
     FeedNotOffered,
     Gone,
+    HeldTest,
     NotAFeed,
     NotModified,
     RemoteError,
     ServerJob,
     Tombstone,
+    Unchanged,
 )
 from ..lifecycle import SYNCED
 from ..model import Job
@@ -123,7 +125,7 @@ class Puller:
             stalls = 0
             while True:
                 try:
-                    page = self.remote.changes(since, limit, 0)
+                    page = self.remote.changes(since, limit, 0, self._held_test())
                 except AnswerTooLarge:
                     if limit == 1:
                         raise
@@ -197,6 +199,28 @@ class Puller:
             # Written only when it moves: a no-change pass leaves pull_state.json unwritten.
             self.pull_state["checkpoint"] = since
             self.pull_state["checkpoint_at"] = time.time()
+
+    def _held_test(self) -> HeldTest | None:
+        """For the feed: whether a job object names a job held here bound to its id with its
+        text, metadata and status, to which applying it would change nothing (a first sync
+        reads back every job it pushed). None before the store is folded (sparse passes)."""
+        if self.journal.sparse or not self.store.loaded:
+            return None
+        jobs = self.store.refresh()
+
+        def held(obj: dict[str, Any]) -> bool:
+            local_id = obj.get("local_id")
+            mine = jobs.get(local_id) if type(local_id) is str else None
+            return (
+                mine is not None
+                and mine.server_id is not None
+                and mine.server_id == obj.get("id")
+                and mine.text == obj.get("text")
+                and mine.server_status == obj.get("status")
+                and mine.metadata == obj.get("metadata")
+            )
+
+        return held
 
     def _settle_feed(
         self,
@@ -319,6 +343,9 @@ class Puller:
         rebound to its new server id, never a second local job."""
         jobs: Any = _StoreLookup(self.store) if self.journal.sparse else self.store.refresh()
         for sj in page:
+            if type(sj) is Unchanged:  # the job bound to this id, as held: nothing to apply
+                unlisted.pop(sj.id, None)
+                continue
             if not isinstance(sj, ServerJob):
                 self._skip_invalid(sj, unlisted)
                 continue

@@ -42,6 +42,7 @@ from jobsyncd.api import (
     FeedNotOffered,
     FeedPage,
     Gone,
+    HeldTest,
     InvalidJob,
     InvalidJobObject,
     NotModified,
@@ -59,6 +60,7 @@ from jobsyncd.remote import (
     _server_message,
     parse_retry_after,
     parse_server_job,
+    unchanged_item,
 )
 from jobsyncd.server import validation
 from jobsyncd.server.body import sanitise_filename
@@ -478,7 +480,9 @@ class MemoryRemote:
         except InvalidJobObject as exc:
             return _invalid_job(obj, exc)
 
-    def changes(self, since: str | None, limit: int, wait: float = 0) -> FeedPage:
+    def changes(
+        self, since: str | None, limit: int, wait: float = 0, held: HeldTest | None = None
+    ) -> FeedPage:
         if not self.server.offers_feed:
             raise FeedNotOffered()
         try:
@@ -487,7 +491,9 @@ class MemoryRemote:
         except _Diverged:
             raise FeedGone("diverged") from None
         items: list[Any] = [
-            Tombstone(obj["id"], obj["local_id"]) if obj.get("deleted") else self._item(obj)
+            Tombstone(obj["id"], obj["local_id"])
+            if obj.get("deleted")
+            else (held is not None and unchanged_item(obj, held)) or self._item(obj)
             for obj in objects
         ]
         return FeedPage(items, self.server.make_checkpoint(next_seq), more)
