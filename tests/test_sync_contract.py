@@ -418,6 +418,54 @@ def test_an_edit_on_the_server_of_a_synced_job_wins_here(agent, side):
     )
 
 
+@pytest.mark.parametrize("field", ["status", "metadata"])
+def test_a_server_edit_of_one_field_wins_here_also_in_a_pass_that_pushed(agent, side, field):
+    """A pass that pushes folds the store, so the feed's changes are compared with the jobs it
+    holds (pull.py's held test): a change of the status alone, or of the metadata alone, is a
+    change all the same."""
+    job = synced_job(agent, metadata={"a": 1})
+    edit = {"status": "done"} if field == "status" else {"metadata": {"a": 2}}
+    side.update(job.server_id, **edit)
+    create_job(agent.store, "pushed in the same pass", None, {})
+    summary = agent.sync()
+    assert counts(summary) == {"ok": True, "created": 1, "pulled": 1}
+    local = agent.job(job.local_id)
+    assert (local.server_status, local.metadata) == (
+        ("done", {"a": 1}) if field == "status" else ("submitted", {"a": 2})
+    )
+
+
+def test_a_job_changed_twice_during_one_feed_read_ends_as_its_last_change(
+    backend, side, tmp_path, monkeypatch
+):
+    """A job changed again while the pass reads the feed comes once more on a later page: it is
+    compared with what the earlier page made of it, not with the job as the read began."""
+    from jobsyncd.sync import pull
+
+    agent = Agent(tmp_path / "agent", backend.remote, "feed+batch")
+    job = synced_job(agent, text="A")
+    side.update(job.server_id, text="B")  # page 1: B, then the jobs made below
+    for i in range(3):
+        side.create(str(uuid.uuid4()), f"made there {i}", {})
+    monkeypatch.setattr(pull, "FEED_PAGE_LIMIT", 2)
+    read = backend.remote.changes
+    calls = []
+
+    def changes(*args: Any, **kwargs: Any) -> Any:
+        page = read(*args, **kwargs)
+        calls.append(len(page.items))
+        if len(calls) == 1:
+            side.update(job.server_id, text="A")  # back to A: on the feed's last page
+        return page
+
+    monkeypatch.setattr(backend.remote, "changes", changes)
+    create_job(agent.store, "pushed in the same pass", None, {})  # the pass folds the store
+    summary = agent.sync()
+    assert summary.ok, summary
+    assert len(calls) >= 3 and summary.pulled == 3 + 2, (calls, summary)
+    assert agent.job(job.local_id).text == "A" == side.jobs()[job.server_id]["text"]
+
+
 def test_a_job_deleted_on_the_server_is_removed_here(agent, side):
     gone, kept = synced_job(agent), synced_job(agent)
     side.delete(gone.server_id)

@@ -16,6 +16,7 @@ from ..api import (
     AnswerTooLarge,
     FeedGone,
     FeedNotOffered,
+    FeedPage,
     Gone,
     HeldTest,
     NotAFeed,
@@ -125,7 +126,7 @@ class Puller:
             stalls = 0
             while True:
                 try:
-                    page = self.remote.changes(since, limit, 0, self._held_test())
+                    page = self._read_page(since, limit)
                 except AnswerTooLarge:
                     if limit == 1:
                         raise
@@ -154,7 +155,7 @@ class Puller:
                         tombstones.pop(getattr(item, "id", None) or "", None)
                         live.append(item)
                 if live:
-                    self._apply_page(live, unlisted)
+                    self._apply_feed_page(live, unlisted)
                 stalls = stalls + 1 if (page.more and (not page.items or page.next == since)) else 0
                 since = page.next
                 if not page.more:
@@ -199,6 +200,23 @@ class Puller:
             # Written only when it moves: a no-change pass leaves pull_state.json unwritten.
             self.pull_state["checkpoint"] = since
             self.pull_state["checkpoint_at"] = time.time()
+
+    def _read_page(self, since: str | None, limit: int) -> FeedPage:
+        """One page of the feed, asked for once what the pages before made of their jobs is
+        written: a job changed again while the feed is read comes once more on a later page,
+        and is compared with what the earlier page made of it, not with the job as the read
+        began."""
+        self.flush()
+        return self.remote.changes(since, limit, 0, self._held_test())
+
+    def _apply_feed_page(self, live: list[Any], unlisted: dict[str, str]) -> None:
+        """A page applied against the store as it was when the page was asked for (as its held
+        test saw it): its outcomes are written together, before the next page is asked for."""
+        self.journal.holding = True
+        try:
+            self._apply_page(live, unlisted)
+        finally:
+            self.journal.holding = False
 
     def _held_test(self) -> HeldTest | None:
         """For the feed: whether a job object names a job held here bound to its id with its
