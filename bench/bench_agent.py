@@ -3,7 +3,10 @@
 
 Measures:
 - first sync of N new jobs in batches vs one request per job (the agent told the server has no
-  batch endpoint), whole process, and its peak memory; 1,000 edits pushed in one pass;
+  batch endpoint), whole process, and its peak memory; 1,000 edits pushed in one pass; each
+  batched first sync paired with Taskwarrior's `task sync init` of N new tasks run just before
+  it, against a taskd on loopback (bench/_taskwarrior.py; needs `apt-get install taskwarrior
+  taskd gnutls-bin`, else skipped with a line saying so);
 - a pass after one server-side change with BIG synced jobs: feed mode vs listing mode (the agent
   told the server has no feed), whole process, and the feed pass's peak memory; a no-change pass;
 - the daemon (live on, default interval): a server-side change to the local store, and a
@@ -27,6 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
+import _taskwarrior
 from _common import JOBSYNCD, Server, build_store, clean_env, median_ms, peak_mib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -83,8 +87,39 @@ def patch(url: str, server_id: str, fields: dict) -> None:
 
 def push_bench(jobs: int, repeat: int = 1) -> None:
     """First sync of `jobs` new jobs in batches (`repeat` times, then the median) and one
-    request per job (once), and 1,000 edits pushed in one pass after each batched first sync."""
-    firsts, edits = [], []
+    request per job (once), and 1,000 edits pushed in one pass after each batched first sync.
+    With Taskwarrior and taskd installed, each batched first sync is paired with a `task sync
+    init` of as many new tasks run just before it (issue 13: within 5x of it)."""
+    firsts, edits, ratios = [], [], []
+    with tempfile.TemporaryDirectory() as twdir:
+        peer = _taskwarrior.Taskwarrior(twdir, jobs) if _taskwarrior.available() else None
+        if peer is None:
+            print("Taskwarrior, taskd or certtool not installed: no `task sync` to pair with")
+        try:
+            _push_runs(jobs, repeat, firsts, edits, ratios, peer)
+        finally:
+            if peer is not None:
+                peer.close()
+    if repeat > 1:
+        print(
+            f"median of {repeat}: first sync {statistics.median(firsts):.2f} s, "
+            f"1,000 edits {statistics.median(edits):.2f} s"
+        )
+    if ratios:
+        print(
+            f"first sync over `task sync init` of as many tasks, median of {len(ratios)} pairs: "
+            f"{statistics.median(ratios):.2f}x (each: {' '.join(f'{r:.2f}' for r in ratios)})"
+        )
+
+
+def _push_runs(
+    jobs: int,
+    repeat: int,
+    firsts: list[float],
+    edits: list[float],
+    ratios: list[float],
+    peer: _taskwarrior.Taskwarrior | None,
+) -> None:
     for mode in ["batch"] * repeat + ["single"]:
         with tempfile.TemporaryDirectory() as tmp:
             server = Server(tmp).start()
@@ -95,8 +130,15 @@ def push_bench(jobs: int, repeat: int = 1) -> None:
                 api = server.url + "/api/v1"
                 if mode == "single":
                     pretend(data, api, batch={"offered": False, "checked_at": time.time()})
+                task = peer.first_sync() if (peer is not None and mode == "batch") else None
                 took = run([JOBSYNCD, "sync"], env)
                 print(f"first sync of {jobs} new jobs, {mode}: {took:.2f} s ({jobs / took:.0f} jobs/s)")
+                if task is not None:
+                    ratios.append(took / task)
+                    print(
+                        f"  `task sync init` of {jobs} new tasks just before: {task:.2f} s "
+                        f"({took / task:.2f}x)"
+                    )
                 if mode == "batch":
                     firsts.append(took)
                     # 1,000 edits in one pass
@@ -111,11 +153,6 @@ def push_bench(jobs: int, repeat: int = 1) -> None:
                     print(f"1,000 edits pushed in one pass (whole process): {took:.2f} s")
             finally:
                 server.stop()
-    if repeat > 1:
-        print(
-            f"median of {repeat}: first sync {statistics.median(firsts):.2f} s, "
-            f"1,000 edits {statistics.median(edits):.2f} s"
-        )
 
 
 def push_memory(jobs: int) -> None:
