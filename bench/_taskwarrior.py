@@ -1,7 +1,8 @@
 """Taskwarrior's `task sync` as the peer of a first sync (issue 13): a throw-away taskd on
 127.0.0.1 with its own CA (ECDSA keys from GnuTLS's certtool), and per run a fresh taskd user
 and a fresh Taskwarrior data dir holding N pending tasks, then `task sync init` timed: the
-first sync of N new tasks, sent in one request.
+first sync of N new tasks, sent in one request. Then, as the peer of a pass pushing edits, a
+number of those tasks edited and `task sync` timed.
 
 Needs Debian's `taskwarrior`, `taskd` and `gnutls-bin` (`apt-get install taskwarrior taskd
 gnutls-bin`); `available()` says whether they are there.
@@ -29,6 +30,10 @@ _CERTS = {
     ),
     "client": "cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
 }
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def available() -> bool:
@@ -93,16 +98,20 @@ class Taskwarrior:
                     self.close()
                     raise SystemExit("taskd did not start") from None
                 time.sleep(0.05)
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.entry = _stamp()
+        self.uuids = [str(uuid.uuid4()) for _ in range(tasks)]
         self.export = self.root / "tasks.json"
-        with open(self.export, "w") as out:
-            for i in range(tasks):
-                task = {
-                    "uuid": str(uuid.uuid4()),
-                    "description": TEXT.format(i),
-                    "status": "pending",
-                }
-                task.update(entry=now, modified=now, project="B")
+        self._write_tasks(self.export, [TEXT.format(i) for i in range(tasks)], self.entry)
+        self.client_env: dict[str, str] | None = None
+        self.stored: Path | None = None
+
+    def _write_tasks(self, path: Path, descriptions: list[str], modified: str) -> None:
+        with open(path, "w") as out:
+            for task_uuid, description in zip(
+                self.uuids, descriptions, strict=False
+            ):  # edits: the first
+                task = {"uuid": task_uuid, "description": description, "status": "pending"}
+                task.update(entry=self.entry, modified=modified, project="B")
                 out.write(json.dumps(task) + "\n")
 
     def _make_certs(self) -> None:
@@ -157,16 +166,35 @@ class Taskwarrior:
             f"taskd.server=127.0.0.1:{self.port}\ntaskd.credentials=Public/{user}/{key.group(0)}\n"
             "taskd.trust=ignore hostname\n"
         )
-        env = {**os.environ, "TASKRC": str(rc)}
+        env = self.client_env = {**os.environ, "TASKRC": str(rc)}
         _run(["task", "import", str(self.export)], env)
         start = time.perf_counter()
         _run(["task", "sync", "init"], env)
         took = time.perf_counter() - start
-        stored = self.data / "orgs" / "Public" / "users" / key.group(0) / "tx.data"
-        lines = stored.read_text().count("\n") if stored.exists() else 0
-        if lines < self.tasks:
-            raise SystemExit(f"task sync init stored {lines} of {self.tasks} tasks")
+        self.stored = self.data / "orgs" / "Public" / "users" / key.group(0) / "tx.data"
+        self._check_stored(self.tasks)
         return took
+
+    def edits_sync(self, count: int) -> float:
+        """`count` of the last first sync's tasks edited (imported again with a new
+        description), then `task sync`, whole process: the peer of a pass pushing `count` edits."""
+        assert self.client_env is not None and self.stored is not None, "first_sync() first"
+        before = self._lines()
+        edits = self.root / f"edits{self.runs}.json"
+        self._write_tasks(edits, [f"edit {i}" for i in range(count)], _stamp())
+        _run(["task", "import", str(edits)], self.client_env)
+        start = time.perf_counter()
+        _run(["task", "sync"], self.client_env)
+        took = time.perf_counter() - start
+        self._check_stored(before + count)
+        return took
+
+    def _lines(self) -> int:
+        return self.stored.read_text().count("\n") if self.stored and self.stored.exists() else 0
+
+    def _check_stored(self, expected: int) -> None:
+        if self._lines() < expected:
+            raise SystemExit(f"taskd stored {self._lines()} lines, not at least {expected}")
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -90,13 +90,13 @@ def push_bench(jobs: int, repeat: int = 1) -> None:
     request per job (once), and 1,000 edits pushed in one pass after each batched first sync.
     With Taskwarrior and taskd installed, each batched first sync is paired with a `task sync
     init` of as many new tasks run just before it (issue 13: within 5x of it)."""
-    firsts, edits, ratios = [], [], []
+    firsts, edits, ratios, edit_ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as twdir:
         peer = _taskwarrior.Taskwarrior(twdir, jobs) if _taskwarrior.available() else None
         if peer is None:
             print("Taskwarrior, taskd or certtool not installed: no `task sync` to pair with")
         try:
-            _push_runs(jobs, repeat, firsts, edits, ratios, peer)
+            _push_runs(jobs, repeat, firsts, edits, (ratios, edit_ratios), peer)
         finally:
             if peer is not None:
                 peer.close()
@@ -105,11 +105,15 @@ def push_bench(jobs: int, repeat: int = 1) -> None:
             f"median of {repeat}: first sync {statistics.median(firsts):.2f} s, "
             f"1,000 edits {statistics.median(edits):.2f} s"
         )
-    if ratios:
-        print(
-            f"first sync over `task sync init` of as many tasks, median of {len(ratios)} pairs: "
-            f"{statistics.median(ratios):.2f}x (each: {' '.join(f'{r:.2f}' for r in ratios)})"
-        )
+    for what, pairs in (
+        ("first sync over `task sync init` of as many tasks", ratios),
+        ("1,000 edits over `task sync` of 1,000 edited tasks", edit_ratios),
+    ):
+        if pairs:
+            print(
+                f"{what}, median of {len(pairs)} pairs: {statistics.median(pairs):.2f}x "
+                f"(each: {' '.join(f'{r:.2f}' for r in pairs)})"
+            )
 
 
 def _push_runs(
@@ -117,9 +121,10 @@ def _push_runs(
     repeat: int,
     firsts: list[float],
     edits: list[float],
-    ratios: list[float],
+    paired: tuple[list[float], list[float]],
     peer: _taskwarrior.Taskwarrior | None,
 ) -> None:
+    ratios, edit_ratios = paired
     for mode in ["batch"] * repeat + ["single"]:
         with tempfile.TemporaryDirectory() as tmp:
             server = Server(tmp).start()
@@ -132,7 +137,9 @@ def _push_runs(
                     pretend(data, api, batch={"offered": False, "checked_at": time.time()})
                 task = peer.first_sync() if (peer is not None and mode == "batch") else None
                 took = run([JOBSYNCD, "sync"], env)
-                print(f"first sync of {jobs} new jobs, {mode}: {took:.2f} s ({jobs / took:.0f} jobs/s)")
+                print(
+                    f"first sync of {jobs} new jobs, {mode}: {took:.2f} s ({jobs / took:.0f} jobs/s)"
+                )
                 if task is not None:
                     ratios.append(took / task)
                     print(
@@ -151,6 +158,10 @@ def _push_runs(
                     took = run([JOBSYNCD, "sync"], env)
                     edits.append(took)
                     print(f"1,000 edits pushed in one pass (whole process): {took:.2f} s")
+                    if peer is not None:
+                        task = peer.edits_sync(1000)
+                        edit_ratios.append(took / task)
+                        print(f"  `task sync` of 1,000 edited tasks just after: {task:.2f} s")
             finally:
                 server.stop()
 
@@ -165,7 +176,9 @@ def push_memory(jobs: int) -> None:
             start = time.perf_counter()
             peak = peak_mib([JOBSYNCD, "sync"], env)
             took = time.perf_counter() - start
-            print(f"first sync of {jobs} new jobs in batches: {took:.1f} s, peak memory {peak:.0f} MiB")
+            print(
+                f"first sync of {jobs} new jobs in batches: {took:.1f} s, peak memory {peak:.0f} MiB"
+            )
         finally:
             server.stop()
 
@@ -272,14 +285,17 @@ def daemon_bench(count: int, rounds: int) -> None:
                 before = cpu_seconds(daemon.pid)
                 start = time.perf_counter()
                 out = subprocess.run(
-                    [JOBSYNCD, "create", "--text", f"create {i}"], env=env, capture_output=True, text=True
+                    [JOBSYNCD, "create", "--text", f"create {i}"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
                 )
                 local_id = out.stdout.strip()
                 wait_for(
-                    lambda lid=local_id: db.execute(
-                        "SELECT 1 FROM jobs WHERE local_id = ?", (lid,)
-                    ).fetchone()
-                    is not None
+                    lambda lid=local_id: (
+                        db.execute("SELECT 1 FROM jobs WHERE local_id = ?", (lid,)).fetchone()
+                        is not None
+                    )
                 )
                 lags.append(time.perf_counter() - start)
                 time.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
