@@ -93,9 +93,10 @@ class Pusher:
         self.done = 0
         try:
             if self._batch_wanted():
-                batchable = [j.local_id for j in due if _batchable(j)]
+                fits = [_batchable(j) for j in due]
+                batchable = [j.local_id for j, fit in zip(due, fits, strict=True) if fit]
                 if batchable:
-                    singles = [j for j in due if not _batchable(j)]
+                    singles = [j for j, fit in zip(due, fits, strict=True) if not fit]
                     # Each batch reads its jobs when it sends them: no list here keeps every
                     # job's old version alive while the store moves on (100,000 jobs: 80 MiB).
                     due = jobs = []  # type: ignore[assignment]
@@ -497,14 +498,16 @@ def _batchable(job: Job) -> bool:
 
 
 def _batch_operation(job: Job) -> dict[str, Any] | None:
-    """The job's push as one batch operation, or None when it must go alone."""
-    if not _batchable(job):
-        return None
+    """The job's push as one batch operation, or None when it must go alone (as _batchable
+    says, with what a PATCH carries worked out once)."""
     if job.sync_status == PENDING_DELETION:
-        return {"op": "delete", "id": job.server_id}
+        return {"op": "delete", "id": job.server_id} if job.server_id is not None else None
     if job.server_id is None or job.error_kind == UNCONFIRMED:
+        if job.audio_file:
+            return None
         return {"op": "create", "local_id": job.local_id, "text": job.text, "metadata": job.metadata}
-    return {"op": "update", "id": job.server_id, "fields": changed_fields(job)[0]}
+    fields, send_audio = changed_fields(job)
+    return {"op": "update", "id": job.server_id, "fields": fields} if send_audio is None else None
 
 
 def _encoded_operation(job: Job) -> tuple[str, bytes] | None:
