@@ -448,24 +448,8 @@ def parse_server_job(obj: Any) -> ServerJob:  # noqa: C901 - one check per field
         if not (value is None or (isinstance(value, str) and _utf8_clean(value))):
             raise invalid(f"its {name} is not a string")
         fields[name] = value
-    audio = obj.get("audio")
-    if audio is not None:
-        if not isinstance(audio, dict):
-            raise invalid("its audio is not an object")
-        problem = _json_value_problem(audio, MAX_METADATA_DEPTH)
-        if problem:
-            raise invalid(f"its audio {problem}")
-    for name in ("created_at", "updated_at"):
-        value = obj.get(name)
-        if value is None:
-            fields[name] = None
-            continue
-        if not isinstance(value, str):
-            raise invalid(f"its {name} is not a string")
-        try:
-            fields[name] = _timestamp(value)
-        except ValueError as exc:
-            raise invalid(f"its {name} {exc}") from None
+    audio = _checked_audio(obj, sid)
+    created_at, updated_at = _checked_times(obj, sid)
     return ServerJob(
         id=sid,
         local_id=fields["local_id"],
@@ -473,9 +457,39 @@ def parse_server_job(obj: Any) -> ServerJob:  # noqa: C901 - one check per field
         metadata=metadata,
         status=fields["status"],
         audio=audio,
-        created_at=fields["created_at"],
-        updated_at=fields["updated_at"],
+        created_at=created_at,
+        updated_at=updated_at,
     )
+
+
+def _checked_audio(obj: dict[str, Any], sid: str | None) -> dict[str, Any] | None:
+    """The job object's audio (None or a JSON object we can keep); raises InvalidJobObject."""
+    audio = obj.get("audio")
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise InvalidJobObject(sid, "its audio is not an object")
+        problem = _json_value_problem(audio, MAX_METADATA_DEPTH)
+        if problem:
+            raise InvalidJobObject(sid, f"its audio {problem}")
+    return audio
+
+
+def _checked_times(obj: dict[str, Any], sid: str | None) -> tuple[str | None, str | None]:
+    """The job object's created_at and updated_at in our form (None when missing or null);
+    raises InvalidJobObject."""
+    times: list[str | None] = []
+    for name in ("created_at", "updated_at"):
+        value = obj.get(name)
+        if value is None:
+            times.append(None)
+            continue
+        if not isinstance(value, str):
+            raise InvalidJobObject(sid, f"its {name} is not a string")
+        try:
+            times.append(_timestamp(value))
+        except ValueError as exc:
+            raise InvalidJobObject(sid, f"its {name} {exc}") from None
+    return times[0], times[1]
 
 
 def _server_job_or_invalid(obj: Any, parse: Callable[[Any], ServerJob]) -> Any:
@@ -1039,20 +1053,11 @@ def unchanged_item(obj: dict[str, Any], held: HeldTest) -> Unchanged | None:
     sync: all of them) checks each in a fraction of a full parse."""
     if not held(obj):
         return None
-    audio = obj.get("audio")
-    if audio is not None and (
-        type(audio) is not dict or _json_value_problem(audio, MAX_METADATA_DEPTH) is not None
-    ):
-        return None
-    for name in ("created_at", "updated_at"):
-        value = obj.get(name)
-        if value is not None:
-            if type(value) is not str:
-                return None
-            try:
-                _timestamp(value)
-            except ValueError:
-                return None
+    try:
+        _checked_audio(obj, None)
+        _checked_times(obj, None)
+    except InvalidJobObject:
+        return None  # parsed in full, and skipped with its warning
     return Unchanged(obj["id"])
 
 
