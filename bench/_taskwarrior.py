@@ -21,6 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _common import stop_process
+
 TEXT = "job number {} with some dictated text"
 _CERTS = {
     "ca": "cn = bench CA\nca\ncert_signing_key\nexpiration_days = 2\n",
@@ -197,10 +199,4 @@ class Taskwarrior:
             raise SystemExit(f"taskd stored {self._lines()} lines, not at least {expected}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import tempfile
 import time
 
-from _common import JOBSYNCD, Server, build_store, clean_env
+from _common import JOBSYNCD, Server, build_store, clean_env, stop_process
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -44,14 +43,6 @@ def _start_daemon(env: dict[str, str], data: str) -> subprocess.Popen:
             raise SystemExit("the daemon did not start")
         time.sleep(0.01)
     return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def main() -> None:
@@ -95,7 +86,7 @@ def main() -> None:
                 f"max {max(latencies) * 1000:.0f} ms over {args.samples}"
             )
         finally:
-            _stop(daemon)
+            stop_process(daemon)
             server.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +109,7 @@ def main() -> None:
                 f"idle daemon with {args.big} jobs in its store: {cpu:.2%} of a core, {_rss_mib(daemon.pid):.0f} MiB resident"
             )
         finally:
-            _stop(daemon)
+            stop_process(daemon)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import stop_process
+
 MiB = 1 << 20
 HERE = Path(__file__).resolve()
 
@@ -111,12 +113,7 @@ class ServerProcess:
         return float(self.usage()["peak_mib"])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 # -- the client process -------------------------------------------------------------------------
