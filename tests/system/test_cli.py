@@ -160,6 +160,13 @@ def test_create_makes_the_data_dir_private(cli):
         assert stat.S_IMODE((cli.data_dir / name).stat().st_mode) == 0o600
 
 
+def python_c(cli, code: str) -> subprocess.CompletedProcess[str]:
+    """`python -c code` with the agent's environment; it must exit 0."""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_create_does_not_import_requests(cli):
     code = (
         "import sys\n"
@@ -172,8 +179,7 @@ def test_create_does_not_import_requests(cli):
         "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    proc = python_c(cli, code)
     assert is_uuid(proc.stdout.strip())
     assert proc.stderr.splitlines()[-1] == "HEAVY=", proc.stderr
 
@@ -194,8 +200,7 @@ def test_the_installed_command_leaves_its_objects_to_the_exit(cli):
         "from jobsyncd.cli import entry\n"
         "entry()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=cli.env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    proc = python_c(cli, code)
     assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == [f"job {i}" for i in range(3)]
     assert proc.stderr.splitlines()[-1] == "FROZEN True", proc.stderr
 
