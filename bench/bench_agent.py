@@ -167,9 +167,13 @@ def _push_runs(
 
 
 def push_memory(jobs: int) -> None:
+    """First sync of `jobs` new jobs, its time and peak memory; with Taskwarrior installed,
+    beside a `task sync init` of as many new tasks run just before it."""
     with tempfile.TemporaryDirectory() as tmp:
+        peer = _taskwarrior.Taskwarrior(tmp, jobs) if _taskwarrior.available() else None
         server = Server(tmp).start()
         try:
+            task = peer.first_sync() if peer is not None else None
             data = os.path.join(tmp, "data")
             build_store(data, jobs)
             env = clean_env(data, JOBSYNCD_SERVER_URL=server.url)
@@ -179,8 +183,14 @@ def push_memory(jobs: int) -> None:
             print(
                 f"first sync of {jobs} new jobs in batches: {took:.1f} s, peak memory {peak:.0f} MiB"
             )
+            if task is not None:
+                print(
+                    f"  `task sync init` of {jobs} new tasks just before: {task:.1f} s ({took / task:.2f}x)"
+                )
         finally:
             server.stop()
+            if peer is not None:
+                peer.close()
 
 
 def feed_bench(big: int, rounds: int) -> None:
