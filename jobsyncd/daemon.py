@@ -161,8 +161,8 @@ class PassWorker:
                 counts: dict[str, int] | None = None
                 if self.store.loaded:  # a no-change pass never folds the store
                     counts = {}
-                    for job in self.store.jobs.values():
-                        counts[job.sync_status] = counts.get(job.sync_status, 0) + 1
+                    for _, _, status in self.store.jobs.summaries():
+                        counts[status] = counts.get(status, 0) + 1
                 self.counts = counts
                 self.store.unload()
             self.result = result

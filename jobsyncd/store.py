@@ -13,11 +13,13 @@ import json
 import os
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
+from . import __version__
 from .errors import JobsyncdError, NoSuchJob, SymlinkRefused
 from .fsutil import (
     FileLock,
@@ -27,6 +29,7 @@ from .fsutil import (
     write_file_atomically,
 )
 from .fsutil import write_all as _write_all  # a module global: tests make it fail here
+from .jobtable import JobTable
 from .model import Job
 from .storeformat import (
     FEW_HEADS,
@@ -52,6 +55,13 @@ REPAIR_NAME = "jobs.jsonl.repair"
 # What the last look found due, up to which byte of which file: the next look reads only the
 # lines appended since (a hint, checked against the file before use; format free, contract 4).
 HINT_NAME = "jobs.hint.json"
+# Which bytes at the store's start a fold found all valid, by CRC-32: a lazy fold (a sync pass,
+# Store.fold_lazily) keeps those lines unparsed until asked for (jobtable.py) and parses only
+# the lines after them. A hint like HINT_NAME: never fsynced, ignored unless the file's device,
+# inode and those bytes' CRC all match, and written by this version of this format only (a
+# change to what valid_record or Job.from_record accept must bump CHECK_FORMAT).
+CHECKED_NAME = "jobs.checked.json"
+CHECK_FORMAT = 1
 MIN_PREFIX = 6
 # Compact automatically when dead records outweigh live ones, once the file has this many lines.
 AUTO_COMPACT_MIN_LINES = 200
@@ -71,8 +81,13 @@ class Store:
         self.repair_marker = os.path.join(data_dir, REPAIR_NAME)
         self.warn = warn
         self.lock = FileLock(os.path.join(data_dir, LOCK_NAME))
-        self.jobs: dict[str, Job] = {}
+        self.jobs = JobTable()
         self._loaded = False
+        # Fold lazily: lines an earlier fold checked (CHECKED_NAME) stay unparsed until asked for.
+        self.fold_lazily = False
+        # (device, inode, end, crc32): the file's bytes [0, end) are lines a fold found valid.
+        self._checked: tuple[int, int, int, int] | None = None
+        self._checked_saved: tuple[int, int, int, int] | None = None  # as CHECKED_NAME says
         # The file as last read, held open: while we hold it its inode cannot be reused, so a
         # compaction by another process (a new inode at the path) is always noticed.
         self._held_fd: int | None = None
@@ -93,9 +108,10 @@ class Store:
             yield self
 
     # ---- reading -------------------------------------------------------------------------
-    def _read_and_parse(self, fd: int, start: int) -> tuple[int, int, bool]:
+    def _read_and_parse(self, fd: int, start: int, crc: int = 0) -> tuple[int, int, bool, int]:
         """Fold the file from `start` on, read in blocks so that a large store is never held in
-        memory whole; returns (records folded, length of the complete lines, any line bad)."""
+        memory whole; returns (records folded, length of the complete lines, any line bad, the
+        CRC-32 of those lines continuing `crc`)."""
         block_size = 4 << 20
         total, bad, pending = 0, False, b""
         offset = start
@@ -108,14 +124,16 @@ class Store:
             if following:
                 cut = data.rfind(b"\n") + 1
                 count, _, was_bad = self._parse(data[:cut], base, final=False)
+                crc = zlib.crc32(memoryview(data)[:cut], crc)
                 pending = data[cut:]
             else:
                 count, end, was_bad = self._parse(data, base, final=True)
+                crc = zlib.crc32(memoryview(data)[:end], crc)
                 pending = data[end:]
             total += count
             bad = bad or was_bad
             current = following
-        return total, offset - len(pending) - start, bad
+        return total, offset - len(pending) - start, bad, crc
 
     def _parse(self, data: bytes, base_offset: int, final: bool = True) -> tuple[int, int, bool]:
         """Fold the records in `data`; returns (records folded, length of its complete lines,
@@ -222,14 +240,14 @@ class Store:
         for rec in records:
             local_id = rec["local_id"]
             if rec.get("purged"):
-                jobs.pop(local_id, None)
+                jobs.discard(local_id)
             else:
                 try:
                     jobs[local_id] = Job.from_record(rec)
                 except TypeError:
                     self._needs_repair = True
 
-    def load(self) -> dict[str, Job]:
+    def load(self) -> JobTable:
         """Fold the whole store into `self.jobs` (under the lock)."""
         with self.lock:
             self._release_held()
@@ -239,14 +257,98 @@ class Store:
                 if os.path.lexists(self.path):
                     raise
                 fd = None
-            self.jobs = {}
-            count, end, bad = self._read_and_parse(fd, 0) if fd is not None else (0, 0, False)
+            self.jobs = JobTable()
+            self._needs_repair = False
+            count = end = crc = 0
+            bad = False
+            if fd is not None:
+                checked = self._fold_checked(fd) if self.fold_lazily else None
+                count, end, crc = checked or (0, 0, 0)
+                self.jobs.watch = checked is not None
+                more, length, bad, crc = self._read_and_parse(fd, end, crc)
+                self.jobs.watch = False
+                count, end = count + more, end + length
             self._held_fd, self._offset, self._lines = fd, end, count
-            self._needs_repair = bad or self._enforce_one_binding()
+            # The checked lines held one binding per server_id (their fold repaired nothing, and
+            # a pass binds through its journal): only a job that came to hold a server_id since
+            # can break it, and only then are all jobs looked at.
+            must_check = not self.jobs.raw_count or self.jobs.new_bindings
+            repaired = must_check and self._enforce_one_binding()
+            self._needs_repair = self._needs_repair or bad or repaired
             self._loaded = True
             if not bad and os.path.lexists(self.repair_marker):
                 _unlink_quietly(self.repair_marker)
+            if fd is not None and not self._needs_repair:
+                st = os.fstat(fd)
+                self._checked = (st.st_dev, st.st_ino, end, crc)
+                if self.fold_lazily:
+                    self._save_checked()
         return self.jobs
+
+    def _fold_checked(self, fd: int) -> tuple[int, int, int] | None:
+        """Hold the lines an earlier fold checked (CHECKED_NAME) as raw lines in a new
+        `self.jobs`, if the file still starts with those very bytes; returns (records, where
+        they end, their CRC-32), or None (then fold it all)."""
+        checked = self._read_checked()
+        st = os.fstat(fd)
+        if checked is None or checked[:2] != (st.st_dev, st.st_ino) or checked[2] > st.st_size:
+            return None
+        end, table = checked[2], JobTable()
+        count = pos = crc = 0
+        pending = b""
+        while pos < end:
+            block = os.pread(fd, min(4 << 20, end - pos), pos)
+            if not block:
+                return None
+            pos += len(block)
+            crc = zlib.crc32(block, crc)
+            data = pending + block if pending else block
+            cut = data.rfind(b"\n") + 1
+            indexed = table.hold_lines(data[:cut])
+            if indexed is None:
+                return None
+            count += indexed
+            pending = data[cut:]
+        if pending or crc != checked[3]:
+            return None
+        table.on_broken = self._forget_checked
+        self.jobs = table
+        return count, end, crc
+
+    def _read_checked(self) -> tuple[int, int, int, int] | None:
+        try:
+            fd = open_nofollow(os.path.join(self.data_dir, CHECKED_NAME), os.O_RDONLY)
+        except JobsyncdError:
+            return None
+        try:
+            raw = json.loads(os.read(fd, 4096))
+            if raw["format"] != CHECK_FORMAT or raw["version"] != __version__:
+                return None
+            checked = (int(raw["dev"]), int(raw["ino"]), int(raw["end"]), int(raw["crc"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # torn by a crash, or not ours: fold it all
+        finally:
+            os.close(fd)
+        self._checked_saved = checked
+        return checked
+
+    def _forget_checked(self) -> None:
+        self._checked = self._checked_saved = None
+        _unlink_quietly(os.path.join(self.data_dir, CHECKED_NAME))
+
+    def _save_checked(self) -> None:
+        checked = self._checked
+        if checked is None or checked == self._checked_saved:
+            return
+        dev, ino, end, crc = checked
+        record = {"format": CHECK_FORMAT, "version": __version__, "dev": dev, "ino": ino}
+        try:  # not fsynced: lost or torn by a crash, the next pass folds the whole store
+            write_file_atomically(
+                self.data_dir, CHECKED_NAME, json.dumps({**record, "end": end, "crc": crc}).encode()
+            )
+        except JobsyncdError:
+            return
+        self._checked_saved = checked
 
     def _enforce_one_binding(self) -> bool:
         """The store's invariant (contract 6.3/6.4): one server_id never belongs to two local
@@ -257,17 +359,16 @@ class Store:
         other's server copy); a `synced` duplicate is a mere copy of the server job and goes; any
         other loses its server_id (a pending one is then created anew, a deletion just drops).
         Returns whether anything was repaired."""
-        first: dict[str, Job] = {}
-        groups: dict[str, list[Job]] = {}
-        for job in self.jobs.values():
-            sid = job.server_id
+        first: dict[str, str] = {}
+        groups: dict[str, list[str]] = {}
+        for local_id, sid, _ in self.jobs.summaries():  # raw lines stay unparsed
             if sid is None:
                 continue
-            held = first.setdefault(sid, job)
-            if held is not job:
-                groups.setdefault(sid, [held]).append(job)
-        for sid, group in groups.items():
-            group.sort(key=_keeper_order)
+            held = first.setdefault(sid, local_id)
+            if held != local_id:
+                groups.setdefault(sid, [held]).append(local_id)
+        for sid, local_ids in groups.items():
+            group = sorted((self.jobs[i] for i in local_ids), key=_keeper_order)
             keeper, others = group[0], group[1:]
             for job in others:
                 if job.sync_status == "synced":
@@ -295,7 +396,7 @@ class Store:
     def bound_once(self, server_id: str) -> bool:
         """Whether at most one job holds `server_id` (the invariant a load repairs)."""
         if self._loaded:
-            return sum(1 for j in self.refresh().values() if j.server_id == server_id) <= 1
+            return sum(1 for _, sid, _ in self.refresh().summaries() if sid == server_id) <= 1
         with self.mapped() as data:
             if data is None:
                 return True
@@ -405,7 +506,7 @@ class Store:
         """Forget the folded jobs (a long-lived process between passes)."""
         with self.lock:
             self._release_held()
-            self.jobs = {}
+            self.jobs = JobTable()
             self._loaded = False
 
     def _release_held(self) -> None:
@@ -413,7 +514,7 @@ class Store:
             os.close(self._held_fd)
             self._held_fd = None
 
-    def refresh(self) -> dict[str, Job]:
+    def refresh(self) -> JobTable:
         """Bring `self.jobs` up to date with what other processes appended since the last look."""
         if not self._loaded:
             return self.load()
@@ -429,10 +530,15 @@ class Store:
                 return self.load()  # compacted or replaced: read it whole
             if st.st_size == self._offset:
                 return self.jobs
-            count, end, bad = self._read_and_parse(self._held_fd, self._offset)
+            checked = self._checked
+            extend = checked is not None and checked[2] == self._offset
+            crc = checked[3] if checked is not None and extend else 0
+            count, end, bad, crc = self._read_and_parse(self._held_fd, self._offset, crc)
             self._offset += end
             self._lines += count
             self._needs_repair = self._needs_repair or bad
+            if checked is not None and extend and not self._needs_repair:
+                self._checked = (checked[0], checked[1], self._offset, crc)
         return self.jobs
 
     # ---- finding one job without folding the whole store ---------------------------------
@@ -519,9 +625,10 @@ class Store:
     def lookup_server_id(self, server_id: str) -> Job | None:
         """The job bound to `server_id` now (the first found; the store holds one at most)."""
         if self._loaded:
-            for job in self.refresh().values():
-                if job.server_id == server_id:
-                    return job
+            jobs = self.refresh()
+            for local_id, sid, _ in jobs.summaries():
+                if sid == server_id:
+                    return jobs[local_id]
             return None
         with self.mapped() as data:
             if data is None:
@@ -534,8 +641,8 @@ class Store:
         if self._loaded:
             return sum(
                 1
-                for j in self.refresh().values()
-                if j.sync_status == "synced" and j.local_id not in excluded
+                for local_id, _, status in self.refresh().summaries()
+                if status == "synced" and local_id not in excluded
             )
         with self.mapped() as data:
             if data is None:
@@ -589,8 +696,13 @@ class Store:
                     self._fold([j.record() for j in jobs] + tombstones)
                     self._rewrite()
                     return
-            self._append_blob(blob)
+            written_at = self._append_blob(blob)
             if self._loaded:
+                checked = self._checked
+                if checked is not None and checked[2] == written_at == self._offset:
+                    # Lines we encoded from jobs: valid, so still checked for the next fold.
+                    end = written_at + len(blob)
+                    self._checked = (checked[0], checked[1], end, zlib.crc32(blob, checked[3]))
                 if adopt:
                     for job in jobs:
                         self.jobs[job.local_id] = job.as_stored()
@@ -606,7 +718,8 @@ class Store:
                 ):
                     self._rewrite()
 
-    def _append_blob(self, blob: bytes) -> None:
+    def _append_blob(self, blob: bytes) -> int:
+        """Append `blob` (fsynced); returns the offset it was written at."""
         fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
@@ -629,6 +742,7 @@ class Store:
                 self._cut_unreadable_last_line(fd, size)
             _write_all(fd, blob)
             os.fsync(fd)
+            return size
         except OSError as exc:
             raise JobsyncdError(f"cannot write {self.path}: {exc.strerror}") from None
         finally:
@@ -662,6 +776,8 @@ class Store:
             # store without stale lines lets the next no-change pass skip folding it.
             if 4 * self._lines > 5 * len(self.jobs) and self._lines >= AUTO_COMPACT_MIN_LINES:
                 self._rewrite()
+            if self.fold_lazily:
+                self._save_checked()  # what this pass appended is checked for the next one
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the store with only live records. Returns (lines before, lines after)."""
@@ -677,15 +793,18 @@ class Store:
         if os.path.lexists(self.tmp_path):
             os.unlink(self.tmp_path)  # our own temporary file, left by a crash
         fd = open_nofollow(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        size = 0
+        size = crc = 0
         try:
             # Written a few thousand records at a time: a store of 100,000 jobs is never held
-            # as lines in memory (twice, with the join), beside the jobs themselves.
-            jobs = iter(self.jobs.values())
-            while data := encode_lines(islice(jobs, 4096)):
+            # as lines in memory (twice, with the join), beside the jobs themselves. A job
+            # still held as its raw line (a lazy fold) is written as that line, unparsed.
+            jobs = self.jobs.lines()
+            while data := _encode_held(islice(jobs, 4096)):
                 _write_all(fd, data)
                 size += len(data)
+                crc = zlib.crc32(data, crc)
             os.fsync(fd)
+            st = os.fstat(fd)
         except OSError as exc:
             os.close(fd)
             os.unlink(self.tmp_path)
@@ -708,6 +827,8 @@ class Store:
         self._offset = size
         self._lines = len(self.jobs)
         self._needs_repair = False
+        self._checked = (st.st_dev, st.st_ino, size, crc)  # lines we encoded: valid
+        self._save_checked()
 
 
 _MAX_STALE_CHECKS = 64
@@ -716,6 +837,12 @@ _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
 # take either path (one scan of the file, or each job backwards from the end).
 _FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
+
+
+def _encode_held(held: Iterable[Job | bytes]) -> bytes:
+    """encode_lines() of jobs some of which are held as their raw lines."""
+    lines = [j if isinstance(j, bytes) else j.record_json().encode() for j in held]
+    return b"\n".join(lines) + b"\n" if lines else b""
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:

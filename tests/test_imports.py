@@ -103,6 +103,11 @@ def test_the_lifecycle_and_the_file_system_helpers_import_only_what_the_readme_a
     graph = _graph()
     assert graph["jobsyncd.lifecycle"] <= {"jobsyncd.errors", "jobsyncd.model"}
     assert graph["jobsyncd.fsutil"] <= {"jobsyncd.errors"}
+    assert graph["jobsyncd.jobtable"] <= {
+        "jobsyncd.errors",
+        "jobsyncd.model",
+        "jobsyncd.storeformat",
+    }
     assert graph["jobsyncd.runtime"] <= {
         "jobsyncd.log",
         "jobsyncd.config",

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import audio, log
 from ..api import RemoteAPI
+from ..jobtable import JobTable
 from ..lifecycle import PENDING_DELETION
 from ..model import Job
 from ..store import Store
@@ -181,13 +182,13 @@ class Journal:
         if self._bound is None:
             # A Bloom filter of the ids bound, not a dict of them: 1 MiB, not 5 at 100,000 jobs.
             self._bound = _IdFilter()
-            for job in self.store.refresh().values():
-                if job.server_id is not None:
-                    self._bound.add(job.server_id)
+            for _, sid, _ in self.store.refresh().summaries():
+                if sid is not None:
+                    self._bound.add(sid)
         if not self._bound.may_hold(server_id):
             return None
         return next(
-            (j.local_id for j in self.store.refresh().values() if j.server_id == server_id), None
+            (lid for lid, sid, _ in self.store.refresh().summaries() if sid == server_id), None
         )
 
     def bind(self, server_id: str, local_id: str) -> None:
@@ -252,7 +253,7 @@ class _Overlay:
     """The store's jobs as changed by the outcomes applied so far in one write."""
 
     def __init__(
-        self, jobs: dict[str, Job] | _StoreLookup, changed: dict[str, Job], purged: list[str]
+        self, jobs: JobTable | _StoreLookup, changed: dict[str, Job], purged: list[str]
     ) -> None:
         self.jobs, self.changed, self.purged = jobs, changed, purged
         self._gone = set(purged)  # a batch of 500 deletes: no search of the list for each
@@ -275,7 +276,7 @@ class _Overlay:
                 return True
             return any(j.server_id == server_id for j in self.changed.values())
         if self._sids is None:
-            self._sids = {j.server_id for j in self.jobs.values() if j.server_id is not None}
+            self._sids = {sid for _, sid, _ in self.jobs.summaries() if sid is not None}
         if server_id in self._sids:
             return True
         return any(j.server_id == server_id for j in self.changed.values())

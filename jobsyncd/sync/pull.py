@@ -9,6 +9,7 @@ Decides and talks; what it learns goes to the journal as outcomes (journal.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .. import log
@@ -26,6 +27,7 @@ from ..api import (
     Tombstone,
     Unchanged,
 )
+from ..jobtable import JobTable, LazyDict
 from ..lifecycle import SYNCED
 from ..model import Job
 from .journal import PassContext, _StoreLookup
@@ -54,10 +56,10 @@ class Puller:
         # server_id -> (local job, old server id, server job): listed under a local job's
         # local_id while that job is bound to another server id
         self._rebinds: dict[str, tuple[Job, str, ServerJob]]
-        self._index: dict[str, str] | None  # server_id -> local_id, once the store is folded
+        self._index: Mapping[str, str] | None  # server_id -> local_id, once the store is folded
         self._forget()
 
-    def pull(self, begin_synced: dict[str, str] | None) -> None:
+    def pull(self, begin_synced: Mapping[str, str] | None) -> None:
         """The change feed when the server offers it (6.7), else the whole listing (6.4)."""
         if hasattr(self.remote, "changes") and worth_asking(self.pull_state, "feed", time.time()):
             try:
@@ -76,16 +78,22 @@ class Puller:
         self._forget()
         self.journal.sparse = False
 
-    def _index_store(self, begin_synced: dict[str, str] | None) -> dict[str, str]:
+    def _index_store(self, begin_synced: Mapping[str, str] | None) -> Mapping[str, str]:
         """Fold the store (the server had something to say) and index it by server_id."""
         jobs = self.store.refresh()
         if begin_synced is None:
             begin_synced = synced_ids(jobs)
-        self._index = {j.server_id: j.local_id for j in jobs.values() if j.server_id is not None}
+        if jobs.raw_count:  # a lazy fold: built if used (a read-back of our own pushes never is)
+            snapshot = jobs.snapshot()
+            self._index = LazyDict(
+                lambda: {sid: lid for lid, sid, _ in snapshot.summaries() if sid is not None}
+            )
+        else:
+            self._index = {sid: lid for lid, sid, _ in jobs.summaries() if sid is not None}
         return begin_synced
 
     # ---- the change feed (6.7) -------------------------------------------------------------------
-    def pull_feed(self, begin_synced: dict[str, str] | None) -> None:
+    def pull_feed(self, begin_synced: Mapping[str, str] | None) -> None:
         checkpoint = self.pull_state.get("checkpoint")
         if not isinstance(checkpoint, str):
             # No checkpoint (the first pull from this server URL, or a state file lost): the
@@ -110,7 +118,7 @@ class Puller:
             self._read_feed(None, begin_synced, gone.reason)
 
     def _read_feed(  # noqa: C901 - one loop over pages with its error cases, read top to bottom
-        self, since: str | None, begin_synced: dict[str, str] | None, resync: str | None
+        self, since: str | None, begin_synced: Mapping[str, str] | None, resync: str | None
     ) -> None:
         """Read the feed from `since` to its end, applying jobs as they come; tombstones and
         rebinds are applied after the read (a job deleted and created again under the same
@@ -195,7 +203,8 @@ class Puller:
             self.pull_state["feed"] = {"offered": True, "checked_at": time.time()}
         if resync and not complete:
             return  # the next pass gets 410 again and resyncs again: nothing is decided on half
-        settled = self._settle_feed(begin_synced or {}, tombstones, unlisted, resync, complete)
+        synced = begin_synced if begin_synced is not None else {}
+        settled = self._settle_feed(synced, tombstones, unlisted, resync, complete)
         if settled and self.pull_state.get("checkpoint") != since:
             # Written only when it moves: a no-change pass leaves pull_state.json unwritten.
             self.pull_state["checkpoint"] = since
@@ -242,7 +251,7 @@ class Puller:
 
     def _settle_feed(
         self,
-        begin_synced: dict[str, str],
+        begin_synced: Mapping[str, str],
         tombstones: dict[str, str | None],
         unlisted: dict[str, str],
         resync: str | None,
@@ -269,7 +278,7 @@ class Puller:
             self.flush()
 
     def _apply_tombstones(
-        self, begin_synced: dict[str, str], tombstones: dict[str, str | None]
+        self, begin_synced: Mapping[str, str], tombstones: dict[str, str | None]
     ) -> bool:
         """Remove the synced jobs bound to tombstoned ids; False when the deletion guard trips."""
         doomed = {}
@@ -305,7 +314,7 @@ class Puller:
         return True
 
     # ---- the listing (6.4) -----------------------------------------------------------------------
-    def pull_listing(self, begin_synced: dict[str, str] | None) -> None:
+    def pull_listing(self, begin_synced: Mapping[str, str] | None) -> None:
         etag = self.pull_state.get("etag")
         # server_id -> local_id of the jobs synced when the pass began and not listed (yet):
         # shrinks page by page, rather than a set of every listed id growing to the whole listing.
@@ -345,7 +354,9 @@ class Puller:
             settled = (
                 complete
                 and not self._invalid_seen
-                and self._detect_server_deletions(begin_synced or {}, missing)
+                and self._detect_server_deletions(
+                    begin_synced if begin_synced is not None else {}, missing
+                )
             )
         finally:
             self.flush()
@@ -426,7 +437,7 @@ class Puller:
         if self.journal.sparse:
             job = self.store.lookup_server_id(server_id)
             return job.local_id if job is not None else None
-        return (self._index or {}).get(server_id)
+        return self._index.get(server_id) if self._index is not None else None
 
     def _skip_invalid(self, item: Any, unlisted: dict[str, str]) -> None:
         """An invalid job object in a listing: skipped with a warning, the rest of the page
@@ -444,7 +455,7 @@ class Puller:
 
     # ---- deletions on the server -------------------------------------------------------------
     def _detect_server_deletions(
-        self, begin_synced: dict[str, str], missing: dict[str, str]
+        self, begin_synced: Mapping[str, str], missing: dict[str, str]
     ) -> bool:
         """`missing`: local_id -> server_id of the jobs synced when the pass began that a
         complete listing lacks. Returns True when the pull is fully settled (the ETag may be
@@ -526,8 +537,10 @@ def _rebound(mine: Job, old_id: str, sj: ServerJob) -> Rebound:
     return Rebound(mine.local_id, old_id, sj, path, file_sha256(path) if path and sj.audio else None)
 
 
-def synced_ids(jobs: dict[str, Job]) -> dict[str, str]:
-    """local_id -> server_id of the synced jobs (what the last sync recorded)."""
-    return {
-        j.local_id: j.server_id for j in jobs.values() if j.sync_status == SYNCED and j.server_id
-    }
+def synced_ids(jobs: JobTable) -> Mapping[str, str]:
+    """local_id -> server_id of the synced jobs (what the last sync recorded), as they are now,
+    worked out when first read (a pass that removes nothing never reads it)."""
+    snapshot = jobs.snapshot()
+    return LazyDict(
+        lambda: {lid: sid for lid, sid, status in snapshot.summaries() if status == SYNCED and sid}
+    )

@@ -58,6 +58,8 @@ def run_pass(
     server: ETag, checkpoint, offers) is read and updated in place; `upload_progress(done,
     total)` sees each upload's bytes."""
     summary = PassSummary()
+    # Lines an earlier pass's fold checked stay unparsed until the pass asks for their jobs.
+    store.fold_lazily = True
     state = pull_state if pull_state is not None else {}
     journal = Journal(store, policy, summary, now, rng or random.Random())
     ctx = PassContext(store, remote, policy, journal, summary, should_stop, state)
@@ -106,4 +108,4 @@ def _bound_once(store: Store, local_ids: list[str]) -> bool:
 def count_due(store: Store, now: _dt.datetime | None = None, policy: Policy | None = None) -> int:
     now = now or utc_now()
     max_wait = longest_backoff(policy) if policy is not None else None
-    return sum(1 for j in store.refresh().values() if is_due(j, now, max_wait))
+    return sum(1 for j in store.refresh().may_be_due() if is_due(j, now, max_wait))

@@ -1,0 +1,344 @@
+"""`JobTable`: the folded store, local_id -> Job, in which a job may be held as its raw line.
+
+A store folded lazily (`Store.fold_lazily`, a sync pass) does not parse the lines an earlier
+fold of the same bytes already checked (see store.CHECKED_NAME): each job's latest line is kept
+as bytes and parsed the first time the job is asked for. A pass of 1,000 edits in a store of
+10,000 jobs then parses the 1,000 lines appended since, not all 11,000.
+
+What a pass needs of every job (its server_id and its status: the deletion guard's count, the
+index by server_id, the due jobs) is read from the raw line by the byte layout of
+storeformat.py, without parsing it; a line where that is ambiguous is parsed. `values()` and
+`items()` parse every raw line (in arrays, as a fold does), so code that wants every Job gets
+exactly what an eager fold gives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from typing import Any, TypeVar, cast
+
+from .errors import JobsyncdError
+from .model import Job
+from .storeformat import (
+    DUE_NEEDLES,
+    HEAD_LENGTH,
+    PURGED_KEY,
+    RECORD_HEAD,
+    SERVER_ID_FIELD,
+    STATUS_FIELD,
+    valid_record,
+)
+
+# A line's id is bytes [_ID_AT, _ID_END); a job's line goes on with _JOB_TAIL, a tombstone's is
+# _PURGED_TAIL; a job line's server_id value starts at _SID_AT.
+_ID_AT = len(RECORD_HEAD)
+_ID_END = HEAD_LENGTH - 1
+_JOB_TAIL = b'"' + SERVER_ID_FIELD
+_PURGED_TAIL = b'","' + PURGED_KEY.encode() + b'":true}'
+_PURGED_LENGTH = _ID_END + len(_PURGED_TAIL)
+_SID_AT = HEAD_LENGTH + len(SERVER_ID_FIELD)
+_STATUS_AT = len(STATUS_FIELD) + 1  # from a STATUS_FIELD hit to the status's first character
+_STATUS_NEEDLE = STATUS_FIELD + b'"'
+_PARSE_CHUNK = 4096  # raw lines parsed with one json.loads by values()
+
+
+class JobTable(MutableMapping[str, Job]):
+    """local_id -> Job; a value is a Job, or the raw line (bytes) of a job not asked for yet."""
+
+    __slots__ = ("_d", "_raw", "_sums", "watch", "new_bindings", "on_broken")
+
+    def __init__(self) -> None:
+        self._d: dict[str, Job | bytes] = {}
+        self._raw = 0  # how many values are raw lines
+        # (server_id, sync_status) read from raw lines, kept: a pass asks for them several times
+        self._sums: dict[str, tuple[str | None, str]] = {}
+        # While `watch`: whether a job was set with a server_id it did not hold before (the
+        # store's one-binding check need not look at all jobs when none was).
+        self.watch = False
+        self.new_bindings = False
+        # Called before a raw line that does not parse is reported (the store forgets that its
+        # lines were checked, so that running again folds them all).
+        self.on_broken: Callable[[], None] | None = None
+
+    # ---- the mapping -----------------------------------------------------------------------
+    def __getitem__(self, local_id: str) -> Job:
+        value = self._d[local_id]
+        if type(value) is bytes:
+            return self._parse(local_id, value)
+        return cast(Job, value)
+
+    def get(  # type: ignore[override]
+        self, local_id: str, default: Job | None = None
+    ) -> Job | None:
+        value = self._d.get(local_id)
+        if value is None:
+            return default
+        if type(value) is bytes:
+            return self._parse(local_id, value)
+        return cast(Job, value)
+
+    def __setitem__(self, local_id: str, job: Job) -> None:
+        old = self._d.get(local_id)
+        if type(old) is bytes:
+            self._raw -= 1
+            self._sums.pop(local_id, None)
+            if self.watch and _server_id_of(old) != job.server_id:
+                self.new_bindings = True
+        elif (
+            self.watch
+            and job.server_id is not None
+            and (old is None or cast(Job, old).server_id != job.server_id)
+        ):
+            self.new_bindings = True
+        self._d[local_id] = job
+
+    def __delitem__(self, local_id: str) -> None:
+        if type(self._d.pop(local_id)) is bytes:
+            self._raw -= 1
+            self._sums.pop(local_id, None)
+
+    def discard(self, local_id: str) -> None:
+        """Drop the job if held, without parsing its line (a tombstone)."""
+        if local_id in self._d:
+            del self[local_id]
+
+    def pop(self, local_id: str, *default: Any) -> Any:
+        if local_id not in self._d:
+            if default:
+                return default[0]
+            raise KeyError(local_id)
+        job = self[local_id]
+        del self._d[local_id]
+        return job
+
+    def __contains__(self, local_id: object) -> bool:
+        return local_id in self._d
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def values(self) -> ValuesView[Job]:
+        self._parse_all()
+        return cast(ValuesView[Job], self._d.values())
+
+    def items(self) -> ItemsView[str, Job]:
+        self._parse_all()
+        return cast(ItemsView[str, Job], self._d.items())
+
+    # ---- raw lines ---------------------------------------------------------------------------
+    @property
+    def raw_count(self) -> int:
+        return self._raw
+
+    def put_raw(self, local_id: str, line: bytes) -> None:
+        """Hold `line` (a checked job line of our layout, without its b"\\n") as the job."""
+        if type(self._d.get(local_id)) is bytes:
+            self._sums.pop(local_id, None)
+        else:
+            self._raw += 1
+        self._d[local_id] = line
+
+    def hold_lines(self, data: bytes) -> int | None:
+        """Hold each line of `data` (whole lines a fold checked) as its job's raw line, a
+        tombstone dropping its job; returns how many lines, or None when one is not of the
+        layout (storeformat.py): then the caller folds the store the usual way."""
+        d, sums = self._d, self._sums
+        lines = data.split(b"\n")
+        lines.pop()  # data ends with b"\n"
+        for line in lines:
+            if line.startswith(_JOB_TAIL, _ID_END) and line.startswith(RECORD_HEAD):
+                raw_id = line[_ID_AT:_ID_END]
+                if b"\\" in raw_id:
+                    return None
+                local_id = raw_id.decode()
+                if type(d.get(local_id)) is bytes:
+                    sums.pop(local_id, None)
+                else:
+                    self._raw += 1
+                d[local_id] = line
+            elif line.endswith(_PURGED_TAIL) and len(line) == _PURGED_LENGTH:
+                if not line.startswith(RECORD_HEAD) or b"\\" in line[_ID_AT:_ID_END]:
+                    return None
+                self.discard(line[_ID_AT:_ID_END].decode())
+            else:
+                return None
+        return len(lines)
+
+    def lines(self) -> Iterator[Job | bytes]:
+        """Each job as it is held: a Job, or its raw line (a compaction writes that as it is)."""
+        return iter(self._d.values())
+
+    def summaries(self) -> Iterator[tuple[str, str | None, str]]:
+        """(local_id, server_id, sync_status) of every job, read from a raw line's bytes (a line
+        where that is ambiguous is parsed)."""
+        sums = self._sums
+        for local_id, value in self._d.items():  # a parse replaces a value: no resize
+            if type(value) is bytes:
+                summary = sums.get(local_id)
+                if summary is None:
+                    summary = _summary(value)
+                    if summary is not None:
+                        sums[local_id] = summary
+                if summary is None:
+                    job = self._parse(local_id, value)
+                    yield local_id, job.server_id, job.sync_status
+                else:
+                    yield local_id, summary[0], summary[1]
+            else:
+                job = cast(Job, value)
+                yield local_id, job.server_id, job.sync_status
+
+    def snapshot(self) -> Snapshot:
+        """The server ids and statuses of the jobs now, worked out when first asked for: the
+        parsed jobs' now (those with a server_id), the raw lines' from the lines themselves."""
+        if self._raw:
+            # Mostly raw lines (a lazy fold): a copy of the dict, the few Jobs in it included
+            # (a Job in the table is replaced, never changed in place).
+            return Snapshot([], dict(self._d), dict(self._sums))
+        # All parsed (a first sync of 100,000 jobs): no reference kept to the Jobs, which the
+        # pass replaces one by one, only their ids and statuses.
+        parsed: list[tuple[str, str | None, str]] = [
+            (local_id, job.server_id, job.sync_status)
+            for local_id, job in cast(dict[str, Job], self._d).items()
+            if job.server_id is not None
+        ]
+        return Snapshot(parsed, {}, {})
+
+    def may_be_due(self) -> Iterator[Job]:
+        """The parsed jobs, and the raw ones whose line names a status that needs a push: a
+        superset of the due jobs (the caller decides with rules.is_due)."""
+        first, *others = DUE_NEEDLES
+        for local_id, value in self._d.items():  # a parse replaces a value: no resize
+            if type(value) is not bytes:
+                yield cast(Job, value)
+            elif first in value or any(needle in value for needle in others):
+                yield self._parse(local_id, value)
+
+    # ---- parsing -----------------------------------------------------------------------------
+    def _parse(self, local_id: str, line: bytes) -> Job:
+        try:
+            rec = json.loads(line)
+            job = Job.from_record(rec) if valid_record(rec) else None
+        except (ValueError, TypeError):
+            job = None
+        if job is None or job.local_id != local_id:
+            # Cannot happen for bytes a fold checked under the same CRC; said, never guessed at.
+            if self.on_broken is not None:
+                self.on_broken()
+            raise JobsyncdError(f"job {local_id}: its stored line no longer parses; run again")
+        self._d[local_id] = job
+        self._raw -= 1
+        self._sums.pop(local_id, None)
+        return job
+
+    def _parse_all(self) -> None:
+        if not self._raw:
+            return
+        raw = [(k, v) for k, v in self._d.items() if type(v) is bytes]
+        for first in range(0, len(raw), _PARSE_CHUNK):
+            chunk = raw[first : first + _PARSE_CHUNK]
+            try:
+                recs = json.loads(b"[" + b",".join(line for _, line in chunk) + b"]")
+            except ValueError:
+                recs = None
+            if recs is None or len(recs) != len(chunk):
+                for local_id, line in chunk:
+                    self._parse(local_id, line)
+                continue
+            for (local_id, line), rec in zip(chunk, recs, strict=True):
+                try:
+                    job = Job.from_record(rec) if valid_record(rec) else None
+                except TypeError:
+                    job = None
+                if job is None or job.local_id != local_id:
+                    self._parse(local_id, line)  # raises with the message
+                    continue
+                self._d[local_id] = job
+                self._raw -= 1
+        self._sums.clear()
+
+
+class Snapshot:
+    """What JobTable.snapshot() took: summaries() as the table's were then."""
+
+    def __init__(
+        self,
+        parsed: list[tuple[str, str | None, str]],
+        held: dict[str, Job | bytes],
+        known: dict[str, tuple[str | None, str]],
+    ) -> None:
+        self._parsed, self._held, self._known = parsed, held, known
+
+    def summaries(self) -> Iterator[tuple[str, str | None, str]]:
+        """(local_id, server_id, sync_status), leaving out parsed jobs without a server_id."""
+        yield from self._parsed
+        known = self._known
+        for local_id, line in self._held.items():
+            if type(line) is not bytes:
+                job = cast(Job, line)
+                yield local_id, job.server_id, job.sync_status
+                continue
+            # What the table had read from these very lines, else from the bytes, else parsed.
+            summary = known.get(local_id) or _summary(line)
+            if summary is None:
+                job = Job.from_record(json.loads(line))
+                summary = job.server_id, job.sync_status
+            yield local_id, summary[0], summary[1]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LazyDict(Mapping[K, V]):
+    """A dict made by `make()` the first time it is read (a pass that never needs its index
+    by server_id, or its count of synced jobs, never builds them)."""
+
+    def __init__(self, make: Callable[[], dict[K, V]]) -> None:
+        self._make: Callable[[], dict[K, V]] | None = make
+        self._dict: dict[K, V] = {}
+
+    def _built(self) -> dict[K, V]:
+        if self._make is not None:
+            self._dict, self._make = self._make(), None
+        return self._dict
+
+    def __getitem__(self, key: K) -> V:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+
+def _server_id_of(line: bytes) -> str | None | bool:
+    """The server_id of a job line of our layout from its bytes; False when in doubt."""
+    if line.startswith(b"null", _SID_AT):
+        return None
+    end = line.find(b'"', _SID_AT + 1)
+    if end == -1 or line[_SID_AT : _SID_AT + 1] != b'"':
+        return False
+    raw_sid = line[_SID_AT + 1 : end]
+    return False if b"\\" in raw_sid else raw_sid.decode()
+
+
+def _summary(line: bytes) -> tuple[str | None, str] | None:
+    """(server_id, sync_status) of a job line of our layout, read from its bytes; None when the
+    bytes leave a doubt (an escape in the server_id, metadata naming "sync_status")."""
+    server_id = _server_id_of(line)
+    if type(server_id) is bool:
+        return None
+    at = line.find(_STATUS_NEEDLE, _SID_AT)
+    if at == -1 or line.find(_STATUS_NEEDLE, at + 1) != -1:
+        return None
+    start = at + _STATUS_AT
+    end = line.find(b'"', start)
+    if end == -1:
+        return None
+    return server_id, line[start:end].decode()

@@ -1,0 +1,334 @@
+"""The lazy fold (store.CHECKED_NAME, jobtable.py): a sync pass keeps the lines an earlier fold
+checked as raw lines and parses them only when a job is asked for. Whatever it holds, every
+question asked of it must get the answer an eager fold gives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jobsyncd.jobtable import JobTable, LazyDict
+from jobsyncd.model import Job, new_local_id, rfc3339, utc_now
+from jobsyncd.store import CHECKED_NAME, STORE_NAME, Store, prepare_data_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    prepare_data_dir(str(d))
+    return d
+
+
+class Warnings(list):
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+
+def store_of(data_dir: Path, lazy: bool = True) -> tuple[Store, Warnings]:
+    warned = Warnings()
+    store = Store(str(data_dir), warn=warned)
+    store.fold_lazily = lazy
+    return store, warned
+
+
+def job(text: str = "", **kw) -> Job:
+    now = rfc3339(utc_now())
+    return Job(local_id=new_local_id(), text=text, created_at=now, updated_at=now, **kw)
+
+
+def varied_jobs() -> list[Job]:
+    """Jobs whose lines try the byte reader: every status, server ids with escapes, metadata and
+    bases that name "sync_status" and "server_id" themselves, non-ASCII text."""
+    return [
+        job("plain pending"),
+        job("synced", server_id="s-1", sync_status="synced", base={"text": "old", "metadata": {}}),
+        job("synced same base", server_id="s-2", sync_status="synced", rev=3),
+        job("erred", server_id="s-3", sync_status="error", retry_count=2, error_kind="gone"),
+        job("failed", sync_status="failed", last_error="no"),
+        job("deleting", server_id="s-4", sync_status="pending_deletion"),
+        job("quote in id", server_id='s-"5"\\x', sync_status="synced"),
+        job("unicode ü 日本", server_id="s-ü", sync_status="synced"),
+        job("meta names status", server_id="s-6", sync_status="synced",
+            metadata={"sync_status": "pending", "server_id": "s-1"}),
+        job("base names status", server_id="s-7", sync_status="pending",
+            base={"text": "t", "metadata": {"sync_status": "synced"}}),
+        job("pending in text: \"sync_status\":\"pending\"", server_id="s-8", sync_status="synced"),
+    ]
+
+
+def records(jobs) -> dict[str, dict]:
+    return {local_id: j.record() for local_id, j in jobs.items()}
+
+
+def checked_store(data_dir: Path, jobs: list[Job]) -> None:
+    """A store holding `jobs`, folded once by a lazy store (which leaves CHECKED_NAME)."""
+    writer, _ = store_of(data_dir, lazy=False)
+    writer.append(jobs)
+    first, warned = store_of(data_dir)
+    first.load()
+    assert not warned
+    assert (data_dir / CHECKED_NAME).exists()
+
+
+def test_a_lazy_fold_holds_the_checked_lines_raw_and_answers_as_an_eager_fold(data_dir):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    lazy, warned = store_of(data_dir)
+    table = lazy.load()
+    assert table.raw_count == len(jobs)  # nothing parsed yet
+    eager, _ = store_of(data_dir, lazy=False)
+    expected = eager.load()
+    assert sorted(table) == sorted(expected)
+    assert len(table) == len(expected)
+    summaries = {lid: (sid, status) for lid, sid, status in table.summaries()}
+    assert summaries == {lid: (j.server_id, j.sync_status) for lid, j in expected.items()}
+    due = {j.local_id for j in table.may_be_due()}
+    needing_a_push = ("pending", "pending_deletion", "error")
+    assert due >= {j.local_id for j in jobs if j.sync_status in needing_a_push}
+    assert records(table) == records(expected)  # values() parses the rest
+    assert table.raw_count == 0
+    assert not warned
+
+
+def test_may_be_due_leaves_the_lines_of_synced_and_failed_jobs_unparsed(data_dir):
+    synced = [job(f"s{i}", server_id=f"id-{i}", sync_status="synced") for i in range(20)]
+    pending = job("new")
+    checked_store(data_dir, [*synced, job("gave up", sync_status="failed"), pending])
+    store, _ = store_of(data_dir)
+    table = store.load()
+    assert [j.local_id for j in table.may_be_due()] == [pending.local_id]
+    assert table.raw_count == 21
+
+
+def test_lines_appended_after_the_checked_ones_are_parsed_and_win(data_dir):
+    kept, edited, gone = job("kept"), job("before"), job("to purge")
+    checked_store(data_dir, [kept, edited, gone])
+    other, _ = store_of(data_dir, lazy=False)  # another process (a CLI command) appends
+    edited.text = "after"
+    other.append([edited], purge=[gone.local_id])
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert set(table) == {kept.local_id, edited.local_id}
+    assert table.raw_count == 1  # `kept`; `edited` was parsed from its new line
+    assert table[edited.local_id].text == "after"
+    assert not warned
+
+
+def test_a_corrupt_line_appended_after_the_checked_ones_is_set_aside_as_in_any_fold(data_dir):
+    a, b = job("a"), job("b")
+    checked_store(data_dir, [a])
+    with open(data_dir / STORE_NAME, "ab") as f:  # a corrupt line, then another job's
+        f.write(b'{"local_id": broken\n' + b.record_json().encode() + b"\n")
+    store, warned = store_of(data_dir)
+    assert set(store.load()) == {a.local_id, b.local_id}
+    assert any("copied to" in w for w in warned)
+
+
+def test_a_byte_changed_in_place_inside_the_checked_lines_makes_a_full_fold(data_dir):
+    a, b = job("aaaa"), job("bbbb")
+    checked_store(data_dir, [a, b])
+    path = data_dir / STORE_NAME
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # same inode, same size: only the CRC tells
+        f.seek(data.index(b'"aaaa"'))
+        f.write(b'"aaaa\\')  # now a line that does not parse
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == 0
+    assert set(table) == {b.local_id}
+    assert any("unreadable line" in w for w in warned)
+
+
+def test_a_changed_text_in_place_is_read_as_it_is_now(data_dir):
+    a = job("aaaa")
+    checked_store(data_dir, [a])
+    path = data_dir / STORE_NAME
+    path.write_bytes(path.read_bytes().replace(b'"aaaa"', b'"zzzz"'))
+    store, _ = store_of(data_dir)
+    assert store.load()[a.local_id].text == "zzzz"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"",
+        b"{torn",
+        b'{"format": 0, "version": "0.1.0", "dev": 1, "ino": 1, "end": 1, "crc": 1}',
+        b'{"format": 1, "version": "0.0.0-other", "dev": 1, "ino": 1, "end": 1, "crc": 1}',
+        b"[1, 2, 3]",
+    ],
+)
+def test_a_checked_record_that_is_torn_or_not_ours_is_ignored(data_dir, record):
+    a = job("a")
+    checked_store(data_dir, [a])
+    saved = json.loads((data_dir / CHECKED_NAME).read_bytes())
+    if record.startswith(b'{"format"'):
+        mine = json.loads(record)
+        mine = {**saved, "format": mine["format"], "version": mine["version"]}
+        record = json.dumps(mine).encode()
+    (data_dir / CHECKED_NAME).write_bytes(record)
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == 0 and set(table) == {a.local_id}
+    assert not warned
+
+
+def test_a_checked_record_of_another_file_is_ignored(data_dir):
+    a = job("a")
+    checked_store(data_dir, [a])
+    saved = (data_dir / CHECKED_NAME).read_bytes()
+    path = data_dir / STORE_NAME
+    replacement = data_dir / "other"
+    replacement.write_bytes(path.read_bytes())
+    os.replace(replacement, path)  # same bytes, another inode
+    (data_dir / CHECKED_NAME).write_bytes(saved)
+    store, _ = store_of(data_dir)
+    assert store.load().raw_count == 0
+
+
+def test_a_store_shorter_than_its_checked_lines_is_folded_whole(data_dir):
+    a, b = job("a"), job("b")
+    checked_store(data_dir, [a, b])
+    path = data_dir / STORE_NAME
+    first_line = path.read_bytes().split(b"\n")[0] + b"\n"
+    with open(path, "r+b") as f:
+        f.truncate(len(first_line))
+    store, _ = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == 0 and set(table) == {a.local_id}
+
+
+def test_lines_not_of_the_layout_make_a_full_fold(data_dir):
+    a = job("a")
+    path = data_dir / STORE_NAME
+    # A line written by another tool with its keys in another order: valid, not our layout.
+    rec = a.record()
+    path.write_bytes((json.dumps(dict(reversed(list(rec.items())))) + "\n").encode())
+    os.chmod(path, 0o600)
+    first, _ = store_of(data_dir)
+    first.load()
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == 0 and table[a.local_id].text == "a"
+    assert not warned
+
+
+def test_a_new_line_binding_a_server_id_a_raw_job_holds_is_repaired(data_dir):
+    holder = job("holder", server_id="S", sync_status="synced")
+    other = job("other")
+    checked_store(data_dir, [holder, other])
+    other.server_id, other.sync_status = "S", "pending"  # written by an old jobsyncd, say
+    Store(str(data_dir)).append([other])
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert [w for w in warned if "was bound to 2 local jobs" in w]
+    bound = [lid for lid, sid, _ in table.summaries() if sid == "S"]
+    assert len(bound) == 1
+
+
+def test_compaction_of_a_lazy_fold_writes_what_an_eager_one_writes(data_dir, tmp_path):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    Store(str(data_dir)).append([jobs[0]])  # a dead line to drop
+    twin = tmp_path / "twin"
+    prepare_data_dir(str(twin))
+    (twin / STORE_NAME).write_bytes((data_dir / STORE_NAME).read_bytes())
+    lazy, _ = store_of(data_dir)
+    lazy.load()
+    assert lazy.jobs.raw_count
+    lazy.compact_if_worth_it()
+    lazy._rewrite()
+    eager, _ = store_of(twin, lazy=False)
+    eager.compact()
+    assert sorted((data_dir / STORE_NAME).read_bytes().split(b"\n")) == sorted(
+        (twin / STORE_NAME).read_bytes().split(b"\n")
+    )
+    # And the compacted file is checked whole: the next lazy fold parses nothing.
+    again, _ = store_of(data_dir)
+    assert again.load().raw_count == len(jobs)
+
+
+def test_what_a_loaded_lazy_store_appends_stays_checked_for_the_next_fold(data_dir):
+    a, b = job("a"), job("b")
+    checked_store(data_dir, [a])
+    store, _ = store_of(data_dir)
+    store.load()
+    store.append([b], compact=False)
+    store.compact_if_worth_it()  # the end of a pass: saves what is checked
+    saved = json.loads((data_dir / CHECKED_NAME).read_bytes())
+    assert saved["end"] == (data_dir / STORE_NAME).stat().st_size
+    again, _ = store_of(data_dir)
+    assert again.load().raw_count == 2
+
+
+def test_a_snapshot_answers_as_the_table_was_when_taken(data_dir):
+    a = job("a", server_id="s-a", sync_status="synced")
+    checked_store(data_dir, [a])
+    store, _ = store_of(data_dir)
+    table = store.load()
+    snapshot = table.snapshot()
+    changed = table[a.local_id].clone()
+    changed.sync_status = "pending"
+    changed.server_id = "s-b"
+    table[a.local_id] = changed
+    assert list(snapshot.summaries()) == [(a.local_id, "s-a", "synced")]
+    assert list(table.summaries()) == [(a.local_id, "s-b", "pending")]
+
+
+def test_a_snapshot_of_a_table_of_parsed_jobs_keeps_only_their_ids_and_statuses():
+    table = JobTable()
+    bound = job("b", server_id="s", sync_status="synced")
+    table[bound.local_id] = bound
+    unbound = job("u")
+    table[unbound.local_id] = unbound
+    snapshot = table.snapshot()
+    assert list(snapshot.summaries()) == [(bound.local_id, "s", "synced")]
+
+
+def test_pop_and_discard_of_raw_and_parsed_jobs():
+    table = JobTable()
+    a, b = job("a"), job("b")
+    line = a.record_json().encode()
+    table.put_raw(a.local_id, line)
+    table[b.local_id] = b
+    assert table.raw_count == 1
+    assert table.pop(a.local_id).text == "a"
+    assert table.raw_count == 0
+    table.put_raw(a.local_id, line)
+    table.discard(a.local_id)
+    assert table.raw_count == 0 and a.local_id not in table
+    assert table.pop("missing", None) is None
+    with pytest.raises(KeyError):
+        table.pop("missing")
+
+
+def test_a_lazy_dict_is_built_once_and_only_when_read():
+    built = []
+
+    def make() -> dict[str, int]:
+        built.append(1)
+        return {"a": 1}
+
+    lazy = LazyDict(make)
+    assert not built
+    assert lazy.get("a") == 1 and len(lazy) == 1 and list(lazy) == ["a"]
+    assert built == [1]
+
+
+def test_a_raw_line_that_no_longer_parses_is_a_clear_error_and_the_next_run_folds_all(data_dir):
+    from jobsyncd.errors import JobsyncdError
+
+    a = job("a")
+    checked_store(data_dir, [a])
+    store, _ = store_of(data_dir)
+    table = store.load()
+    # What no checked line can be (the CRC would differ): one that does not parse.
+    table.put_raw(a.local_id, b'{"local_id":"' + a.local_id.encode() + b'","server_id":nul')
+    with pytest.raises(JobsyncdError, match="no longer parses"):
+        table[a.local_id]
+    assert not (data_dir / CHECKED_NAME).exists()
+    again, _ = store_of(data_dir)
+    assert again.load().raw_count == 0
