@@ -332,3 +332,56 @@ def test_a_raw_line_that_no_longer_parses_is_a_clear_error_and_the_next_run_fold
     assert not (data_dir / CHECKED_NAME).exists()
     again, _ = store_of(data_dir)
     assert again.load().raw_count == 0
+
+
+def test_tombstones_among_the_checked_lines_drop_their_jobs(data_dir):
+    kept, purged, back = job("kept"), job("purged"), job("purged, then written again")
+    checked_store(data_dir, [kept, purged, back])
+    store, _ = store_of(data_dir)
+    store.load()
+    store.append([], purge=[purged.local_id, back.local_id], compact=False)
+    store.append([back], compact=False)
+    store.compact_if_worth_it()  # saves what is checked: the tombstones included
+    lazy, warned = store_of(data_dir)
+    table = lazy.load()
+    assert table.raw_count == 2
+    assert set(table) == {kept.local_id, back.local_id}
+    assert not warned
+
+
+@pytest.mark.parametrize(
+    ("local_id", "held_raw"),
+    [
+        ("short-id", False),
+        ("x" * 40, False),
+        ("a" * 35 + "\\", False),  # JSON doubles the backslash: 37 bytes between the quotes
+        ("é" * 36, False),  # 36 characters, 72 bytes
+        ("é" * 18, True),  # 36 bytes: held, under its id decoded (the line-by-line way)
+    ],
+)
+def test_ids_not_of_36_ascii_characters_are_found_as_in_an_eager_fold(data_dir, local_id, held_raw):
+    stamp = "2026-01-01T00:00:00Z"
+    odd = Job(local_id=local_id, text="odd", created_at=stamp, updated_at=stamp)
+    usual = job("usual")
+    checked_store(data_dir, [usual, odd])
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == (2 if held_raw else 0)
+    assert table[local_id].text == "odd" and table[usual.local_id].text == "usual"
+    assert not warned
+
+
+def test_a_job_line_whose_second_key_is_not_its_server_id_is_parsed_for_its_summary(data_dir):
+    a = job("a", server_id="s-a", sync_status="synced")
+    checked_store(data_dir, [job("first")])
+    rec = a.record()
+    line = {"local_id": rec.pop("local_id"), "text": rec.pop("text"), **rec}
+    with open(data_dir / STORE_NAME, "ab") as f:
+        f.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+    first, _ = store_of(data_dir)
+    first.load()  # checks it (a valid record) and extends the record over it
+    first.compact_if_worth_it()
+    store, _ = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == 2
+    assert (a.local_id, "s-a", "synced") in list(table.summaries())
