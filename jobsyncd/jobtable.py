@@ -37,23 +37,34 @@ _ID_END = HEAD_LENGTH - 1
 _JOB_TAIL = b'"' + SERVER_ID_FIELD
 _PURGED_TAIL = b'","' + PURGED_KEY.encode() + b'":true}'
 _PURGED_LENGTH = _ID_END + len(_PURGED_TAIL)
-_ID_SPAN = _ID_END + 1 - _ID_AT  # an id and its closing quote
+# A job line's first _HEAD_SPAN bytes: RECORD_HEAD, the id, _JOB_TAIL; each byte but the id's
+# as _HEAD_FIXED says, with _HEAD_QUOTES quotes in all (so none in the id).
+_HEAD_SPAN = _ID_END + len(_JOB_TAIL)
+_HEAD_TEMPLATE = RECORD_HEAD + b"-" * (_ID_END - _ID_AT) + _JOB_TAIL
+_HEAD_FIXED = [
+    (i, _HEAD_TEMPLATE[i : i + 1]) for i in range(_HEAD_SPAN) if not _ID_AT <= i < _ID_END
+]
+_HEAD_QUOTES = _HEAD_TEMPLATE.count(b'"')
+_ID_LENGTH = _ID_END - _ID_AT
 _SID_AT = HEAD_LENGTH + len(SERVER_ID_FIELD)
 _STATUS_AT = len(STATUS_FIELD) + 1  # from a STATUS_FIELD hit to the status's first character
 _STATUS_NEEDLE = STATUS_FIELD + b'"'
 _PARSE_CHUNK = 4096  # raw lines parsed with one json.loads by values()
+_PARSE_ALL_AFTER = 2000  # raw lines parsed one by one before the rest are parsed at once
 
 
 class JobTable(MutableMapping[str, Job]):
     """local_id -> Job; a value is a Job, or the raw line (bytes) of a job not asked for yet."""
 
-    __slots__ = ("_d", "_raw", "_sums", "watch", "new_bindings", "on_broken")
+    __slots__ = ("_d", "_raw", "_sums", "_maybe_due", "_singles", "watch", "new_bindings", "on_broken")
 
     def __init__(self) -> None:
         self._d: dict[str, Job | bytes] = {}
         self._raw = 0  # how many values are raw lines
         # (server_id, sync_status) read from raw lines, kept: a pass asks for them several times
         self._sums: dict[str, tuple[str | None, str]] = {}
+        self._maybe_due: set[str] = set()  # raw lines that name a status needing a push
+        self._singles = 0  # raw lines parsed one by one (past _PARSE_ALL_AFTER: all at once)
         # While `watch`: whether a job was set with a server_id it did not hold before (the
         # store's one-binding check need not look at all jobs when none was).
         self.watch = False
@@ -142,6 +153,8 @@ class JobTable(MutableMapping[str, Job]):
         else:
             self._raw += 1
         self._d[local_id] = line
+        if any(needle in line for needle in DUE_NEEDLES):
+            self._maybe_due.add(local_id)
 
     def hold_lines(self, data: bytes) -> int | None:
         """Hold each line of `data` (whole lines a fold checked) as its job's raw line, a
@@ -154,34 +167,47 @@ class JobTable(MutableMapping[str, Job]):
         count = len(lines)
         if not count:
             return 0
-        if data.count(b"\n" + RECORD_HEAD) + data.startswith(RECORD_HEAD) != count:
-            return None  # a line that does not start with the head
-        if data.count(_PURGED_TAIL + b"\n") or self._raw != len(self._d):
-            return self._hold_with_tombstones(lines)
-        # Every line's id and its closing quote, checked and decoded at C speed: each 37-byte
-        # piece holds one quote, its last byte, no backslash, and ASCII only (a UUID).
-        ids = b"".join([line[_ID_AT : _ID_END + 1] for line in lines])
+        # Each line's first 63 bytes, checked at C speed: the head, a 36-character ASCII id
+        # without quote or backslash, and `","server_id":` (so no tombstone: those go line by
+        # line). Position by position over all lines at once, then the ids split out.
+        heads = b"".join([line[:_HEAD_SPAN] for line in lines])
         if (
-            len(ids) != _ID_SPAN * count
-            or ids.count(b'"') != count
-            or ids[_ID_SPAN - 1 :: _ID_SPAN].count(b'"') != count
-            or b"\\" in ids
-            or not ids.isascii()
+            self._raw != len(self._d)
+            or len(heads) != _HEAD_SPAN * count
+            or heads.count(b'"') != _HEAD_QUOTES * count
+            or b"\\" in heads
+            or not heads.isascii()
+            or any(heads[i::_HEAD_SPAN] != byte * count for i, byte in _HEAD_FIXED)
         ):
-            return self._hold_with_tombstones(lines)
-        keys = ids.decode().split('"')
-        keys.pop()
+            return self._hold_line_by_line(lines)
+        text = heads.decode()
+        keys = [text[i : i + _ID_LENGTH] for i in range(_ID_AT, len(text), _HEAD_SPAN)]
         d = self._d
         before = len(d)
         d.update(zip(keys, lines, strict=True))
         self._raw += len(d) - before  # every value was a raw line, and is
+        self._note_due(data)
         return count
 
-    def _hold_with_tombstones(self, lines: list[bytes]) -> int | None:
-        """hold_lines() line by line: tombstones, or ids not of the usual form."""
+    def _note_due(self, data: bytes) -> None:
+        """Remember which of these lines name a status that needs a push (a byte search of the
+        block for each needle, then the line each hit is on): may_be_due() parses only those."""
+        due = self._maybe_due
+        for needle in DUE_NEEDLES:
+            pos = data.find(needle)
+            while pos != -1:
+                start = data.rfind(b"\n", 0, pos) + 1
+                due.add(data[start + _ID_AT : start + _ID_END].decode())
+                pos = data.find(b"\n", pos)
+                pos = data.find(needle, pos) if pos != -1 else -1
+
+    def _hold_line_by_line(self, lines: list[bytes]) -> int | None:
+        """hold_lines() line by line: tombstones, ids not of the usual form, other layouts."""
         for line in lines:
             raw_id = line[_ID_AT:_ID_END]
-            if line[_ID_END : _ID_END + 1] != b'"' or b"\\" in raw_id:
+            if not line.startswith(RECORD_HEAD) or line[_ID_END : _ID_END + 1] != b'"':
+                return None
+            if b"\\" in raw_id:
                 return None
             try:
                 local_id = raw_id.decode()
@@ -190,11 +216,7 @@ class JobTable(MutableMapping[str, Job]):
             if len(line) == _PURGED_LENGTH and line.endswith(_PURGED_TAIL):
                 self.discard(local_id)
             else:
-                if type(self._d.get(local_id)) is bytes:
-                    self._sums.pop(local_id, None)
-                else:
-                    self._raw += 1
-                self._d[local_id] = line
+                self.put_raw(local_id, line)
         return len(lines)
 
     def lines(self) -> Iterator[Job | bytes]:
@@ -240,15 +262,23 @@ class JobTable(MutableMapping[str, Job]):
     def may_be_due(self) -> Iterator[Job]:
         """The parsed jobs, and the raw ones whose line names a status that needs a push: a
         superset of the due jobs (the caller decides with rules.is_due)."""
-        first, *others = DUE_NEEDLES
-        for local_id, value in self._d.items():  # a parse replaces a value: no resize
+        for local_id in sorted(self._maybe_due):
+            line = self._d.get(local_id)
+            if type(line) is bytes and any(needle in line for needle in DUE_NEEDLES):
+                self._parse(local_id, line)
+        self._maybe_due.clear()  # parsed now, or their lines name no such status
+        for value in self._d.values():
             if type(value) is not bytes:
                 yield cast(Job, value)
-            elif first in value or any(needle in value for needle in others):
-                yield self._parse(local_id, value)
 
     # ---- parsing -----------------------------------------------------------------------------
     def _parse(self, local_id: str, line: bytes) -> Job:
+        self._singles += 1
+        if self._singles > _PARSE_ALL_AFTER and self._raw > _PARSE_ALL_AFTER:
+            # A pass that asks for this many jobs one by one (a full resync reads every job
+            # back) is cheaper served by parsing them all as an eager fold does.
+            self._parse_all()
+            return cast(Job, self._d[local_id])
         try:
             rec = json.loads(line)
             job = Job.from_record(rec) if valid_record(rec) else None
