@@ -160,8 +160,7 @@ class JobTable(MutableMapping[str, Job]):
         """Hold each line of `data` (whole lines a fold checked) as its job's raw line, a
         tombstone dropping its job; returns how many lines, or None when a line does not start
         with a 36-character id as the layout says (storeformat.py): then the caller folds the
-        store the usual way. (A job line whose second key is not its server_id is held too:
-        reading its server_id or status from the bytes then parses it instead.)"""
+        store the usual way. (A checked range holds only lines as storeformat.holdable says.)"""
         lines = data.split(b"\n")
         lines.pop()  # data ends with b"\n"
         count = len(lines)
@@ -207,7 +206,7 @@ class JobTable(MutableMapping[str, Job]):
             raw_id = line[_ID_AT:_ID_END]
             if not line.startswith(RECORD_HEAD) or line[_ID_END : _ID_END + 1] != b'"':
                 return None
-            if b"\\" in raw_id:
+            if b'"' in raw_id or b"\\" in raw_id:
                 return None
             try:
                 local_id = raw_id.decode()
@@ -215,8 +214,10 @@ class JobTable(MutableMapping[str, Job]):
                 return None
             if len(line) == _PURGED_LENGTH and line.endswith(_PURGED_TAIL):
                 self.discard(local_id)
-            else:
+            elif line.startswith(_JOB_TAIL, _ID_END):
                 self.put_raw(local_id, line)
+            else:
+                return None
         return len(lines)
 
     def lines(self) -> Iterator[Job | bytes]:
@@ -279,6 +280,9 @@ class JobTable(MutableMapping[str, Job]):
             # back) is cheaper served by parsing them all as an eager fold does.
             self._parse_all()
             return cast(Job, self._d[local_id])
+        return self._parse_one(local_id, line)
+
+    def _parse_one(self, local_id: str, line: bytes) -> Job:
         try:
             rec = json.loads(line)
             job = Job.from_record(rec) if valid_record(rec) else None
@@ -306,7 +310,7 @@ class JobTable(MutableMapping[str, Job]):
                 recs = None
             if recs is None or len(recs) != len(chunk):
                 for local_id, line in chunk:
-                    self._parse(local_id, line)
+                    self._parse_one(local_id, line)  # raises for the line that does not parse
                 continue
             for (local_id, line), rec in zip(chunk, recs, strict=True):
                 try:
@@ -314,7 +318,7 @@ class JobTable(MutableMapping[str, Job]):
                 except TypeError:
                     job = None
                 if job is None or job.local_id != local_id:
-                    self._parse(local_id, line)  # raises with the message
+                    self._parse_one(local_id, line)  # raises with the message
                     continue
                 self._d[local_id] = job
                 self._raw -= 1

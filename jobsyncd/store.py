@@ -38,6 +38,8 @@ from .storeformat import (
     encode_lines,
     encode_record,  # noqa: F401 - re-exported: callers have always found it here
     head_of,
+    holdable,
+    holdable_id,
     ids_naming_server_id,
     ids_with_prefix,
     latest_record,
@@ -88,6 +90,10 @@ class Store:
         # (device, inode, end, crc32): the file's bytes [0, end) are lines a fold found valid.
         self._checked: tuple[int, int, int, int] | None = None
         self._checked_saved: tuple[int, int, int, int] | None = None  # as CHECKED_NAME says
+        # While `_verifying`, _parse() clears `_all_holdable` on a line a lazy fold could not
+        # hold as it is (storeformat.holdable): such lines never enter the checked range.
+        self._verifying = False
+        self._all_holdable = True
         # The file as last read, held open: while we hold it its inode cannot be reused, so a
         # compaction by another process (a new inode at the path) is always noticed.
         self._held_fd: int | None = None
@@ -108,10 +114,20 @@ class Store:
             yield self
 
     # ---- reading -------------------------------------------------------------------------
-    def _read_and_parse(self, fd: int, start: int, crc: int = 0) -> tuple[int, int, bool, int]:
+    def _read_and_parse(
+        self, fd: int, start: int, crc: int = 0, verify: bool = False
+    ) -> tuple[int, int, bool, int]:
         """Fold the file from `start` on, read in blocks so that a large store is never held in
         memory whole; returns (records folded, length of the complete lines, any line bad, the
-        CRC-32 of those lines continuing `crc`)."""
+        CRC-32 of those lines continuing `crc`). `verify`: `_all_holdable` says afterwards
+        whether every line read may join a checked range."""
+        self._verifying, self._all_holdable = verify, True
+        try:
+            return self._read_blocks(fd, start, crc)
+        finally:
+            self._verifying = False
+
+    def _read_blocks(self, fd: int, start: int, crc: int) -> tuple[int, int, bool, int]:
         block_size = 4 << 20
         total, bad, pending = 0, False, b""
         offset = start
@@ -163,11 +179,14 @@ class Store:
                 # the lines that are not blank are joined, and failing that parsed one by one).
                 parsed = json.loads(b"[" + piece[:-1].replace(b"\n", b",") + b"]")
                 if all(valid_record(r) for r in parsed):
+                    if self._verifying:
+                        self._verify(piece, parsed)
                     self._fold(parsed)
                     count += len(parsed)
                     continue
             except ValueError:
                 pass
+            self._all_holdable = False  # blank or bad lines: not as this version writes them
             chunk = [ln for ln in piece.split(b"\n") if ln.strip()]
             if not chunk:
                 continue
@@ -199,6 +218,11 @@ class Store:
                 else:
                     self._set_aside(line)
         return count, end, bad
+
+    def _verify(self, piece: bytes, parsed: list[dict[str, Any]]) -> None:
+        lines = piece[:-1].split(b"\n")
+        if len(lines) != len(parsed) or not all(map(holdable, lines, parsed)):
+            self._all_holdable = False
 
     def _mark_for_repair(self) -> None:
         if os.path.lexists(self.repair_marker):
@@ -259,14 +283,21 @@ class Store:
                 fd = None
             self.jobs = JobTable()
             self._needs_repair = False
+            self._checked = None
             count = end = crc = 0
             bad = False
             if fd is not None:
                 checked = self._fold_checked(fd) if self.fold_lazily else None
                 count, end, crc = checked or (0, 0, 0)
+                # The lines after the checked ones: folded (and checked for holding) as usual.
                 self.jobs.watch = checked is not None
-                more, length, bad, crc = self._read_and_parse(fd, end, crc)
+                more, length, bad, crc = self._read_and_parse(fd, end, crc, checked is not None)
                 self.jobs.watch = False
+                if checked is not None:
+                    st = os.fstat(fd)
+                    self._checked = (st.st_dev, st.st_ino, end, checked[2])
+                    if self._all_holdable:
+                        self._checked = (st.st_dev, st.st_ino, end + length, crc)
                 count, end = count + more, end + length
             self._held_fd, self._offset, self._lines = fd, end, count
             # The checked lines held one binding per server_id (their fold repaired nothing, and
@@ -278,11 +309,10 @@ class Store:
             self._loaded = True
             if not bad and os.path.lexists(self.repair_marker):
                 _unlink_quietly(self.repair_marker)
-            if fd is not None and not self._needs_repair:
-                st = os.fstat(fd)
-                self._checked = (st.st_dev, st.st_ino, end, crc)
-                if self.fold_lazily:
-                    self._save_checked()
+            if self._needs_repair:
+                self._checked = None
+            elif self._checked is not None:
+                self._save_checked()
         return self.jobs
 
     def _fold_checked(self, fd: int) -> tuple[int, int, int] | None:
@@ -533,11 +563,18 @@ class Store:
             checked = self._checked
             extend = checked is not None and checked[2] == self._offset
             crc = checked[3] if checked is not None and extend else 0
-            count, end, bad, crc = self._read_and_parse(self._held_fd, self._offset, crc)
+            # Another process's lines: they join the checked range only if written as this
+            # version writes them and binding no server id anew (a load checks those).
+            self.jobs.watch, self.jobs.new_bindings = extend, False
+            try:
+                count, end, bad, crc = self._read_and_parse(self._held_fd, self._offset, crc, extend)
+            finally:
+                self.jobs.watch = False
             self._offset += end
             self._lines += count
             self._needs_repair = self._needs_repair or bad
-            if checked is not None and extend and not self._needs_repair:
+            holdable = self._all_holdable and not self.jobs.new_bindings
+            if checked is not None and extend and holdable and not self._needs_repair:
                 self._checked = (checked[0], checked[1], self._offset, crc)
         return self.jobs
 
@@ -683,7 +720,8 @@ class Store:
         `adopt`: a loaded store keeps these very job objects (Job.as_stored) instead of
         parsing them back from their records; the caller never changes them afterwards."""
         jobs = list(jobs)
-        tombstones = [tombstone(i) for i in purge]
+        purge_ids = list(purge)
+        tombstones = [tombstone(i) for i in purge_ids]
         if not jobs and not tombstones:
             return
         blob = encode_lines(jobs, tombstones)
@@ -699,8 +737,11 @@ class Store:
             written_at = self._append_blob(blob)
             if self._loaded:
                 checked = self._checked
-                if checked is not None and checked[2] == written_at == self._offset:
-                    # Lines we encoded from jobs: valid, so still checked for the next fold.
+                ids_ok = all(holdable_id(j.local_id) for j in jobs) and all(
+                    holdable_id(i) for i in purge_ids
+                )
+                if checked is not None and checked[2] == written_at == self._offset and ids_ok:
+                    # Lines we encoded from jobs: as a fold would check them, so still checked.
                     end = written_at + len(blob)
                     self._checked = (checked[0], checked[1], end, zlib.crc32(blob, checked[3]))
                 if adopt:
@@ -799,6 +840,7 @@ class Store:
             # as lines in memory (twice, with the join), beside the jobs themselves. A job
             # still held as its raw line (a lazy fold) is written as that line, unparsed.
             jobs = self.jobs.lines()
+            holdable_ids = all(holdable_id(i) for i in self.jobs)
             while data := _encode_held(islice(jobs, 4096)):
                 _write_all(fd, data)
                 size += len(data)
@@ -827,7 +869,8 @@ class Store:
         self._offset = size
         self._lines = len(self.jobs)
         self._needs_repair = False
-        self._checked = (st.st_dev, st.st_ino, size, crc)  # lines we encoded: valid
+        # Lines we encoded (or held as checked): a lazy fold may hold them, if their ids allow.
+        self._checked = (st.st_dev, st.st_ino, size, crc) if holdable_ids else None
         self._save_checked()
 
 

@@ -107,6 +107,35 @@ def valid_record(rec: Any) -> bool:
     )
 
 
+def holdable(line: bytes, rec: dict[str, Any]) -> bool:
+    """Whether a lazy fold may hold `line` unparsed (jobtable.py), `rec` being its parse: the
+    line is exactly what this version writes for it (a job's record_json, a tombstone as
+    tombstone() makes it, so no space, escape, key or order of another writer), with a
+    36-character id free of quotes and backslashes. Only such lines enter a checked range."""
+    if not is_head(line[:HEAD_LENGTH]):
+        return False
+    raw_id = line[len(RECORD_HEAD) : HEAD_LENGTH - 1]
+    if b'"' in raw_id or b"\\" in raw_id:
+        return False
+    try:
+        if rec.get(PURGED_KEY) is True:
+            return line == compact_json(tombstone(rec[FIRST_KEY])).encode()
+        return Job.from_record(rec).record_json().encode() == line
+    except (TypeError, ValueError, UnicodeError):
+        return False
+
+
+def holdable_id(local_id: str) -> bool:
+    """Whether a line of a job with this id can be holdable (see holdable)."""
+    return (
+        len(local_id) == LOCAL_ID_LENGTH
+        and local_id.isascii()
+        and local_id.isprintable()
+        and '"' not in local_id
+        and "\\" not in local_id
+    )
+
+
 def head_of(local_id: str) -> bytes:
     """The bytes every line of `local_id` starts with (HEAD_LENGTH of them for a UUID)."""
     return RECORD_HEAD[:-1] + json.dumps(local_id).encode()

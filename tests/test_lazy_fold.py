@@ -64,11 +64,11 @@ def records(jobs) -> dict[str, dict]:
 
 
 def checked_store(data_dir: Path, jobs: list[Job]) -> None:
-    """A store holding `jobs`, folded once by a lazy store (which leaves CHECKED_NAME)."""
-    writer, _ = store_of(data_dir, lazy=False)
+    """A store holding `jobs`, compacted (which leaves CHECKED_NAME: its lines are as this
+    version writes them)."""
+    writer, warned = store_of(data_dir, lazy=False)
     writer.append(jobs)
-    first, warned = store_of(data_dir)
-    first.load()
+    writer.compact()
     assert not warned
     assert (data_dir / CHECKED_NAME).exists()
 
@@ -201,19 +201,143 @@ def test_a_store_shorter_than_its_checked_lines_is_folded_whole(data_dir):
     assert table.raw_count == 0 and set(table) == {a.local_id}
 
 
-def test_lines_not_of_the_layout_make_a_full_fold(data_dir):
+def test_a_store_never_compacted_by_this_version_is_folded_eagerly_and_gets_no_record(data_dir):
     a = job("a")
     path = data_dir / STORE_NAME
     # A line written by another tool with its keys in another order: valid, not our layout.
     rec = a.record()
     path.write_bytes((json.dumps(dict(reversed(list(rec.items())))) + "\n").encode())
     os.chmod(path, 0o600)
-    first, _ = store_of(data_dir)
+    for _ in range(2):
+        store, warned = store_of(data_dir)
+        table = store.load()
+        store.compact_if_worth_it()
+        assert table.raw_count == 0 and table[a.local_id].text == "a"
+        assert not warned
+        assert not (data_dir / CHECKED_NAME).exists()
+
+
+def append_lines(data_dir: Path, lines: list[bytes]) -> None:
+    with open(data_dir / STORE_NAME, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+
+
+def both_folds(data_dir: Path):
+    """A lazy fold (after a first one that checked what it could), and an eager one."""
+    first, warned = store_of(data_dir)
     first.load()
-    store, warned = store_of(data_dir)
-    table = store.load()
-    assert table.raw_count == 0 and table[a.local_id].text == "a"
-    assert not warned
+    first.compact_if_worth_it()  # a pass's end: saves what is checked
+    assert not warned, warned
+    lazy, lazy_warned = store_of(data_dir)
+    table = lazy.load()
+    eager, _ = store_of(data_dir, lazy=False)
+    return lazy, table, eager.load(), lazy_warned
+
+
+def rewritten(j: Job, old: bytes, new: bytes) -> bytes:
+    line = j.record_json().encode()
+    assert old in line
+    return line.replace(old, new, 1)
+
+
+# Lines another writer could leave (valid records, not as this version writes them): they are
+# parsed by every fold, never held raw, so the bytes are never misread.
+@pytest.mark.parametrize(
+    "tomb",
+    [
+        b'{"local_id":"%s","purged":true,"by":"cli"}',  # an extra key
+        b'{"local_id":"%s","purged": true}',  # a space
+        b'{"local_id":"%s","server_id":null,"purged":true}',  # purged not second
+    ],
+)
+def test_a_tombstone_of_another_form_keeps_its_job_purged(data_dir, tomb):
+    gone = job("to purge", sync_status="synced", server_id="S1")
+    checked_store(data_dir, [job("usual")])
+    append_lines(data_dir, [gone.record_json().encode(), tomb % gone.local_id.encode()])
+    lazy, table, expected, _ = both_folds(data_dir)
+    assert gone.local_id not in expected and gone.local_id not in table
+    assert gone.local_id not in [j.local_id for j in table.may_be_due()]
+    lazy._rewrite()
+    after, _ = store_of(data_dir, lazy=False)
+    assert gone.local_id not in after.load()
+
+
+@pytest.mark.parametrize(
+    ("local_id", "server_id"),
+    [("abcdefghijkl", None), ("abcdefghijklmnopqrstuv", "srv-1")],
+)
+def test_short_ids_whose_line_has_a_quote_at_the_id_end_are_found_under_their_own_id(
+    data_dir, local_id, server_id
+):
+    odd = job("odd", server_id=server_id, sync_status="synced" if server_id else "pending")
+    odd.local_id = local_id
+    checked_store(data_dir, [job("usual")])
+    append_lines(data_dir, [odd.record_json().encode()])
+    lazy, table, expected, _ = both_folds(data_dir)
+    assert local_id in expected
+    assert sorted(table) == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    ("status", "old", "new"),
+    [
+        ("pending", b'"sync_status":"pending"', b'"sync_status": "pending"'),
+        ("synced", b'"sync_status":"synced"', b'"sync_status":"s\\u0079nced"'),
+        ("synced", b'"text":', b'"server_id":"NEW","text":'),  # a second server_id key
+    ],
+)
+def test_lines_of_another_writer_are_read_as_an_eager_fold_reads_them(data_dir, status, old, new):
+    a = job("a", server_id="S", sync_status=status)
+    checked_store(data_dir, [job("usual", server_id="U", sync_status="synced")])
+    append_lines(data_dir, [rewritten(a, old, new)])
+    lazy, table, expected, _ = both_folds(data_dir)
+    assert sorted(table.summaries()) == sorted(expected.summaries())
+    due = {j.local_id for j in table.may_be_due() if j.sync_status == "pending"}
+    assert due == {j.local_id for j in expected.values() if j.sync_status == "pending"}
+
+
+def test_a_second_local_id_key_is_keyed_as_json_reads_it(data_dir):
+    a = job("a")
+    other = new_local_id()
+    checked_store(data_dir, [job("usual")])
+    append_lines(data_dir, [rewritten(a, b'"text":', b'"local_id":"%s","text":' % other.encode())])
+    lazy, table, expected, _ = both_folds(data_dir)
+    assert other in expected and sorted(table) == sorted(expected)
+
+
+def test_a_binding_another_process_appends_during_a_pass_is_repaired_by_the_next_fold(data_dir):
+    holder = job("holder", server_id="S", sync_status="synced")
+    other = job("other")
+    checked_store(data_dir, [holder, other])
+    pass1, _ = store_of(data_dir)
+    pass1.load()
+    dup = other.clone()
+    dup.server_id, dup.sync_status = "S", "pending"  # written by another process meanwhile
+    Store(str(data_dir)).append([dup])
+    pass1.refresh()  # must not take that line into the checked range
+    pass1.compact_if_worth_it()
+    lazy, warned = store_of(data_dir)
+    bound = [lid for lid, sid, _ in lazy.load().summaries() if sid == "S"]
+    assert len(bound) == 1
+    assert any("bound to 2 local jobs" in w for w in warned)
+
+
+def test_a_broken_raw_line_after_many_single_parses_is_a_clear_error():
+    from jobsyncd.errors import JobsyncdError
+
+    table = JobTable()
+    forgot = []
+    table.on_broken = lambda: forgot.append(1)
+    jobs = [job(str(i)) for i in range(2100)]
+    for j in jobs:
+        table.put_raw(j.local_id, j.record_json().encode())
+    bad = jobs[-1].local_id
+    table.put_raw(bad, b'{"local_id":"' + bad.encode() + b'","server_id":nul')
+    for j in jobs[:2001]:  # a pass that has read 2,001 jobs one by one
+        table[j.local_id]
+    with pytest.raises(JobsyncdError, match="no longer parses"):
+        table[bad]
+    assert forgot
 
 
 def test_a_new_line_binding_a_server_id_a_raw_job_holds_is_repaired(data_dir):
@@ -350,38 +474,40 @@ def test_tombstones_among_the_checked_lines_drop_their_jobs(data_dir):
 
 
 @pytest.mark.parametrize(
-    ("local_id", "held_raw"),
+    "local_id",
     [
-        ("short-id", False),
-        ("x" * 40, False),
-        ("a" * 35 + "\\", False),  # JSON doubles the backslash: 37 bytes between the quotes
-        ("é" * 36, False),  # 36 characters, 72 bytes
-        ("é" * 18, True),  # 36 bytes: held, under its id decoded (the line-by-line way)
+        "short-id",
+        "x" * 40,
+        "a" * 35 + "\\",  # JSON doubles the backslash: 37 bytes between the quotes
+        "é" * 36,  # 36 characters, 72 bytes
+        "é" * 18,  # 36 bytes
+        "a" * 35 + "\n",  # 36 characters, escaped in JSON
     ],
 )
-def test_ids_not_of_36_ascii_characters_are_found_as_in_an_eager_fold(data_dir, local_id, held_raw):
+def test_ids_not_of_36_plain_ascii_characters_are_found_as_in_an_eager_fold(data_dir, local_id):
     stamp = "2026-01-01T00:00:00Z"
     odd = Job(local_id=local_id, text="odd", created_at=stamp, updated_at=stamp)
     usual = job("usual")
-    checked_store(data_dir, [usual, odd])
+    writer, _ = store_of(data_dir, lazy=False)
+    writer.append([usual, odd])
+    writer.compact()  # a store holding such an id gets no record: folded eagerly
+    assert not (data_dir / CHECKED_NAME).exists()
     store, warned = store_of(data_dir)
     table = store.load()
-    assert table.raw_count == (2 if held_raw else 0)
+    assert table.raw_count == 0
     assert table[local_id].text == "odd" and table[usual.local_id].text == "usual"
     assert not warned
 
 
-def test_a_job_line_whose_second_key_is_not_its_server_id_is_parsed_for_its_summary(data_dir):
+def test_a_job_line_whose_second_key_is_not_its_server_id_is_parsed_by_every_fold(data_dir):
     a = job("a", server_id="s-a", sync_status="synced")
     checked_store(data_dir, [job("first")])
     rec = a.record()
     line = {"local_id": rec.pop("local_id"), "text": rec.pop("text"), **rec}
-    with open(data_dir / STORE_NAME, "ab") as f:
-        f.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
-    first, _ = store_of(data_dir)
-    first.load()  # checks it (a valid record) and extends the record over it
-    first.compact_if_worth_it()
-    store, _ = store_of(data_dir)
-    table = store.load()
-    assert table.raw_count == 2
-    assert (a.local_id, "s-a", "synced") in list(table.summaries())
+    append_lines(data_dir, [json.dumps(line, separators=(",", ":")).encode()])
+    for _ in range(2):
+        store, _ = store_of(data_dir)
+        table = store.load()
+        store.compact_if_worth_it()
+        assert table.raw_count == 1  # the first job; `a` was parsed
+        assert (a.local_id, "s-a", "synced") in list(table.summaries())
