@@ -309,3 +309,41 @@ def test_a_second_agent_pulls_every_job_across_listing_pages(agent, server, jobs
     # Neither agent removes anything on the next pass.
     assert sync(agent, want=0)["deleted_locally"] == 0
     assert sync(second, want=0)["deleted_locally"] == 0
+
+
+def test_passes_over_a_lazily_folded_store_end_as_eager_ones_would(agent, server):
+    """The second and later passes fold the store lazily (jobs.checked.json): the lines the
+    first pass checked stay unparsed. Edits, deletes, server edits and a `compact` between
+    passes must still end exactly as the jobs say, with every file in the data dir 0600."""
+    import stat
+
+    from test_sync import bulk_create
+
+    bulk_create(agent, 150)  # enough lines for the first pass to compact
+    ids = [j["local_id"] for j in sorted(agent.jobs(), key=lambda j: j["metadata"]["n"])]
+    sync(agent, want=0)
+    checked = agent.data_dir / "jobs.checked.json"
+    assert checked.exists()  # the first pass compacted and recorded its lines as checked
+    for i in range(0, 10):
+        agent("update", ids[i], "--text", f"edited {i}", check=True)
+    for i in range(10, 15):
+        agent("delete", ids[i], check=True)
+    by_local = {j["local_id"]: j for j in server.jobs()}
+    server.edit(by_local[ids[20]]["id"], text="edited on the server")
+    summary = sync(agent, want=0)
+    assert (summary["updated"], summary["deleted_remote"], summary["pulled"]) == (10, 5, 1)
+    agent("update", ids[30], "--text", "after a compact", check=True)
+    agent("compact", check=True)
+    agent("update", ids[31], "--text", "after a compact too", check=True)
+    assert sync(agent, want=0)["updated"] == 2
+    expected = {lid: f"bulk {i}" for i, lid in enumerate(ids) if not 10 <= i < 15}
+    expected.update({ids[i]: f"edited {i}" for i in range(10)})
+    expected[ids[20]] = "edited on the server"
+    expected[ids[30]], expected[ids[31]] = "after a compact", "after a compact too"
+    on_server = {j["local_id"]: j["text"] for j in server.jobs()}
+    here = {j["local_id"]: j["text"] for j in agent.jobs()}
+    assert on_server == here == expected
+    assert all(j["sync_status"] == "synced" for j in agent.jobs())
+    for path in agent.data_dir.iterdir():
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
