@@ -3,7 +3,8 @@
 
 Measures:
 - first sync of N new jobs in batches vs one request per job (the agent told the server has no
-  batch endpoint), whole process, and its peak memory; 1,000 edits pushed in one pass; each
+  batch endpoint), whole process, and its peak memory; 1,000 edits pushed in one pass, with N
+  and with BIG jobs in the store (five passes at BIG, and their median); each
   batched first sync paired with Taskwarrior's `task sync init` of N new tasks run just before
   it, against a taskd on loopback (bench/_taskwarrior.py; needs `apt-get install taskwarrior
   taskd gnutls-bin`, else skipped with a line saying so);
@@ -148,14 +149,7 @@ def _push_runs(
                     )
                 if mode == "batch":
                     firsts.append(took)
-                    # 1,000 edits in one pass
-                    script = (
-                        "import sys; from jobsyncd.store import Store; from jobsyncd.jobs import "
-                        "update_job; s = Store(sys.argv[1]); ids = sorted(s.load())[:1000]\n"
-                        "for i, lid in enumerate(ids): update_job(s, lid, f'edit {i}', None, {}, [])"
-                    )
-                    subprocess.run([sys.executable, "-c", script, data], check=True, env=env)
-                    took = run([JOBSYNCD, "sync"], env)
+                    took = edit_pass(data, env)
                     edits.append(took)
                     print(f"1,000 edits pushed in one pass (whole process): {took:.2f} s")
                     if peer is not None:
@@ -166,9 +160,26 @@ def _push_runs(
                 server.stop()
 
 
-def push_memory(jobs: int) -> None:
+EDIT_SCRIPT = (
+    "import sys; from jobsyncd.store import Store; from jobsyncd.jobs import "
+    "update_job; s = Store(sys.argv[1]); ids = sorted(s.load())[:1000]\n"
+    "for i, lid in enumerate(ids): update_job(s, lid, f'edit {i} ' + sys.argv[2], None, {}, [])"
+)
+
+
+def edit_pass(data: str, env: dict[str, str], round_: int = 0) -> float:
+    """1,000 jobs edited (as `jobsyncd update` would), then the pass that pushes them, timed
+    as a whole process."""
+    cmd = [sys.executable, "-c", EDIT_SCRIPT, data, str(round_)]
+    subprocess.run(cmd, check=True, env=env)
+    return run([JOBSYNCD, "sync"], env)
+
+
+def push_memory(jobs: int, edit_rounds: int = 5) -> None:
     """First sync of `jobs` new jobs, its time and peak memory; with Taskwarrior installed,
-    beside a `task sync init` of as many new tasks run just before it."""
+    beside a `task sync init` of as many new tasks run just before it. Then `edit_rounds`
+    passes of 1,000 edits each at that size (the issue's steady state, at the size users
+    reach), and their median."""
     with tempfile.TemporaryDirectory() as tmp:
         peer = _taskwarrior.Taskwarrior(tmp, jobs) if _taskwarrior.available() else None
         server = Server(tmp).start()
@@ -187,6 +198,14 @@ def push_memory(jobs: int) -> None:
                 print(
                     f"  `task sync init` of {jobs} new tasks just before: {task:.1f} s ({took / task:.2f}x)"
                 )
+            edits = [edit_pass(data, env, r) for r in range(edit_rounds)]
+            print(
+                f"1,000 edits pushed in one pass with {jobs} jobs in the store: median "
+                f"{statistics.median(edits):.2f} s ({' '.join(f'{e:.2f}' for e in edits)})"
+            )
+            cmd = [sys.executable, "-c", EDIT_SCRIPT, data, "peak"]
+            subprocess.run(cmd, check=True, env=env)
+            print(f"  peak memory of such a pass: {peak_mib([JOBSYNCD, 'sync'], env):.0f} MiB")
         finally:
             server.stop()
             if peer is not None:

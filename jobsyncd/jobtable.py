@@ -141,6 +141,13 @@ class JobTable(MutableMapping[str, Job]):
         self._parse_all()
         return cast(ItemsView[str, Job], self._d.items())
 
+    def plain(self) -> dict[str, Job] | None:
+        """The dict itself when it holds parsed jobs only and nothing watches what is set (an
+        eager fold): a caller may set Jobs in it directly, at dict speed. Else None."""
+        if self._raw or self.watch:
+            return None
+        return cast(dict[str, Job], self._d)
+
     # ---- raw lines ---------------------------------------------------------------------------
     @property
     def raw_count(self) -> int:

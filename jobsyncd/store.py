@@ -261,13 +261,16 @@ class Store:
 
     def _fold(self, records: list[dict[str, Any]]) -> None:
         jobs = self.jobs
+        # A table of parsed jobs only (an eager fold) takes them straight into its dict.
+        plain = jobs.plain()
+        into: Any = jobs if plain is None else plain
         for rec in records:
             local_id = rec["local_id"]
             if rec.get("purged"):
                 jobs.discard(local_id)
             else:
                 try:
-                    jobs[local_id] = Job.from_record(rec)
+                    into[local_id] = Job.from_record(rec)
                 except TypeError:
                     self._needs_repair = True
 
@@ -745,8 +748,10 @@ class Store:
                     end = written_at + len(blob)
                     self._checked = (checked[0], checked[1], end, zlib.crc32(blob, checked[3]))
                 if adopt:
+                    plain = self.jobs.plain()
+                    into: Any = self.jobs if plain is None else plain
                     for job in jobs:
-                        self.jobs[job.local_id] = job.as_stored()
+                        into[job.local_id] = job.as_stored()
                     self._fold(tombstones)
                 else:
                     self._fold([j.record() for j in jobs] + tombstones)
