@@ -57,11 +57,13 @@ REPAIR_NAME = "jobs.jsonl.repair"
 # What the last look found due, up to which byte of which file: the next look reads only the
 # lines appended since (a hint, checked against the file before use; format free, contract 4).
 HINT_NAME = "jobs.hint.json"
-# Which bytes at the store's start a fold found all valid, by CRC-32: a lazy fold (a sync pass,
-# Store.fold_lazily) keeps those lines unparsed until asked for (jobtable.py) and parses only
-# the lines after them. A hint like HINT_NAME: never fsynced, ignored unless the file's device,
-# inode and those bytes' CRC all match, and written by this version of this format only (a
-# change to what valid_record or Job.from_record accept must bump CHECK_FORMAT).
+# Which bytes at the store's start are lines exactly as this version writes them
+# (storeformat.holdable), by CRC-32: a lazy fold (a sync pass, Store.fold_lazily) keeps those
+# lines unparsed until asked for (jobtable.py) and parses only the lines after them. Written by
+# compaction, moved on by a pass over the lines it checked or wrote; a fold without one makes
+# none. A hint like HINT_NAME: never fsynced, ignored unless the file's device, inode and those
+# bytes' CRC all match, and carrying CHECK_FORMAT (a change to what valid_record,
+# Job.from_record or record_json do must bump it).
 CHECKED_NAME = "jobs.checked.json"
 CHECK_FORMAT = 1
 MIN_PREFIX = 6
