@@ -1,8 +1,8 @@
 """`JobTable`: the folded store, local_id -> Job, in which a job may be held as its raw line.
 
-A store folded lazily (`Store.fold_lazily`, a sync pass) does not parse the lines an earlier
-fold of the same bytes already checked (see store.CHECKED_NAME): each job's latest line is kept
-as bytes and parsed the first time the job is asked for. A pass of 1,000 edits in a store of
+A store folded lazily (`Store.fold_lazily`, a sync pass) does not parse the lines already
+checked (store.CHECKED_NAME: lines exactly as this version writes them, under a CRC): each job's
+latest line is kept as bytes and parsed the first time the job is asked for. A pass of 1,000 edits in a store of
 10,000 jobs then parses the 1,000 lines appended since, not all 11,000.
 
 What a pass needs of every job (its server_id and its status: the deletion guard's count, the
