@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+from test_store import Warnings, job
 
 from jobsyncd.jobtable import JobTable, LazyDict
-from jobsyncd.model import Job, new_local_id, rfc3339, utc_now
+from jobsyncd.model import Job, new_local_id
 from jobsyncd.store import CHECKED_NAME, STORE_NAME, Store, prepare_data_dir
 
 
@@ -22,21 +23,11 @@ def data_dir(tmp_path: Path) -> Path:
     return d
 
 
-class Warnings(list):
-    def __call__(self, message: str) -> None:
-        self.append(message)
-
-
 def store_of(data_dir: Path, lazy: bool = True) -> tuple[Store, Warnings]:
     warned = Warnings()
     store = Store(str(data_dir), warn=warned)
     store.fold_lazily = lazy
     return store, warned
-
-
-def job(text: str = "", **kw) -> Job:
-    now = rfc3339(utc_now())
-    return Job(local_id=new_local_id(), text=text, created_at=now, updated_at=now, **kw)
 
 
 def varied_jobs() -> list[Job]:

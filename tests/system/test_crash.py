@@ -501,6 +501,25 @@ COMPACT_JOBS = 20_000
 COMPACT_KILLS = int(os.environ.get("JOBSYNCD_COMPACT_KILLS", "8"))
 
 
+def kill_at_random(cli, command: str, delay: float) -> tuple[bool, str]:
+    """Run `jobsyncd command`, SIGKILL it if it still runs after `delay` seconds; returns
+    whether it was killed, and its stderr."""
+    proc = cli.popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = False
+    try:
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return killed, err
+
+
 def _store_lines(data_dir: Path) -> int:
     with open(data_dir / STORE_NAME, "rb") as fh:
         return sum(1 for _ in fh)
@@ -560,18 +579,8 @@ def test_compact_killed_at_random_instants_leaves_every_job_loadable(cli, tmp_pa
         if kills >= COMPACT_KILLS:
             break
         add_dead_records(round_no)
-        proc = cli.popen("compact", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            try:
-                proc.wait(rng.uniform(0.0, duration * 1.1))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        killed, _ = kill_at_random(cli, "compact", rng.uniform(0.0, duration * 1.1))
+        kills += killed
         check_loadable()
         # An ordinary create still works and repairs anything a kill left behind.
         created = cli("create", "--text", f"after kill {round_no}")
@@ -637,19 +646,9 @@ def test_passes_over_a_lazily_folded_store_killed_at_random_instants_lose_nothin
         if kills >= LAZY_KILLS:
             break
         edit(round_no)
-        proc = cli.popen("sync", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            try:
-                proc.wait(rng.uniform(0.0, duration * 1.1))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            _, err = proc.communicate(timeout=30)
-            assert "Traceback" not in err, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        killed, err = kill_at_random(cli, "sync", rng.uniform(0.0, duration * 1.1))
+        kills += killed
+        assert "Traceback" not in err, err
     assert kills >= LAZY_KILLS // 2, f"only {kills} passes were caught running"
 
     for _ in range(5):  # a kill may leave jobs in back-off: retried at once here
@@ -658,7 +657,7 @@ def test_passes_over_a_lazily_folded_store_killed_at_random_instants_lose_nothin
             break
     else:
         raise AssertionError(f"no clean pass after the kills: {done.stdout} {done.stderr}")
-    on_server = ref_server_jobs(ref_server.url)
+    on_server = ref_server.jobs()
     counts = collections.Counter(j["local_id"] for j in on_server)
     assert not {lid: c for lid, c in counts.items() if c > 1}, "a job duplicated on the server"
     assert {j["local_id"]: j["text"] for j in on_server} == expected
@@ -669,18 +668,3 @@ def test_passes_over_a_lazily_folded_store_killed_at_random_instants_lose_nothin
     assert record["end"] == (cli.data_dir / STORE_NAME).stat().st_size  # moved on by the passes
     with capsys.disabled():
         print(f"\nlazy-fold harness: {kills} kills of passes over {LAZY_JOBS} jobs survived")
-
-
-def ref_server_jobs(url: str) -> list[dict]:
-    import requests
-
-    out: list[dict] = []
-    cursor = None
-    for _ in range(100):
-        params: dict = {"limit": 5000, **({"cursor": cursor} if cursor else {})}
-        page = requests.get(url + "/api/v1/jobs", params=params, timeout=10).json()
-        out += page["jobs"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return out
-    raise AssertionError("the listing did not end")
