@@ -2,8 +2,8 @@
 
 A store folded lazily (`Store.fold_lazily`, a sync pass) does not parse the lines already
 checked (store.CHECKED_NAME: lines exactly as this version writes them, under a CRC): each job's
-latest line is kept as bytes and parsed the first time the job is asked for. A pass of 1,000 edits in a store of
-10,000 jobs then parses the 1,000 lines appended since, not all 11,000.
+latest line is kept as bytes and parsed the first time the job is asked for. A pass of 1,000
+edits in a store of 10,000 jobs then parses the 1,000 lines appended since, not all 11,000.
 
 What a pass needs of every job (its server_id and its status: the deletion guard's count, the
 index by server_id, the due jobs) is read from the raw line by the byte layout of
@@ -56,7 +56,16 @@ _PARSE_ALL_AFTER = 2000  # raw lines parsed one by one before the rest are parse
 class JobTable(MutableMapping[str, Job]):
     """local_id -> Job; a value is a Job, or the raw line (bytes) of a job not asked for yet."""
 
-    __slots__ = ("_d", "_raw", "_sums", "_maybe_due", "_singles", "watch", "new_bindings", "on_broken")
+    __slots__ = (
+        "_d",
+        "_raw",
+        "_sums",
+        "_maybe_due",
+        "_singles",
+        "watch",
+        "new_bindings",
+        "on_broken",
+    )
 
     def __init__(self) -> None:
         self._d: dict[str, Job | bytes] = {}
@@ -160,7 +169,7 @@ class JobTable(MutableMapping[str, Job]):
         else:
             self._raw += 1
         self._d[local_id] = line
-        if any(needle in line for needle in DUE_NEEDLES):
+        if _names_due(line):
             self._maybe_due.add(local_id)
 
     def hold_lines(self, data: bytes) -> int | None:
@@ -272,7 +281,7 @@ class JobTable(MutableMapping[str, Job]):
         superset of the due jobs (the caller decides with rules.is_due)."""
         for local_id in sorted(self._maybe_due):
             line = self._d.get(local_id)
-            if type(line) is bytes and any(needle in line for needle in DUE_NEEDLES):
+            if type(line) is bytes and _names_due(line):
                 self._parse(local_id, line)
         self._maybe_due.clear()  # parsed now, or their lines name no such status
         for value in self._d.values():
@@ -291,11 +300,10 @@ class JobTable(MutableMapping[str, Job]):
 
     def _parse_one(self, local_id: str, line: bytes) -> Job:
         try:
-            rec = json.loads(line)
-            job = Job.from_record(rec) if valid_record(rec) else None
-        except (ValueError, TypeError):
+            job = _job_of(local_id, json.loads(line))
+        except ValueError:
             job = None
-        if job is None or job.local_id != local_id:
+        if job is None:
             # Cannot happen for bytes a fold checked under the same CRC; said, never guessed at.
             if self.on_broken is not None:
                 self.on_broken()
@@ -320,11 +328,8 @@ class JobTable(MutableMapping[str, Job]):
                     self._parse_one(local_id, line)  # raises for the line that does not parse
                 continue
             for (local_id, line), rec in zip(chunk, recs, strict=True):
-                try:
-                    job = Job.from_record(rec) if valid_record(rec) else None
-                except TypeError:
-                    job = None
-                if job is None or job.local_id != local_id:
+                job = _job_of(local_id, rec)
+                if job is None:
                     self._parse_one(local_id, line)  # raises with the message
                     continue
                 self._d[local_id] = job
@@ -385,6 +390,20 @@ class LazyDict(Mapping[K, V]):
 
     def __len__(self) -> int:
         return len(self._built())
+
+
+def _job_of(local_id: str, rec: Any) -> Job | None:
+    """The Job of a held line's parse, if it is a valid job record of that very id."""
+    try:
+        job = Job.from_record(rec) if valid_record(rec) else None
+    except TypeError:
+        return None
+    return job if job is not None and job.local_id == local_id else None
+
+
+def _names_due(line: bytes) -> bool:
+    """Whether a raw line names a status that needs a push (maybe in its metadata)."""
+    return any(needle in line for needle in DUE_NEEDLES)
 
 
 def _server_id_of(line: bytes) -> str | None | bool:

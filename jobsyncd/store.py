@@ -35,6 +35,7 @@ from .storeformat import (
     FEW_HEADS,
     FileView,
     due_candidates,
+    encode_held,
     encode_lines,
     encode_record,  # noqa: F401 - re-exported: callers have always found it here
     head_of,
@@ -572,7 +573,9 @@ class Store:
             # version writes them and binding no server id anew (a load checks those).
             self.jobs.watch, self.jobs.new_bindings = extend, False
             try:
-                count, end, bad, crc = self._read_and_parse(self._held_fd, self._offset, crc, extend)
+                count, end, bad, crc = self._read_and_parse(
+                    self._held_fd, self._offset, crc, extend
+                )
             finally:
                 self.jobs.watch = False
             self._offset += end
@@ -848,7 +851,7 @@ class Store:
             # still held as its raw line (a lazy fold) is written as that line, unparsed.
             jobs = self.jobs.lines()
             holdable_ids = all(holdable_id(i) for i in self.jobs)
-            while data := _encode_held(islice(jobs, 4096)):
+            while data := encode_held(islice(jobs, 4096)):
                 _write_all(fd, data)
                 size += len(data)
                 crc = zlib.crc32(data, crc)
@@ -887,12 +890,6 @@ _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
 # take either path (one scan of the file, or each job backwards from the end).
 _FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
-
-
-def _encode_held(held: Iterable[Job | bytes]) -> bytes:
-    """encode_lines() of jobs some of which are held as their raw lines."""
-    lines = [j if isinstance(j, bytes) else j.record_json().encode() for j in held]
-    return b"\n".join(lines) + b"\n" if lines else b""
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:

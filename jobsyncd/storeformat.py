@@ -90,6 +90,13 @@ def encode_lines(jobs: Iterable[Job], tombstones: Iterable[dict[str, Any]] = ())
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
+def encode_held(held: Iterable[Job | bytes]) -> bytes:
+    """encode_lines() of jobs some of which are held as their raw lines (jobtable.py), which
+    are written as they are."""
+    lines = [j if isinstance(j, bytes) else j.record_json().encode() for j in held]
+    return b"\n".join(lines) + b"\n" if lines else b""
+
+
 def tombstone(local_id: str) -> dict[str, Any]:
     return {FIRST_KEY: local_id, PURGED_KEY: True}
 
@@ -112,16 +119,13 @@ def holdable(line: bytes, rec: dict[str, Any]) -> bool:
     line is exactly what this version writes for it (a job's record_json, a tombstone as
     tombstone() makes it, so no space, escape, key or order of another writer), with a
     36-character id free of quotes and backslashes. Only such lines enter a checked range."""
-    if not is_head(line[:HEAD_LENGTH]):
-        return False
-    raw_id = line[len(RECORD_HEAD) : HEAD_LENGTH - 1]
-    if b'"' in raw_id or b"\\" in raw_id:
-        return False
     try:
+        if not holdable_id(rec[FIRST_KEY]):
+            return False
         if rec.get(PURGED_KEY) is True:
             return line == compact_json(tombstone(rec[FIRST_KEY])).encode()
         return Job.from_record(rec).record_json().encode() == line
-    except (TypeError, ValueError, UnicodeError):
+    except (KeyError, TypeError, ValueError, UnicodeError):
         return False
 
 
