@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -122,8 +121,8 @@ class Store:
     ) -> tuple[int, int, bool, int]:
         """Fold the file from `start` on, read in blocks so that a large store is never held in
         memory whole; returns (records folded, length of the complete lines, any line bad, the
-        CRC-32 of those lines continuing `crc`). `verify`: `_all_holdable` says afterwards
-        whether every line read may join a checked range."""
+        CRC-32 of those lines continuing `crc`, which only `verify` computes). `verify`:
+        `_all_holdable` says afterwards whether every line read may join a checked range."""
         self._verifying, self._all_holdable = verify, True
         try:
             return self._read_blocks(fd, start, crc)
@@ -143,11 +142,13 @@ class Store:
             if following:
                 cut = data.rfind(b"\n") + 1
                 count, _, was_bad = self._parse(data[:cut], base, final=False)
-                crc = zlib.crc32(memoryview(data)[:cut], crc)
+                if self._verifying:  # lines that may join a checked range
+                    crc = _crc32(memoryview(data)[:cut], crc)
                 pending = data[cut:]
             else:
                 count, end, was_bad = self._parse(data, base, final=True)
-                crc = zlib.crc32(memoryview(data)[:end], crc)
+                if self._verifying:
+                    crc = _crc32(memoryview(data)[:end], crc)
                 pending = data[end:]
             total += count
             bad = bad or was_bad
@@ -337,7 +338,7 @@ class Store:
             if not block:
                 return None
             pos += len(block)
-            crc = zlib.crc32(block, crc)
+            crc = _crc32(block, crc)
             data = pending + block if pending else block
             cut = data.rfind(b"\n") + 1
             indexed = table.hold_lines(data[:cut])
@@ -751,7 +752,7 @@ class Store:
                 if checked is not None and checked[2] == written_at == self._offset and ids_ok:
                     # Lines we encoded from jobs: as a fold would check them, so still checked.
                     end = written_at + len(blob)
-                    self._checked = (checked[0], checked[1], end, zlib.crc32(blob, checked[3]))
+                    self._checked = (checked[0], checked[1], end, _crc32(blob, checked[3]))
                 if adopt:
                     plain = self.jobs.plain()
                     into: Any = self.jobs if plain is None else plain
@@ -854,7 +855,7 @@ class Store:
             while data := encode_held(islice(jobs, 4096)):
                 _write_all(fd, data)
                 size += len(data)
-                crc = zlib.crc32(data, crc)
+                crc = _crc32(data, crc)
             os.fsync(fd)
             st = os.fstat(fd)
         except OSError as exc:
@@ -890,6 +891,12 @@ _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
 # take either path (one scan of the file, or each job backwards from the end).
 _FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
+
+
+def _crc32(data: Any, crc: int) -> int:
+    import zlib  # here: the local commands that never keep a checked range never import it
+
+    return zlib.crc32(data, crc)
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:
