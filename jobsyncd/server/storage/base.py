@@ -553,20 +553,23 @@ class SQLStorage(abc.ABC):
             self._insert_tombstones(tx, user, tombstones)
         return results
 
-    # The statements of the batch runs, in portable SQL (PostgreSQL has its own with arrays).
+    # The statements of the batch runs, in SQLite's SQL (PostgreSQL has its own with arrays).
+    # `+"user"` in a look-up of ids: the term uses no index, so each id is found by its unique
+    # index. Without the `+`, SQLite (which keeps no statistics here) reads every job of the
+    # user through (user, change_seq) to pick out the ids: 45-70 ms a batch at 100,000 jobs.
 
     def _audio_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
         """(id, audio_name) of the user's jobs among `job_ids`."""
         marks = ", ".join("?" * len(job_ids))
         return tx.execute(
-            f'SELECT id, audio_name FROM jobs WHERE "user" = ? AND id IN ({marks})',
+            f'SELECT id, audio_name FROM jobs WHERE +"user" = ? AND id IN ({marks})',
             (user, *job_ids),
         ).fetchall()
 
     def _jobs_by_id(self, tx: Tx, user: str, job_ids: list[str]) -> list[Any]:
         marks = ", ".join("?" * len(job_ids))
         return tx.execute(
-            f'SELECT {COLUMNS} FROM jobs WHERE "user" = ? AND id IN ({marks})', (user, *job_ids)
+            f'SELECT {COLUMNS} FROM jobs WHERE +"user" = ? AND id IN ({marks})', (user, *job_ids)
         ).fetchall()
 
     def _update_jobs(
@@ -597,7 +600,7 @@ class SQLStorage(abc.ABC):
         """Delete the user's jobs among `job_ids`; (id, audio_name, local_id) of each."""
         marks = ", ".join("?" * len(job_ids))
         return tx.execute(
-            f'DELETE FROM jobs WHERE "user" = ? AND id IN ({marks}) '
+            f'DELETE FROM jobs WHERE +"user" = ? AND id IN ({marks}) '
             "RETURNING id, audio_name, local_id",
             (user, *job_ids),
         ).fetchall()
