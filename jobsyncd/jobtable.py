@@ -1,9 +1,11 @@
 """`JobTable`: the folded store, local_id -> Job, in which a job may be held as its raw line.
 
 A store folded lazily (`Store.fold_lazily`, a sync pass) does not parse the lines already
-checked (store.CHECKED_NAME: lines exactly as this version writes them, under a CRC): each job's
-latest line is kept as bytes and parsed the first time the job is asked for. A pass of 1,000
-edits in a store of 10,000 jobs then parses the 1,000 lines appended since, not all 11,000.
+checked (checked.py: lines exactly as this version writes them, under a CRC): the checked bytes
+are held as one buffer, each job as the offset of its latest line in it, and a job is parsed the
+first time it is asked for. Where each line is comes from the checked range's index (`Entries`,
+kept beside the record), so a pass neither splits nor parses the 100,000 lines it does not need;
+a pass of 1,000 edits parses the 1,000 lines appended since.
 
 What a pass needs of every job (its server_id and its status: the deletion guard's count, the
 index by server_id, the due jobs) is read from the raw line by the byte layout of
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from itertools import accumulate, islice
 from typing import Any, TypeVar, cast
 
 from .errors import JobsyncdError
@@ -27,6 +30,7 @@ from .storeformat import (
     RECORD_HEAD,
     SERVER_ID_FIELD,
     STATUS_FIELD,
+    holdable_id,
     valid_record,
 )
 
@@ -53,11 +57,107 @@ _PARSE_CHUNK = 4096  # raw lines parsed with one json.loads by values()
 _PARSE_ALL_AFTER = 2000  # raw lines parsed one by one before the rest are parsed at once
 
 
+class Entries:
+    """Where the checked lines are (the index of a checked range, checked.py), in file order:
+    each line's job id and offset in the store (-1 for a tombstone), and the ids among them
+    whose line names a status that needs a push, and those that a tombstone drops."""
+
+    __slots__ = ("ids", "offsets", "due", "purged")
+
+    def __init__(
+        self,
+        ids: list[str] | None = None,
+        offsets: list[int] | None = None,
+        due: list[str] | None = None,
+        purged: list[str] | None = None,
+    ) -> None:
+        self.ids: list[str] = ids if ids is not None else []
+        self.offsets: list[int] = offsets if offsets is not None else []
+        self.due: list[str] = due if due is not None else []
+        self.purged: list[str] = purged if purged is not None else []
+
+    def extend(self, more: Entries) -> None:
+        self.ids += more.ids
+        self.offsets += more.offsets
+        self.due += more.due
+        self.purged += more.purged
+
+
+def index_lines(data: bytes, base: int = 0) -> Entries | None:
+    """The Entries of `data`, whole lines of the store starting at its offset `base`; None when
+    a line is not a job line or tombstone of the layout (storeformat.py) with a 36-character id
+    free of quotes and backslashes (then a fold parses them; none enters a checked range)."""
+    lines = data.split(b"\n")
+    lines.pop()  # data ends with b"\n"
+    count = len(lines)
+    if not count:
+        return Entries()
+    # Each line's first 63 bytes, checked at C speed: the head, a 36-character ASCII id
+    # without quote or backslash, and `","server_id":` (so no tombstone: those go line by
+    # line). Position by position over all lines at once, then the ids split out.
+    heads = b"".join([line[:_HEAD_SPAN] for line in lines])
+    if (
+        len(heads) != _HEAD_SPAN * count
+        or heads.count(b'"') != _HEAD_QUOTES * count
+        or b"\\" in heads
+        or not heads.isascii()
+        or any(heads[i::_HEAD_SPAN] != byte * count for i, byte in _HEAD_FIXED)
+    ):
+        return _index_line_by_line(lines, base)
+    text = heads.decode()
+    ids = [text[i : i + _ID_LENGTH] for i in range(_ID_AT, len(text), _HEAD_SPAN)]
+    offsets = list(accumulate([len(line) + 1 for line in lines], initial=base))
+    offsets.pop()
+    return Entries(ids, offsets, due_ids(data))
+
+
+def due_ids(data: bytes) -> list[str]:
+    """The ids of the lines of `data` that name a status needing a push: a byte search of the
+    block for each needle, then the line each hit is on (may_be_due parses only those)."""
+    due = []
+    for needle in DUE_NEEDLES:
+        pos = data.find(needle)
+        while pos != -1:
+            start = data.rfind(b"\n", 0, pos) + 1
+            due.append(data[start + _ID_AT : start + _ID_END].decode())
+            pos = data.find(b"\n", pos)
+            pos = data.find(needle, pos) if pos != -1 else -1
+    return due
+
+
+def _index_line_by_line(lines: list[bytes], base: int) -> Entries | None:
+    """index_lines() line by line: tombstones, ids not of the usual form, other layouts."""
+    entries = Entries()
+    offset = base
+    for line in lines:
+        raw_id = line[_ID_AT:_ID_END]
+        if not line.startswith(RECORD_HEAD) or line[_ID_END : _ID_END + 1] != b'"':
+            return None
+        if b'"' in raw_id or b"\\" in raw_id or not raw_id.isascii() or len(raw_id) != _ID_LENGTH:
+            return None
+        local_id = raw_id.decode()
+        if len(line) == _PURGED_LENGTH and line.endswith(_PURGED_TAIL):
+            entries.ids.append(local_id)
+            entries.offsets.append(-1)
+            entries.purged.append(local_id)
+        elif line.startswith(_JOB_TAIL, _ID_END):
+            entries.ids.append(local_id)
+            entries.offsets.append(offset)
+            if _names_due(line):
+                entries.due.append(local_id)
+        else:
+            return None
+        offset += len(line) + 1
+    return entries
+
+
 class JobTable(MutableMapping[str, Job]):
-    """local_id -> Job; a value is a Job, or the raw line (bytes) of a job not asked for yet."""
+    """local_id -> Job; a value is a Job, or (a job not asked for yet) the offset of its line
+    in the held buffer of checked lines (`hold`)."""
 
     __slots__ = (
         "_d",
+        "_buf",
         "_raw",
         "_sums",
         "_maybe_due",
@@ -68,8 +168,9 @@ class JobTable(MutableMapping[str, Job]):
     )
 
     def __init__(self) -> None:
-        self._d: dict[str, Job | bytes] = {}
-        self._raw = 0  # how many values are raw lines
+        self._d: dict[str, Job | int] = {}
+        self._buf = b""  # the checked lines, whole (hold)
+        self._raw = 0  # how many values are raw lines (offsets)
         # (server_id, sync_status) read from raw lines, kept: a pass asks for them several times
         self._sums: dict[str, tuple[str | None, str]] = {}
         self._maybe_due: set[str] = set()  # raw lines that name a status needing a push
@@ -85,7 +186,7 @@ class JobTable(MutableMapping[str, Job]):
     # ---- the mapping -----------------------------------------------------------------------
     def __getitem__(self, local_id: str) -> Job:
         value = self._d[local_id]
-        if type(value) is bytes:
+        if type(value) is int:
             return self._parse(local_id, value)
         return cast(Job, value)
 
@@ -95,16 +196,16 @@ class JobTable(MutableMapping[str, Job]):
         value = self._d.get(local_id)
         if value is None:
             return default
-        if type(value) is bytes:
+        if type(value) is int:
             return self._parse(local_id, value)
         return cast(Job, value)
 
     def __setitem__(self, local_id: str, job: Job) -> None:
         old = self._d.get(local_id)
-        if type(old) is bytes:
+        if type(old) is int:
             self._raw -= 1
             self._sums.pop(local_id, None)
-            if self.watch and _server_id_of(old) != job.server_id:
+            if self.watch and _server_id_of(self._line(old)) != job.server_id:
                 self.new_bindings = True
         elif (
             self.watch
@@ -115,7 +216,7 @@ class JobTable(MutableMapping[str, Job]):
         self._d[local_id] = job
 
     def __delitem__(self, local_id: str) -> None:
-        if type(self._d.pop(local_id)) is bytes:
+        if type(self._d.pop(local_id)) is int:
             self._raw -= 1
             self._sums.pop(local_id, None)
 
@@ -162,93 +263,54 @@ class JobTable(MutableMapping[str, Job]):
     def raw_count(self) -> int:
         return self._raw
 
-    def put_raw(self, local_id: str, line: bytes) -> None:
-        """Hold `line` (a checked job line of our layout, without its b"\\n") as the job."""
-        if type(self._d.get(local_id)) is bytes:
-            self._sums.pop(local_id, None)
-        else:
-            self._raw += 1
-        self._d[local_id] = line
-        if _names_due(line):
-            self._maybe_due.add(local_id)
+    def hold(self, buffer: bytes, entries: Entries) -> int:
+        """Hold each job of `entries` (the index of `buffer`, whole lines a fold checked, from
+        the store's start) as its latest line there, a tombstone dropping its job; returns how
+        many lines. For an empty table only: one buffer per table."""
+        if self._d:
+            raise ValueError("hold() fills an empty table")
+        d: dict[str, Any] = dict(zip(entries.ids, entries.offsets, strict=True))
+        for local_id in entries.purged:
+            if d.get(local_id) == -1:  # its last line is a tombstone
+                del d[local_id]
+        self._d, self._buf, self._raw = d, buffer, len(d)
+        self._maybe_due.update(entries.due)
+        return len(entries.ids)
 
     def hold_lines(self, data: bytes) -> int | None:
-        """Hold each line of `data` (whole lines a fold checked) as its job's raw line, a
-        tombstone dropping its job; returns how many lines, or None when a line does not start
-        with a 36-character id as the layout says (storeformat.py): then the caller folds the
-        store the usual way. (A checked range holds only lines as storeformat.holdable says.)"""
-        lines = data.split(b"\n")
-        lines.pop()  # data ends with b"\n"
-        count = len(lines)
-        if not count:
-            return 0
-        # Each line's first 63 bytes, checked at C speed: the head, a 36-character ASCII id
-        # without quote or backslash, and `","server_id":` (so no tombstone: those go line by
-        # line). Position by position over all lines at once, then the ids split out.
-        heads = b"".join([line[:_HEAD_SPAN] for line in lines])
-        if (
-            self._raw != len(self._d)
-            or len(heads) != _HEAD_SPAN * count
-            or heads.count(b'"') != _HEAD_QUOTES * count
-            or b"\\" in heads
-            or not heads.isascii()
-            or any(heads[i::_HEAD_SPAN] != byte * count for i, byte in _HEAD_FIXED)
-        ):
-            return self._hold_line_by_line(lines)
-        text = heads.decode()
-        keys = [text[i : i + _ID_LENGTH] for i in range(_ID_AT, len(text), _HEAD_SPAN)]
-        d = self._d
-        before = len(d)
-        d.update(zip(keys, lines, strict=True))
-        self._raw += len(d) - before  # every value was a raw line, and is
-        self._note_due(data)
-        return count
+        """hold() the whole lines `data` (from the store's start), indexed here; None when a
+        line is not of the layout index_lines() holds."""
+        entries = index_lines(data)
+        return None if entries is None else self.hold(data, entries)
 
-    def _note_due(self, data: bytes) -> None:
-        """Remember which of these lines name a status that needs a push (a byte search of the
-        block for each needle, then the line each hit is on): may_be_due() parses only those."""
-        due = self._maybe_due
-        for needle in DUE_NEEDLES:
-            pos = data.find(needle)
-            while pos != -1:
-                start = data.rfind(b"\n", 0, pos) + 1
-                due.add(data[start + _ID_AT : start + _ID_END].decode())
-                pos = data.find(b"\n", pos)
-                pos = data.find(needle, pos) if pos != -1 else -1
+    def _line(self, offset: int) -> bytes:
+        buf = self._buf
+        return buf[offset : buf.index(b"\n", offset)]
 
-    def _hold_line_by_line(self, lines: list[bytes]) -> int | None:
-        """hold_lines() line by line: tombstones, ids not of the usual form, other layouts."""
-        for line in lines:
-            raw_id = line[_ID_AT:_ID_END]
-            if not line.startswith(RECORD_HEAD) or line[_ID_END : _ID_END + 1] != b'"':
-                return None
-            if b'"' in raw_id or b"\\" in raw_id:
-                return None
-            try:
-                local_id = raw_id.decode()
-            except UnicodeDecodeError:
-                return None
-            if len(line) == _PURGED_LENGTH and line.endswith(_PURGED_TAIL):
-                self.discard(local_id)
-            elif line.startswith(_JOB_TAIL, _ID_END):
-                self.put_raw(local_id, line)
-            else:
-                return None
-        return len(lines)
+    def ids_holdable(self) -> bool:
+        """Whether every job's id may be held raw (storeformat.holdable_id): those held raw
+        are, as their lines were checked."""
+        return all(holdable_id(k) for k, v in self._d.items() if type(v) is not int)
 
-    def lines(self) -> Iterator[Job | bytes]:
-        """Each job as it is held: a Job, or its raw line (a compaction writes that as it is)."""
-        return iter(self._d.values())
+    def in_order(self, size: int) -> Iterator[tuple[list[str], list[Job | bytes]]]:
+        """The jobs, `size` at a time: their ids, and each as a Job or, held raw, its line (a
+        compaction writes that as it is)."""
+        buf = self._buf
+        end = buf.index
+        items = iter(self._d.items())
+        while chunk := list(islice(items, size)):
+            held = [buf[v : end(b"\n", v)] if type(v) is int else cast(Job, v) for _, v in chunk]
+            yield [k for k, _ in chunk], held
 
     def summaries(self) -> Iterator[tuple[str, str | None, str]]:
         """(local_id, server_id, sync_status) of every job, read from a raw line's bytes (a line
         where that is ambiguous is parsed)."""
         sums = self._sums
         for local_id, value in self._d.items():  # a parse replaces a value: no resize
-            if type(value) is bytes:
+            if type(value) is int:
                 summary = sums.get(local_id)
                 if summary is None:
-                    summary = _summary(value)
+                    summary = _summary(self._line(value))
                     if summary is not None:
                         sums[local_id] = summary
                 if summary is None:
@@ -265,8 +327,8 @@ class JobTable(MutableMapping[str, Job]):
         parsed jobs' now (those with a server_id), the raw lines' from the lines themselves."""
         if self._raw:
             # Mostly raw lines (a lazy fold): a copy of the dict, the few Jobs in it included
-            # (a Job in the table is replaced, never changed in place).
-            return Snapshot([], dict(self._d), dict(self._sums))
+            # (a Job in the table is replaced, never changed in place; the buffer never changes).
+            return Snapshot([], dict(self._d), dict(self._sums), self._buf)
         # All parsed (a first sync of 100,000 jobs): no reference kept to the Jobs, which the
         # pass replaces one by one, only their ids and statuses.
         parsed: list[tuple[str, str | None, str]] = [
@@ -274,29 +336,29 @@ class JobTable(MutableMapping[str, Job]):
             for local_id, job in cast(dict[str, Job], self._d).items()
             if job.server_id is not None
         ]
-        return Snapshot(parsed, {}, {})
+        return Snapshot(parsed, {}, {}, b"")
 
     def may_be_due(self) -> Iterator[Job]:
         """The parsed jobs, and the raw ones whose line names a status that needs a push: a
         superset of the due jobs (the caller decides with rules.is_due)."""
         for local_id in sorted(self._maybe_due):
-            line = self._d.get(local_id)
-            if type(line) is bytes and _names_due(line):
-                self._parse(local_id, line)
+            offset = self._d.get(local_id)
+            if type(offset) is int and _names_due(self._line(offset)):
+                self._parse(local_id, offset)
         self._maybe_due.clear()  # parsed now, or their lines name no such status
         for value in self._d.values():
-            if type(value) is not bytes:
+            if type(value) is not int:
                 yield cast(Job, value)
 
     # ---- parsing -----------------------------------------------------------------------------
-    def _parse(self, local_id: str, line: bytes) -> Job:
+    def _parse(self, local_id: str, offset: int) -> Job:
         self._singles += 1
         if self._singles > _PARSE_ALL_AFTER and self._raw > _PARSE_ALL_AFTER:
             # A pass that asks for this many jobs one by one (a full resync reads every job
             # back) is cheaper served by parsing them all as an eager fold does.
             self._parse_all()
             return cast(Job, self._d[local_id])
-        return self._parse_one(local_id, line)
+        return self._parse_one(local_id, self._line(offset))
 
     def _parse_one(self, local_id: str, line: bytes) -> Job:
         try:
@@ -316,7 +378,8 @@ class JobTable(MutableMapping[str, Job]):
     def _parse_all(self) -> None:
         if not self._raw:
             return
-        raw = [(k, v) for k, v in self._d.items() if type(v) is bytes]
+        line = self._line
+        raw = [(k, line(v)) for k, v in self._d.items() if type(v) is int]
         for first in range(0, len(raw), _PARSE_CHUNK):
             chunk = raw[first : first + _PARSE_CHUNK]
             try:
@@ -324,13 +387,13 @@ class JobTable(MutableMapping[str, Job]):
             except ValueError:
                 recs = None
             if recs is None or len(recs) != len(chunk):
-                for local_id, line in chunk:
-                    self._parse_one(local_id, line)  # raises for the line that does not parse
+                for local_id, one in chunk:
+                    self._parse_one(local_id, one)  # raises for the line that does not parse
                 continue
-            for (local_id, line), rec in zip(chunk, recs, strict=True):
+            for (local_id, one), rec in zip(chunk, recs, strict=True):
                 job = _job_of(local_id, rec)
                 if job is None:
-                    self._parse_one(local_id, line)  # raises with the message
+                    self._parse_one(local_id, one)  # raises with the message
                     continue
                 self._d[local_id] = job
                 self._raw -= 1
@@ -343,25 +406,29 @@ class Snapshot:
     def __init__(
         self,
         parsed: list[tuple[str, str | None, str]],
-        held: dict[str, Job | bytes],
+        held: dict[str, Job | int],
         known: dict[str, tuple[str | None, str]],
+        buffer: bytes,
     ) -> None:
-        self._parsed, self._held, self._known = parsed, held, known
+        self._parsed, self._held, self._known, self._buf = parsed, held, known, buffer
 
     def summaries(self) -> Iterator[tuple[str, str | None, str]]:
         """(local_id, server_id, sync_status), leaving out parsed jobs without a server_id."""
         yield from self._parsed
-        known = self._known
-        for local_id, line in self._held.items():
-            if type(line) is not bytes:
-                job = cast(Job, line)
+        known, buf = self._known, self._buf
+        for local_id, value in self._held.items():
+            if type(value) is not int:
+                job = cast(Job, value)
                 yield local_id, job.server_id, job.sync_status
                 continue
             # What the table had read from these very lines, else from the bytes, else parsed.
-            summary = known.get(local_id) or _summary(line)
+            summary = known.get(local_id)
             if summary is None:
-                job = Job.from_record(json.loads(line))
-                summary = job.server_id, job.sync_status
+                line = buf[value : buf.index(b"\n", value)]
+                summary = _summary(line)
+                if summary is None:
+                    job = Job.from_record(json.loads(line))
+                    summary = job.server_id, job.sync_status
             yield local_id, summary[0], summary[1]
 
 

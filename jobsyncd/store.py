@@ -13,12 +13,26 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from itertools import islice
+from itertools import accumulate
 from typing import Any
 
-from . import __version__
+from .checked import (  # noqa: F401 - CHECKED_NAME, INDEX_NAME: callers find them here too
+    CHECKED_NAME,
+    INDEX_NAME,
+    MAX_CHUNKS,
+    IndexFile,
+    Record,
+    crc32,
+    encode_chunk,
+    forget,
+    read_index,
+    read_record,
+    write_index,
+    write_record,
+)
 from .errors import JobsyncdError, NoSuchJob, SymlinkRefused
 from .fsutil import (
     FileLock,
@@ -28,7 +42,7 @@ from .fsutil import (
     write_file_atomically,
 )
 from .fsutil import write_all as _write_all  # a module global: tests make it fail here
-from .jobtable import JobTable
+from .jobtable import Entries, JobTable, due_ids, index_lines
 from .model import Job
 from .storeformat import (
     FEW_HEADS,
@@ -57,15 +71,8 @@ REPAIR_NAME = "jobs.jsonl.repair"
 # What the last look found due, up to which byte of which file: the next look reads only the
 # lines appended since (a hint, checked against the file before use; format free, contract 4).
 HINT_NAME = "jobs.hint.json"
-# Which bytes at the store's start are lines exactly as this version writes them
-# (storeformat.holdable), by CRC-32: a lazy fold (a sync pass, Store.fold_lazily) keeps those
-# lines unparsed until asked for (jobtable.py) and parses only the lines after them. Written by
-# compaction, moved on by a pass over the lines it checked or wrote; a fold without one makes
-# none. A hint like HINT_NAME: never fsynced, ignored unless the file's device, inode and those
-# bytes' CRC all match, and carrying CHECK_FORMAT (a change to what valid_record,
-# Job.from_record or record_json do must bump it).
-CHECKED_NAME = "jobs.checked.json"
-CHECK_FORMAT = 1
+# CHECKED_NAME and INDEX_NAME (checked.py): which bytes at the store's start are lines exactly
+# as this version writes them, and where each is: a lazy fold (a sync pass) holds those unparsed.
 MIN_PREFIX = 6
 # Compact automatically when dead records outweigh live ones, once the file has this many lines.
 AUTO_COMPACT_MIN_LINES = 200
@@ -92,6 +99,11 @@ class Store:
         # (device, inode, end, crc32): the file's bytes [0, end) are lines a fold found valid.
         self._checked: tuple[int, int, int, int] | None = None
         self._checked_saved: tuple[int, int, int, int] | None = None  # as CHECKED_NAME says
+        # Their index (checked.py): the part INDEX_NAME holds (None: it is written anew), then
+        # the chunks of the lines after it; None when no index describes the checked lines.
+        self._index_base: IndexFile | None = None
+        self._index_new: list[bytes] | None = None
+        self._verified = Entries()  # the entries of the lines a verifying read went over
         # While `_verifying`, _parse() clears `_all_holdable` on a line a lazy fold could not
         # hold as it is (storeformat.holdable): such lines never enter the checked range.
         self._verifying = False
@@ -122,8 +134,10 @@ class Store:
         """Fold the file from `start` on, read in blocks so that a large store is never held in
         memory whole; returns (records folded, length of the complete lines, any line bad, the
         CRC-32 of those lines continuing `crc`, which only `verify` computes). `verify`:
-        `_all_holdable` says afterwards whether every line read may join a checked range."""
+        `_all_holdable` says afterwards whether every line read may join a checked range, and
+        `_verified` holds their index entries."""
         self._verifying, self._all_holdable = verify, True
+        self._verified = Entries()
         try:
             return self._read_blocks(fd, start, crc)
         finally:
@@ -142,14 +156,16 @@ class Store:
             if following:
                 cut = data.rfind(b"\n") + 1
                 count, _, was_bad = self._parse(data[:cut], base, final=False)
-                if self._verifying:  # lines that may join a checked range
-                    crc = _crc32(memoryview(data)[:cut], crc)
-                pending = data[cut:]
             else:
-                count, end, was_bad = self._parse(data, base, final=True)
-                if self._verifying:
-                    crc = _crc32(memoryview(data)[:end], crc)
-                pending = data[end:]
+                count, cut, was_bad = self._parse(data, base, final=True)
+            if self._verifying and self._all_holdable:  # lines that may join a checked range
+                crc = crc32(memoryview(data)[:cut], crc)
+                entries = index_lines(data[:cut], base)
+                if entries is None:
+                    self._all_holdable = False
+                else:
+                    self._verified.extend(entries)
+            pending = data[cut:]
             total += count
             bad = bad or was_bad
             current = following
@@ -305,6 +321,7 @@ class Store:
                     self._checked = (st.st_dev, st.st_ino, end, checked[2])
                     if self._all_holdable:
                         self._checked = (st.st_dev, st.st_ino, end + length, crc)
+                        self._index_add(self._verified)
                 count, end = count + more, end + length
             self._held_fd, self._offset, self._lines = fd, end, count
             # The checked lines held one binding per server_id (their fold repaired nothing, and
@@ -325,67 +342,72 @@ class Store:
     def _fold_checked(self, fd: int) -> tuple[int, int, int] | None:
         """Hold the lines an earlier fold checked (CHECKED_NAME) as raw lines in a new
         `self.jobs`, if the file still starts with those very bytes; returns (records, where
-        they end, their CRC-32), or None (then fold it all)."""
-        checked = self._read_checked()
+        they end, their CRC-32), or None (then fold it all). Where the lines are comes from the
+        index (INDEX_NAME) if it is as the record says, else from the lines themselves (and
+        the index is made anew)."""
+        record = read_record(self.data_dir)
         st = os.fstat(fd)
-        if checked is None or checked[:2] != (st.st_dev, st.st_ino) or checked[2] > st.st_size:
+        if record is None or (record.dev, record.ino) != (st.st_dev, st.st_ino):
             return None
-        end, table = checked[2], JobTable()
-        count = pos = crc = 0
-        pending = b""
-        while pos < end:
-            block = os.pread(fd, min(4 << 20, end - pos), pos)
-            if not block:
-                return None
-            pos += len(block)
-            crc = _crc32(block, crc)
-            data = pending + block if pending else block
-            cut = data.rfind(b"\n") + 1
-            indexed = table.hold_lines(data[:cut])
-            if indexed is None:
-                return None
-            count += indexed
-            pending = data[cut:]
-        if pending or crc != checked[3]:
+        self._checked_saved = (record.dev, record.ino, record.end, record.crc)
+        end = record.end
+        if end > st.st_size:
             return None
+        # The bytes read and their CRC worked out in a thread while this one reads the index
+        # (a read and a CRC leave the GIL): 100,000 jobs held in about half the time.
+        read: list[bytes | None] = []
+        reader = threading.Thread(target=lambda: read.append(_read_checked_bytes(fd, record)))
+        reader.start()
+        index = record.index_file
+        try:
+            entries = None if index is None else read_index(self.data_dir, index, end)
+        finally:
+            reader.join()
+        buffer = read[0] if read else None
+        if buffer is None:
+            return None
+        table = JobTable()
+        if index is not None and entries is not None:
+            self._index_base, self._index_new = index, []
+            if index.chunks > MAX_CHUNKS:  # many small passes: one chunk again
+                self._index_base, self._index_new = None, [encode_chunk(entries)]
+        else:
+            entries = index_lines(buffer)
+            if entries is None:
+                return None
+            self._index_base, self._index_new = None, [encode_chunk(entries)]
+        count = table.hold(buffer, entries)
         table.on_broken = self._forget_checked
         self.jobs = table
-        return count, end, crc
+        return count, end, record.crc
 
-    def _read_checked(self) -> tuple[int, int, int, int] | None:
-        try:
-            fd = open_nofollow(os.path.join(self.data_dir, CHECKED_NAME), os.O_RDONLY)
-        except JobsyncdError:
-            return None
-        try:
-            raw = json.loads(os.read(fd, 4096))
-            if raw["format"] != CHECK_FORMAT or raw["version"] != __version__:
-                return None
-            checked = (int(raw["dev"]), int(raw["ino"]), int(raw["end"]), int(raw["crc"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # torn by a crash, or not ours: fold it all
-        finally:
-            os.close(fd)
-        self._checked_saved = checked
-        return checked
+    def _index_add(self, entries: Entries | None) -> None:
+        """The checked range grew by these lines (None: lines of unknown places)."""
+        if self._index_new is None:
+            return
+        if entries is None:
+            self._index_new = None
+        elif entries.ids:
+            self._index_new.append(encode_chunk(entries))
 
     def _forget_checked(self) -> None:
         self._checked = self._checked_saved = None
-        _unlink_quietly(os.path.join(self.data_dir, CHECKED_NAME))
+        forget(self.data_dir)
 
     def _save_checked(self) -> None:
+        """Write the record of the checked range, after the chunks of its index not saved yet
+        (not fsynced: lost or torn by a crash, the next pass folds the store the old way)."""
         checked = self._checked
-        if checked is None or checked == self._checked_saved:
+        if checked is None or (checked == self._checked_saved and not self._index_new):
             return
-        dev, ino, end, crc = checked
-        record = {"format": CHECK_FORMAT, "version": __version__, "dev": dev, "ino": ino}
-        try:  # not fsynced: lost or torn by a crash, the next pass folds the whole store
-            write_file_atomically(
-                self.data_dir, CHECKED_NAME, json.dumps({**record, "end": end, "crc": crc}).encode()
-            )
-        except JobsyncdError:
-            return
-        self._checked_saved = checked
+        index = None
+        if self._index_new is not None:
+            index = self._index_base
+            if index is None or self._index_new:
+                index = write_index(self.data_dir, self._index_new, self._index_base)
+            self._index_base, self._index_new = index, [] if index is not None else None
+        if write_record(self.data_dir, Record(*checked, index)):
+            self._checked_saved = checked
 
     def _enforce_one_binding(self) -> bool:
         """The store's invariant (contract 6.3/6.4): one server_id never belongs to two local
@@ -585,6 +607,7 @@ class Store:
             holdable = self._all_holdable and not self.jobs.new_bindings
             if checked is not None and extend and holdable and not self._needs_repair:
                 self._checked = (checked[0], checked[1], self._offset, crc)
+                self._index_add(self._verified)
         return self.jobs
 
     # ---- finding one job without folding the whole store ---------------------------------
@@ -752,7 +775,8 @@ class Store:
                 if checked is not None and checked[2] == written_at == self._offset and ids_ok:
                     # Lines we encoded from jobs: as a fold would check them, so still checked.
                     end = written_at + len(blob)
-                    self._checked = (checked[0], checked[1], end, _crc32(blob, checked[3]))
+                    self._checked = (checked[0], checked[1], end, crc32(blob, checked[3]))
+                    self._index_add(index_lines(blob, written_at))
                 if adopt:
                     plain = self.jobs.plain()
                     into: Any = self.jobs if plain is None else plain
@@ -846,16 +870,21 @@ class Store:
             os.unlink(self.tmp_path)  # our own temporary file, left by a crash
         fd = open_nofollow(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         size = crc = 0
+        entries = Entries()
         try:
             # Written a few thousand records at a time: a store of 100,000 jobs is never held
             # as lines in memory (twice, with the join), beside the jobs themselves. A job
             # still held as its raw line (a lazy fold) is written as that line, unparsed.
-            jobs = self.jobs.lines()
-            holdable_ids = all(holdable_id(i) for i in self.jobs)
-            while data := encode_held(islice(jobs, 4096)):
+            holdable_ids = self.jobs.ids_holdable()
+            for ids, held in self.jobs.in_order(4096):
+                lines = encode_held(held)
+                data = b"\n".join(lines) + b"\n"
                 _write_all(fd, data)
+                if holdable_ids:  # the index of the lines, from what is known of them
+                    starts = list(accumulate([len(line) + 1 for line in lines], initial=size))
+                    entries.extend(Entries(ids, starts[:-1], due_ids(data)))
+                    crc = crc32(data, crc)
                 size += len(data)
-                crc = _crc32(data, crc)
             os.fsync(fd)
             st = os.fstat(fd)
         except OSError as exc:
@@ -881,7 +910,10 @@ class Store:
         self._lines = len(self.jobs)
         self._needs_repair = False
         # Lines we encoded (or held as checked): a lazy fold may hold them, if their ids allow.
-        self._checked = (st.st_dev, st.st_ino, size, crc) if holdable_ids else None
+        self._checked = None
+        if holdable_ids:
+            self._checked = (st.st_dev, st.st_ino, size, crc)
+            self._index_base, self._index_new = None, [encode_chunk(entries)]
         self._save_checked()
 
 
@@ -893,10 +925,18 @@ _FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
 
 
-def _crc32(data: Any, crc: int) -> int:
-    import zlib  # here: the local commands that never keep a checked range never import it
-
-    return zlib.crc32(data, crc)
+def _read_checked_bytes(fd: int, record: Record) -> bytes | None:
+    """The file's first `record.end` bytes if their CRC is the record's, else None."""
+    try:
+        data = os.pread(fd, record.end, 0)
+        while len(data) < record.end:  # a regular file's read stops short only at its end
+            more = os.pread(fd, record.end - len(data), len(data))
+            if not more:
+                return None
+            data += more
+    except OSError:
+        return None
+    return data if crc32(data) == record.crc else None
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:

@@ -90,11 +90,10 @@ def encode_lines(jobs: Iterable[Job], tombstones: Iterable[dict[str, Any]] = ())
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def encode_held(held: Iterable[Job | bytes]) -> bytes:
-    """encode_lines() of jobs some of which are held as their raw lines (jobtable.py), which
-    are written as they are."""
-    lines = [j if isinstance(j, bytes) else j.record_json().encode() for j in held]
-    return b"\n".join(lines) + b"\n" if lines else b""
+def encode_held(held: Iterable[Job | bytes]) -> list[bytes]:
+    """The lines (without b"\\n") of jobs some of which are held as their raw lines
+    (jobtable.py), which are written as they are."""
+    return [j if isinstance(j, bytes) else j.record_json().encode() for j in held]
 
 
 def tombstone(local_id: str) -> dict[str, Any]:

@@ -108,6 +108,12 @@ def test_the_lifecycle_and_the_file_system_helpers_import_only_what_the_readme_a
         "jobsyncd.model",
         "jobsyncd.storeformat",
     }
+    assert graph["jobsyncd.checked"] <= {
+        "jobsyncd",
+        "jobsyncd.errors",
+        "jobsyncd.fsutil",
+        "jobsyncd.jobtable",
+    }
     assert graph["jobsyncd.runtime"] <= {
         "jobsyncd.log",
         "jobsyncd.config",

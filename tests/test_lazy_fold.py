@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
 from test_store import Warnings, job
 
-from jobsyncd.jobtable import JobTable, LazyDict
+from jobsyncd.checked import INDEX_NAME, MAX_CHUNKS, encode_chunk
+from jobsyncd.jobtable import Entries, JobTable, LazyDict
 from jobsyncd.model import Job, new_local_id
 from jobsyncd.store import CHECKED_NAME, STORE_NAME, Store, prepare_data_dir
+from jobsyncd.storeformat import DUE_NEEDLES
 
 
 @pytest.fixture
@@ -320,10 +324,10 @@ def test_a_broken_raw_line_after_many_single_parses_is_a_clear_error():
     forgot = []
     table.on_broken = lambda: forgot.append(1)
     jobs = [job(str(i)) for i in range(2100)]
-    for j in jobs:
-        table.put_raw(j.local_id, j.record_json().encode())
     bad = jobs[-1].local_id
-    table.put_raw(bad, b'{"local_id":"' + bad.encode() + b'","server_id":nul')
+    lines = [j.record_json().encode() for j in jobs[:-1]]
+    lines.append(b'{"local_id":"' + bad.encode() + b'","server_id":nul')
+    assert table.hold_lines(b"\n".join(lines) + b"\n") == len(jobs)
     for j in jobs[:2001]:  # a pass that has read 2,001 jobs one by one
         table[j.local_id]
     with pytest.raises(JobsyncdError, match="no longer parses"):
@@ -406,13 +410,14 @@ def test_a_snapshot_of_a_table_of_parsed_jobs_keeps_only_their_ids_and_statuses(
 def test_pop_and_discard_of_raw_and_parsed_jobs():
     table = JobTable()
     a, b = job("a"), job("b")
-    line = a.record_json().encode()
-    table.put_raw(a.local_id, line)
+    line = a.record_json().encode() + b"\n"
+    table.hold_lines(line)
     table[b.local_id] = b
     assert table.raw_count == 1
     assert table.pop(a.local_id).text == "a"
     assert table.raw_count == 0
-    table.put_raw(a.local_id, line)
+    table = JobTable()
+    table.hold_lines(line)
     table.discard(a.local_id)
     assert table.raw_count == 0 and a.local_id not in table
     assert table.pop("missing", None) is None
@@ -441,9 +446,11 @@ def test_a_raw_line_that_no_longer_parses_is_a_clear_error_and_the_next_run_fold
     store, _ = store_of(data_dir)
     table = store.load()
     # What no checked line can be (the CRC would differ): one that does not parse.
-    table.put_raw(a.local_id, b'{"local_id":"' + a.local_id.encode() + b'","server_id":nul')
+    broken = JobTable()
+    broken.hold_lines(b'{"local_id":"' + a.local_id.encode() + b'","server_id":nul\n')
+    broken.on_broken = table.on_broken
     with pytest.raises(JobsyncdError, match="no longer parses"):
-        table[a.local_id]
+        broken[a.local_id]
     assert not (data_dir / CHECKED_NAME).exists()
     again, _ = store_of(data_dir)
     assert again.load().raw_count == 0
@@ -502,3 +509,146 @@ def test_a_job_line_whose_second_key_is_not_its_server_id_is_parsed_by_every_fol
         store.compact_if_worth_it()
         assert table.raw_count == 1  # the first job; `a` was parsed
         assert (a.local_id, "s-a", "synced") in list(table.summaries())
+
+
+# ---- the index of the checked lines (checked.INDEX_NAME) ----------------------------------------
+
+
+def eager_records(data_dir: Path) -> dict[str, dict]:
+    store, _ = store_of(data_dir, lazy=False)
+    return records(store.load())
+
+
+def record_json(data_dir: Path) -> dict:
+    return json.loads((data_dir / CHECKED_NAME).read_bytes())
+
+
+def no_line_indexing(monkeypatch) -> None:
+    """A fold from here on may not index lines itself: it must read the index."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checked lines were split and searched, not read from the index")
+
+    monkeypatch.setattr("jobsyncd.store.index_lines", refuse)
+
+
+def test_a_fold_with_an_index_neither_splits_nor_searches_the_checked_lines(
+    data_dir, monkeypatch
+):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    assert (data_dir / INDEX_NAME).stat().st_size > 0
+    no_line_indexing(monkeypatch)
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == len(jobs)
+    statuses = ("pending", "pending_deletion", "error")
+    due = {j.local_id for j in table.may_be_due() if j.sync_status in statuses}
+    assert due == {j.local_id for j in jobs if j.sync_status in statuses}
+    named = [j for j in jobs if any(n in j.record_json().encode() for n in DUE_NEEDLES)]
+    assert table.raw_count == len(jobs) - len(named)  # only lines naming a due status parsed
+    monkeypatch.undo()
+    assert records(table) == eager_records(data_dir)
+    assert not warned
+
+
+def _flip_a_byte(data_dir: Path) -> None:
+    path = data_dir / INDEX_NAME
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+def _truncate(data_dir: Path) -> None:
+    path = data_dir / INDEX_NAME
+    path.write_bytes(path.read_bytes()[:-9])
+
+
+def _delete(data_dir: Path) -> None:
+    (data_dir / INDEX_NAME).unlink()
+
+
+def _other_byte_order(data_dir: Path) -> None:
+    record = record_json(data_dir)
+    record["index"]["byteorder"] = "big" if sys.byteorder == "little" else "little"
+    (data_dir / CHECKED_NAME).write_text(json.dumps(record))
+
+
+def _an_offset_past_the_checked_lines(data_dir: Path) -> None:
+    """An index that the record's CRC vouches for but that names a place past the lines."""
+    record = record_json(data_dir)
+    first = new_local_id()
+    chunk = encode_chunk(Entries([first], [record["end"] + 10]))
+    (data_dir / INDEX_NAME).write_bytes(chunk)
+    record["index"].update(chunks=1, size=len(chunk), crc=zlib.crc32(chunk))
+    (data_dir / CHECKED_NAME).write_text(json.dumps(record))
+
+
+def _no_index_in_the_record(data_dir: Path) -> None:
+    record = record_json(data_dir)
+    record["index"] = None
+    (data_dir / CHECKED_NAME).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [_flip_a_byte, _truncate, _delete, _other_byte_order, _an_offset_past_the_checked_lines,
+     _no_index_in_the_record],
+)
+def test_an_index_not_as_its_record_says_is_made_anew_from_the_lines(
+    data_dir, monkeypatch, spoil
+):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    spoil(data_dir)
+    store, warned = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == len(jobs)  # the lines themselves are as checked: still held
+    assert records(table) == eager_records(data_dir)
+    assert not warned
+    no_line_indexing(monkeypatch)  # the fold made the index anew: the next one reads it
+    again, _ = store_of(data_dir)
+    assert again.load().raw_count == len(jobs)
+
+
+def test_bytes_after_the_indexs_end_are_not_read(data_dir, monkeypatch):
+    """A crash between a pass's write of index chunks and of the record leaves chunks the
+    record does not name: the next fold reads what the record names, and writes over them."""
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    with open(data_dir / INDEX_NAME, "ab") as f:
+        f.write(b"a chunk the record never named")
+    no_line_indexing(monkeypatch)
+    store, _ = store_of(data_dir)
+    assert store.load().raw_count == len(jobs)
+    monkeypatch.undo()
+    extra = job("after the crash")
+    store.append([extra], compact=False)
+    store.compact_if_worth_it()
+    assert record_json(data_dir)["index"]["size"] == (data_dir / INDEX_NAME).stat().st_size
+    no_line_indexing(monkeypatch)
+    again, _ = store_of(data_dir)
+    assert again.load().raw_count == len(jobs) + 1
+
+
+def test_many_small_passes_leave_an_index_of_one_chunk_again(data_dir):
+    jobs = [job(f"job {i}") for i in range(300)]  # enough that 70 edits never compact
+    checked_store(data_dir, jobs)
+    purged = jobs[1].local_id
+    for n in range(MAX_CHUNKS + 3):
+        store, _ = store_of(data_dir)
+        store.load()
+        if n == 5:
+            store.append([], purge=[purged], compact=False)
+        else:
+            edited = jobs[0].clone()
+            edited.text = f"edit {n}"
+            store.append([edited], compact=False)
+        store.compact_if_worth_it()
+        assert store.jobs.raw_count >= len(jobs) - 2  # lazily folded every time
+    chunks = record_json(data_dir)["index"]["chunks"]
+    assert chunks <= 4  # made one chunk again once past MAX_CHUNKS, and grown since
+    lazy, _ = store_of(data_dir)
+    table = lazy.load()
+    assert purged not in table and table[jobs[0].local_id].text == f"edit {MAX_CHUNKS + 2}"
+    assert records(table) == eager_records(data_dir)
