@@ -130,9 +130,8 @@ def encode_chunk(entries: Entries) -> bytes:
     return header + b"".join(texts) + array("q", entries.offsets).tobytes()
 
 
-def read_index(data_dir: str, index: IndexFile, end: int) -> Entries | None:
-    """The entries the record's index holds for checked bytes [0, end); None when the file is
-    not as the record says (or describes other lines: an offset past `end`)."""
+def read_index(data_dir: str, index: IndexFile) -> bytes | None:
+    """The bytes of the index the record names, if their CRC is the record's; else None."""
     try:
         fd = open_nofollow(os.path.join(data_dir, INDEX_NAME), os.O_RDONLY)
     except JobsyncdError:
@@ -143,14 +142,33 @@ def read_index(data_dir: str, index: IndexFile, end: int) -> Entries | None:
         return None
     finally:
         os.close(fd)
-    if len(data) != index.size or crc32(data) != index.crc:
-        return None
+    return data if len(data) == index.size and crc32(data) == index.crc else None
+
+
+def decode_index(data: bytes, index: IndexFile, end: int) -> Entries | None:
+    """The entries of read_index()'s bytes for checked bytes [0, end); None when they are not
+    as the record says (or describe other lines: an offset past `end`)."""
     entries = _decode_chunks(data, index.chunks)
     if entries is None:
         return None
     if entries.offsets and (min(entries.offsets) < -1 or max(entries.offsets) >= end):
         return None
     return entries
+
+
+def read_checked_bytes(fd: int, record: Record) -> bytes | None:
+    """The store's first `record.end` bytes (read through `fd`) if their CRC is the record's,
+    else None. Both the read and the CRC leave the GIL: a thread does this beside other work."""
+    try:
+        data = os.pread(fd, record.end, 0)
+        while len(data) < record.end:  # a regular file's read stops short only at its end
+            more = os.pread(fd, record.end - len(data), len(data))
+            if not more:
+                return None
+            data += more
+    except OSError:
+        return None
+    return data if crc32(data) == record.crc else None
 
 
 def _decode_chunks(data: bytes, chunks: int) -> Entries | None:

@@ -65,59 +65,93 @@ def execute_pass(
 
     The caller holds the sync lock. Raises ConfigError for a bad server URL.
     """
-    api_base = check_server_url(settings)
-    started = utc_now()
     until = read_backoff_until(settings.data_dir)
-    if until is not None and until > time.time():
-        summary = PassSummary(ok=False, skipped=Stop.BACKOFF, retry_after=until - time.time())
-        summary.message = f"the server asked to back off; no request before {rfc3339_epoch(until)}"
-    else:
-        from .sync import run_pass
+    backing_off = until is not None and until > time.time()
+    if not backing_off:
+        from .sync import prepare_pass
 
-        remote = make_remote(settings, token)
-        pull_state = read_pull_state(settings.data_dir)
-        if pull_state.get("server") != api_base:
-            pull_state = {"server": api_base}
-        before = dict(pull_state)
-        policy = Policy(
-            settings.max_retries,
-            settings.backoff_base_seconds,
-            force_delete,
-            reupload=reupload,
-            upload_chunk_bytes=settings.upload_chunk_bytes,
-        )
-        progress = progress_factory(store) if progress_factory else None
-        # On a terminal, resumable uploads show a bar in bytes (one per upload).
-        upload_bar = _ByteProgress() if progress_factory else None
-        try:
-            summary = run_pass(
-                store,
-                remote,
-                policy,
-                should_stop=should_stop,
-                progress=progress,
-                pull_state=pull_state,
-                upload_progress=upload_bar,
+        prepare_pass(store)  # the store's bytes read while the HTTP layer below loads
+    try:
+        api_base = check_server_url(settings)
+        started = utc_now()
+        if until is not None and backing_off:
+            summary = PassSummary(ok=False, skipped=Stop.BACKOFF, retry_after=until - time.time())
+            summary.message = (
+                f"the server asked to back off; no request before {rfc3339_epoch(until)}"
             )
-        finally:
-            remote.close()
-            if progress is not None:
-                progress.close()
-            if upload_bar is not None:
-                upload_bar.close()
-        try:
-            if summary.retry_after is not None:
-                write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
-            if pull_state != before:
-                write_pull_state(settings.data_dir, pull_state)
-        except JobsyncdError as exc:
-            # The pass itself is recorded in the store; these files only save requests.
-            log.warning(str(exc))
+        else:
+            summary = _pass_against(
+                settings,
+                store,
+                token,
+                api_base,
+                force_delete,
+                should_stop,
+                progress_factory,
+                reupload,
+            )
+    finally:
+        store.drop_prefetch()  # read for a fold that did not happen
     record = {"started_at": rfc3339(started), "finished_at": rfc3339(utc_now()), **summary.public()}
     try:
         write_last_pass(settings.data_dir, record)
     except Exception as exc:  # the record is informative: it never fails a pass
         log.warning(f"cannot record the last pass: {exc}")
+    return summary
+
+
+def _pass_against(
+    settings: Settings,
+    store: Store,
+    token: str | None,
+    api_base: str,
+    force_delete: bool,
+    should_stop: Callable[[], bool],
+    progress_factory: Callable[[Store], Progress | None] | None,
+    reupload: bool,
+) -> PassSummary:
+    """execute_pass() outside a back-off window: the pass, then what it learnt of the server."""
+    from .sync import run_pass
+
+    remote = make_remote(settings, token)
+    pull_state = read_pull_state(settings.data_dir)
+    if pull_state.get("server") != api_base:
+        pull_state = {"server": api_base}
+    before = dict(pull_state)
+    policy = Policy(
+        settings.max_retries,
+        settings.backoff_base_seconds,
+        force_delete,
+        reupload=reupload,
+        upload_chunk_bytes=settings.upload_chunk_bytes,
+    )
+    progress = progress_factory(store) if progress_factory else None
+    # On a terminal, resumable uploads show a bar in bytes (one per upload).
+    upload_bar = _ByteProgress() if progress_factory else None
+    try:
+        summary = run_pass(
+            store,
+            remote,
+            policy,
+            should_stop=should_stop,
+            progress=progress,
+            pull_state=pull_state,
+            upload_progress=upload_bar,
+        )
+    finally:
+        remote.close()
+        if progress is not None:
+            progress.close()
+        if upload_bar is not None:
+            upload_bar.close()
+    try:
+        if summary.retry_after is not None:
+            write_backoff_until(settings.data_dir, time.time() + summary.retry_after)
+        if pull_state != before:
+            write_pull_state(settings.data_dir, pull_state)
+    except JobsyncdError as exc:
+        # The pass itself is recorded in the store; these files only save requests.
+        log.warning(str(exc))
     return summary
 
 

@@ -652,3 +652,82 @@ def test_many_small_passes_leave_an_index_of_one_chunk_again(data_dir):
     table = lazy.load()
     assert purged not in table and table[jobs[0].local_id].text == f"edit {MAX_CHUNKS + 2}"
     assert records(table) == eager_records(data_dir)
+
+
+# ---- prefetch: the checked bytes read while the pass imports its HTTP client -------------------
+
+
+def test_a_load_after_a_prefetch_holds_what_the_prefetch_read(data_dir, monkeypatch):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    store, warned = store_of(data_dir)
+    store.prefetch()
+    store._prefetch[0].join()  # read; from here on nothing may read the checked bytes again
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checked bytes were read again")
+
+    monkeypatch.setattr("jobsyncd.store.read_checked_bytes", refuse)
+    no_line_indexing(monkeypatch)
+    table = store.load()
+    assert table.raw_count == len(jobs)
+    monkeypatch.undo()
+    assert records(table) == eager_records(data_dir) and not warned
+
+
+def test_a_prefetch_of_a_store_compacted_since_is_not_used(data_dir):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    store, _ = store_of(data_dir)
+    store.prefetch()
+    store._prefetch[0].join()
+    other, _ = store_of(data_dir, lazy=False)  # another process edits and compacts meanwhile
+    other.load()
+    edited = jobs[0].clone()
+    edited.text = "edited meanwhile"
+    other.append([edited])
+    other.compact()
+    table = store.load()
+    assert table[jobs[0].local_id].text == "edited meanwhile"
+    assert records(table) == eager_records(data_dir)
+
+
+def test_lines_appended_after_a_prefetch_are_folded(data_dir):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    store, _ = store_of(data_dir)
+    store.prefetch()
+    store._prefetch[0].join()
+    other, _ = store_of(data_dir, lazy=False)
+    extra = job("appended after the prefetch")
+    other.append([extra])
+    table = store.load()
+    assert table.raw_count == len(jobs) and table[extra.local_id].text == extra.text
+    assert records(table) == eager_records(data_dir)
+
+
+def test_a_prefetch_never_used_is_dropped_by_an_eager_load_and_by_drop(data_dir):
+    checked_store(data_dir, varied_jobs())
+    store, _ = store_of(data_dir, lazy=False)
+    store.prefetch()
+    store.load()
+    assert store._prefetch is None
+    store.prefetch()
+    store.drop_prefetch()
+    assert store._prefetch is None
+
+
+def test_a_pass_prefetches_only_a_store_it_will_fold(data_dir):
+    from jobsyncd.sync.run import SPARSE_MAX_DUE, prepare_pass
+
+    synced = [job(f"s{i}", server_id=f"s-{i}", sync_status="synced") for i in range(40)]
+    checked_store(data_dir, synced)
+    idle, _ = store_of(data_dir, lazy=False)
+    prepare_pass(idle)  # nothing due: the pass pushes nothing and folds nothing
+    assert idle.fold_lazily and idle._prefetch is None
+    writer, _ = store_of(data_dir, lazy=False)
+    writer.append([job(f"new {i}") for i in range(SPARSE_MAX_DUE + 1)])
+    busy, _ = store_of(data_dir, lazy=False)
+    prepare_pass(busy)  # too many due to push unfolded: the fold's bytes are read meanwhile
+    assert busy._prefetch is not None
+    assert busy.load().raw_count == len(synced)

@@ -37,7 +37,7 @@ from .rules import (
 )
 
 if TYPE_CHECKING:
-    from .run import count_due, run_pass
+    from .run import count_due, prepare_pass, run_pass
 
 __all__ = [
     "PassSummary",
@@ -48,6 +48,7 @@ __all__ = [
     "differs",
     "is_due",
     "longest_backoff",
+    "prepare_pass",
     "run_pass",
     "stop_for",
 ]
@@ -57,7 +58,7 @@ def __getattr__(name: str) -> Any:
     # The pass itself (push, pull, journal, outcomes: 15 ms of imports) loads on first use: a
     # `sync` that hands over to a daemon, and every module that only needs Policy or
     # PassSummary, never pays for it.
-    if name in ("run_pass", "count_due"):
+    if name in ("run_pass", "prepare_pass", "count_due"):
         from . import run
 
         return getattr(run, name)

@@ -42,6 +42,14 @@ def _without_cycle_collector(run: Callable[P, R]) -> Callable[P, R]:
     return without
 
 
+def prepare_pass(store: Store) -> None:
+    """Before a pass's slow start (its HTTP client's imports): if the pass will fold the store
+    (too many due jobs to push it unfolded), start reading what the fold will hold."""
+    store.fold_lazily = True
+    if not store.loaded and store.due_candidates(SPARSE_MAX_DUE) is None:
+        store.prefetch()
+
+
 @_without_cycle_collector
 def run_pass(
     store: Store,
