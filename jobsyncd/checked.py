@@ -38,6 +38,9 @@ CHECK_FORMAT = 2
 # An index of more chunks than this (many small passes since the last compaction) is written
 # anew as one chunk by the next fold: reading a chunk costs a few microseconds, not nothing.
 MAX_CHUNKS = 64
+# Compaction writes a chunk per this many lines: an index of 100,000 lines is never held as
+# Python lists whole (4 MiB of ints) nor encoded in one piece.
+CHUNK_LINES = 32768
 # A chunk: its lines, the bytes of its ids, of its due ids, of its purged ids (each list of ids
 # joined by b"\n"), then those three texts and one int64 offset per line, native byte order.
 _HEADER = struct.Struct("<4I")
@@ -199,13 +202,16 @@ def _decode_chunks(data: bytes, chunks: int) -> Entries | None:
 def write_index(data_dir: str, chunks: list[bytes], after: IndexFile | None) -> IndexFile | None:
     """Write `chunks` after the `after` bytes of the index (None: the index anew); returns
     what it then holds, or None when it could not be written as asked (no index then)."""
-    blob = b"".join(chunks)
+    size = sum(map(len, chunks))
+    crc = after.crc if after is not None else 0
+    for chunk in chunks:
+        crc = crc32(chunk, crc)
     if after is None:
         try:
-            write_file_atomically(data_dir, INDEX_NAME, blob)
+            write_file_atomically(data_dir, INDEX_NAME, chunks)
         except JobsyncdError:
             return None
-        return IndexFile(len(chunks), len(blob), crc32(blob))
+        return IndexFile(len(chunks), size, crc)
     try:
         fd = open_nofollow(os.path.join(data_dir, INDEX_NAME), os.O_WRONLY)
     except JobsyncdError:
@@ -215,9 +221,10 @@ def write_index(data_dir: str, chunks: list[bytes], after: IndexFile | None) -> 
             return None  # not the file the record described
         os.ftruncate(fd, after.size)
         os.lseek(fd, after.size, os.SEEK_SET)
-        write_all(fd, blob)
+        for chunk in chunks:
+            write_all(fd, chunk)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return IndexFile(after.chunks + len(chunks), after.size + len(blob), crc32(blob, after.crc))
+    return IndexFile(after.chunks + len(chunks), after.size + size, crc)

@@ -54,8 +54,11 @@ def write_all(fd: int, blob: bytes) -> None:
         view = view[written:]
 
 
-def write_file_atomically(data_dir: str, name: str, content: bytes, durable: bool = False) -> None:
-    """Write `name` in the data dir whole (temporary file + rename), never through a symlink.
+def write_file_atomically(
+    data_dir: str, name: str, content: bytes | list[bytes], durable: bool = False
+) -> None:
+    """Write `name` in the data dir whole (temporary file + rename), never through a symlink;
+    `content` may come in parts (written one after the other, never joined).
 
     Raises JobsyncdError naming the file; no temporary file is left behind.
     """
@@ -68,7 +71,8 @@ def write_file_atomically(data_dir: str, name: str, content: bytes, durable: boo
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         try:
-            write_all(fd, content)
+            for part in content if isinstance(content, list) else [content]:
+                write_all(fd, part)
             if durable:
                 os.fsync(fd)
         finally:

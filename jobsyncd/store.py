@@ -21,6 +21,7 @@ from typing import Any
 
 from .checked import (  # noqa: F401 - CHECKED_NAME, INDEX_NAME: callers find them here too
     CHECKED_NAME,
+    CHUNK_LINES,
     INDEX_NAME,
     MAX_CHUNKS,
     IndexFile,
@@ -934,7 +935,7 @@ class Store:
             os.unlink(self.tmp_path)  # our own temporary file, left by a crash
         fd = open_nofollow(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         size = crc = 0
-        entries = Entries()
+        entries, chunks = Entries(), []  # the index: lines not encoded yet, chunks encoded
         try:
             # Written a few thousand records at a time: a store of 100,000 jobs is never held
             # as lines in memory (twice, with the join), beside the jobs themselves. A job
@@ -947,6 +948,9 @@ class Store:
                 if holdable_ids:  # the index of the lines, from what is known of them
                     starts = list(accumulate([len(line) + 1 for line in lines], initial=size))
                     entries.extend(Entries(ids, starts[:-1], due_ids(data)))
+                    if len(entries.ids) >= CHUNK_LINES:
+                        chunks.append(encode_chunk(entries))
+                        entries = Entries()
                     crc = crc32(data, crc)
                 size += len(data)
             os.fsync(fd)
@@ -977,7 +981,9 @@ class Store:
         self._checked = None
         if holdable_ids:
             self._checked = (st.st_dev, st.st_ino, size, crc)
-            self._index_base, self._index_new = None, [encode_chunk(entries)]
+            if entries.ids or not chunks:
+                chunks.append(encode_chunk(entries))
+            self._index_base, self._index_new = None, chunks
         self._save_checked()
 
 

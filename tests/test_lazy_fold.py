@@ -731,3 +731,19 @@ def test_a_pass_prefetches_only_a_store_it_will_fold(data_dir):
     prepare_pass(busy)  # too many due to push unfolded: the fold's bytes are read meanwhile
     assert busy._prefetch is not None
     assert busy.load().raw_count == len(synced)
+
+
+def test_compaction_indexes_a_large_store_in_several_chunks(data_dir, monkeypatch):
+    monkeypatch.setattr("jobsyncd.store.CHUNK_LINES", 3000)  # 5,000 lines: two chunks
+    jobs = [job(f"job {i}", sync_status="synced" if i % 3 else "pending") for i in range(5000)]
+    checked_store(data_dir, jobs)
+    assert record_json(data_dir)["index"]["chunks"] == 2
+    no_line_indexing(monkeypatch)
+    store, _ = store_of(data_dir)
+    table = store.load()
+    assert table.raw_count == len(jobs)
+    assert {j.local_id for j in table.may_be_due() if j.sync_status == "pending"} == {
+        j.local_id for j in jobs if j.sync_status == "pending"
+    }
+    monkeypatch.undo()
+    assert records(table) == eager_records(data_dir)
