@@ -108,14 +108,19 @@ def index_lines(data: bytes, base: int = 0) -> Entries | None:
     ids = [text[i : i + _ID_LENGTH] for i in range(_ID_AT, len(text), _HEAD_SPAN)]
     offsets = list(accumulate([len(line) + 1 for line in lines], initial=base))
     offsets.pop()
-    return Entries(ids, offsets, due_ids(data))
+    return Entries(ids, offsets, due_ids(data, ids, lines))
 
 
-def due_ids(data: bytes) -> list[str]:
-    """The ids of the lines of `data` that name a status needing a push: a byte search of the
-    block for each needle, then the line each hit is on (may_be_due parses only those)."""
+def due_ids(data: bytes, ids: list[str], lines: list[bytes]) -> list[str]:
+    """The ids of the lines of `data` (whole lines: `lines`, of jobs `ids`) that name a status
+    needing a push (may_be_due parses only those). Few hits (a store after its sync): a byte
+    search of the block for each needle, then the line each hit is on; many (the lines `create`
+    and `update` appended): each line looked at."""
+    hits = sum(data.count(needle) for needle in DUE_NEEDLES)
+    if 8 * hits > len(lines):
+        return [i for i, line in zip(ids, lines, strict=True) if _names_due(line)]
     due = []
-    for needle in DUE_NEEDLES:
+    for needle in DUE_NEEDLES if hits else ():
         pos = data.find(needle)
         while pos != -1:
             start = data.rfind(b"\n", 0, pos) + 1

@@ -947,7 +947,7 @@ class Store:
                 _write_all(fd, data)
                 if holdable_ids:  # the index of the lines, from what is known of them
                     starts = list(accumulate([len(line) + 1 for line in lines], initial=size))
-                    entries.extend(Entries(ids, starts[:-1], due_ids(data)))
+                    entries.extend(Entries(ids, starts[:-1], due_ids(data, ids, lines)))
                     if len(entries.ids) >= CHUNK_LINES:
                         chunks.append(encode_chunk(entries))
                         entries = Entries()

@@ -747,3 +747,18 @@ def test_compaction_indexes_a_large_store_in_several_chunks(data_dir, monkeypatc
     }
     monkeypatch.undo()
     assert records(table) == eager_records(data_dir)
+
+
+@pytest.mark.parametrize("due_count", [0, 1, 3, 10, 20])
+def test_the_due_lines_of_a_block_are_found_whether_few_or_many(due_count):
+    """A byte search per needle when few lines name a due status, a look at each line when
+    many do: the same ids either way (metadata naming a status counts: it is only a lead)."""
+    from jobsyncd.jobtable import due_ids
+
+    jobs = [job(f"due {i}") for i in range(due_count)]
+    jobs += [job(f"synced {i}", server_id=f"s{i}", sync_status="synced") for i in range(20)]
+    jobs.append(job("lead", sync_status="synced", metadata={"sync_status": "error"}))
+    lines = [j.record_json().encode() for j in jobs]
+    data = b"\n".join(lines) + b"\n"
+    expected = [j.local_id for j in jobs if j.sync_status == "pending" or j.text == "lead"]
+    assert sorted(due_ids(data, [j.local_id for j in jobs], lines)) == sorted(expected)
