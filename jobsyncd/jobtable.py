@@ -25,6 +25,7 @@ from .errors import JobsyncdError
 from .model import Job
 from .storeformat import (
     DUE_NEEDLES,
+    DUE_STATUSES,
     HEAD_LENGTH,
     PURGED_KEY,
     RECORD_HEAD,
@@ -354,6 +355,14 @@ class JobTable(MutableMapping[str, Job]):
         for value in self._d.values():
             if type(value) is not int:
                 yield cast(Job, value)
+
+    def due_ids(self, limit: int) -> list[str] | None:
+        """The ids of the jobs whose status needs a push (pending, pending_deletion, error);
+        None when more than `limit` are, or may be (then no raw line is parsed)."""
+        if len(self._maybe_due) > limit:
+            return None
+        due = [j.local_id for j in self.may_be_due() if j.sync_status in DUE_STATUSES]
+        return due if len(due) <= limit else None
 
     # ---- parsing -----------------------------------------------------------------------------
     def _parse(self, local_id: str, offset: int) -> Job:

@@ -919,6 +919,25 @@ class Store:
                 self._rewrite()
             if self.fold_lazily:
                 self._save_checked()  # what this pass appended is checked for the next one
+                self._keep_due_hint()
+
+    def _keep_due_hint(self) -> None:
+        """At a pass's end (under the lock, the store folded up to its last whole line): the
+        jobs whose status needs a push are known, so they are kept as the due hint, and the
+        next pass's look (due_candidates) searches the lines appended since, not the whole
+        store (15-20 ms at 100,000 jobs, twice). Not when many are due, or lines were bad."""
+        if self._needs_repair or self._held_fd is None:
+            return
+        due = self.jobs.due_ids(_MAX_STALE_CHECKS)
+        if due is None:
+            return
+        held = os.fstat(self._held_fd)
+        with self.mapped() as data:
+            if data is None or self._mapped_ident != (held.st_dev, held.st_ino):
+                return
+            if data.rfind(b"\n") + 1 != self._offset:
+                return  # not what the table holds (cannot happen under the lock)
+            self._keep_hint(data, due, self._hint)
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the store with only live records. Returns (lines before, lines after)."""

@@ -506,8 +506,8 @@ def test_a_job_line_whose_second_key_is_not_its_server_id_is_parsed_by_every_fol
     for _ in range(2):
         store, _ = store_of(data_dir)
         table = store.load()
-        store.compact_if_worth_it()
         assert table.raw_count == 1  # the first job; `a` was parsed
+        store.compact_if_worth_it()
         assert (a.local_id, "s-a", "synced") in list(table.summaries())
 
 
@@ -762,3 +762,34 @@ def test_the_due_lines_of_a_block_are_found_whether_few_or_many(due_count):
     data = b"\n".join(lines) + b"\n"
     expected = [j.local_id for j in jobs if j.sync_status == "pending" or j.text == "lead"]
     assert sorted(due_ids(data, [j.local_id for j in jobs], lines)) == sorted(expected)
+
+
+def test_a_pass_leaves_the_due_hint_so_the_next_look_reads_only_new_lines(data_dir, monkeypatch):
+    from jobsyncd.store import HINT_NAME
+
+    jobs = [job(f"s{i}", server_id=f"s-{i}", sync_status="synced") for i in range(30)]
+    erred = job("erred", server_id="s-e", sync_status="error", retry_count=1)
+    checked_store(data_dir, [*jobs, erred])
+    store, _ = store_of(data_dir)  # a pass: folds, writes its outcomes, ends
+    store.load()
+    edited = jobs[0].clone()
+    edited.text = "pushed"
+    store.append([edited], compact=False)
+    store.compact_if_worth_it()
+    hint = json.loads((data_dir / HINT_NAME).read_bytes())
+    assert hint["end"] == (data_dir / STORE_NAME).stat().st_size
+    assert hint["due"] == [erred.local_id]
+    new = job("created after the pass")
+    writer, _ = store_of(data_dir, lazy=False)
+    writer.append([new])
+    searched = []
+    real = __import__("jobsyncd.store", fromlist=["due_candidates"]).due_candidates
+
+    def spy(data, limit, **kwargs):
+        searched.append(kwargs.get("start", 0))
+        return real(data, limit, **kwargs)
+
+    monkeypatch.setattr("jobsyncd.store.due_candidates", spy)
+    look, _ = store_of(data_dir, lazy=False)
+    assert sorted(look.due_candidates(32)) == sorted([erred.local_id, new.local_id])
+    assert searched == [hint["end"]]  # from where the pass's hint ends, not the whole store
