@@ -324,6 +324,7 @@ def test_sqlite_checkpoints_in_a_thread_of_its_own_once_writes_pause(tmp_path: P
 
     db = tmp_path / "jobs.sqlite3"
     storage = open_storage(str(db))
+    thread = None
     try:
         conn = storage._conn()
         assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_BACKSTOP_PAGES
@@ -336,6 +337,8 @@ def test_sqlite_checkpoints_in_a_thread_of_its_own_once_writes_pause(tmp_path: P
         while db.stat().st_size <= before and time.monotonic() < deadline:
             time.sleep(0.02)
         assert db.stat().st_size > before  # copied into the database by the thread
+        thread = storage._checkpointer
+        assert thread is not None and thread.is_alive()
     finally:
         storage.close()
-    assert not [t for t in threading.enumerate() if t.name == "jobsyncd-sqlite-checkpoint"]
+    assert thread is not None and not thread.is_alive()  # close() ends it
