@@ -657,12 +657,18 @@ def test_many_small_passes_leave_an_index_of_one_chunk_again(data_dir):
 # ---- prefetch: the checked bytes read while the pass imports its HTTP client -------------------
 
 
-def test_a_load_after_a_prefetch_holds_what_the_prefetch_read(data_dir, monkeypatch):
+def prefetched(data_dir: Path) -> tuple[list[Job], Store, Warnings]:
+    """A checked store of varied jobs, and a Store whose prefetch has read it."""
     jobs = varied_jobs()
     checked_store(data_dir, jobs)
     store, warned = store_of(data_dir)
     store.prefetch()
-    store._prefetch[0].join()  # read; from here on nothing may read the checked bytes again
+    store._prefetch[0].join()
+    return jobs, store, warned
+
+
+def test_a_load_after_a_prefetch_holds_what_the_prefetch_read(data_dir, monkeypatch):
+    jobs, store, warned = prefetched(data_dir)  # from here on nothing may read the bytes again
 
     def refuse(*args, **kwargs):
         raise AssertionError("the checked bytes were read again")
@@ -676,11 +682,7 @@ def test_a_load_after_a_prefetch_holds_what_the_prefetch_read(data_dir, monkeypa
 
 
 def test_a_prefetch_of_a_store_compacted_since_is_not_used(data_dir):
-    jobs = varied_jobs()
-    checked_store(data_dir, jobs)
-    store, _ = store_of(data_dir)
-    store.prefetch()
-    store._prefetch[0].join()
+    jobs, store, _ = prefetched(data_dir)
     other, _ = store_of(data_dir, lazy=False)  # another process edits and compacts meanwhile
     other.load()
     edited = jobs[0].clone()
@@ -693,11 +695,7 @@ def test_a_prefetch_of_a_store_compacted_since_is_not_used(data_dir):
 
 
 def test_lines_appended_after_a_prefetch_are_folded(data_dir):
-    jobs = varied_jobs()
-    checked_store(data_dir, jobs)
-    store, _ = store_of(data_dir)
-    store.prefetch()
-    store._prefetch[0].join()
+    jobs, store, _ = prefetched(data_dir)
     other, _ = store_of(data_dir, lazy=False)
     extra = job("appended after the prefetch")
     other.append([extra])
