@@ -394,7 +394,7 @@ class Store:
         checked bytes are read and their CRC worked out in a thread while this one reads the
         index (a read and a CRC leave the GIL): 100,000 jobs held in about half the time."""
         read: list[bytes | None] = []
-        reader = threading.Thread(target=lambda: read.append(read_checked_bytes(fd, record)))
+        reader = threading.Thread(target=_quietly, args=(read, read_checked_bytes, fd, record))
         reader.start()
         try:
             index = record.index_file
@@ -431,7 +431,9 @@ class Store:
             finally:
                 os.close(fd)
 
-        thread = threading.Thread(target=read, name="jobsyncd-prefetch", daemon=True)
+        thread = threading.Thread(
+            target=_quietly, args=([], read), name="jobsyncd-prefetch", daemon=True
+        )
         thread.start()
         self._prefetch = (thread, out)
 
@@ -1012,6 +1014,15 @@ _LOOKUP_CACHE = 1024  # jobs remembered by lookup() for an unchanged file
 # take either path (one scan of the file, or each job backwards from the end).
 _FEW_HEADS = FEW_HEADS
 _HINT_PROBE = 256  # bytes compared at the file's start and before the hint's end
+
+
+def _quietly(out: list[Any], work: Callable[..., Any], *args: Any) -> None:
+    """A reading thread's body: what `work` returns goes to `out`; nothing goes on failing
+    (no traceback from a thread reaches the user: whoever waits for it reads for itself)."""
+    try:
+        out.append(work(*args))
+    except Exception:  # the caller's own read then meets and reports it
+        pass
 
 
 def _keeper_order(job: Job) -> tuple[bool, bool, str, str]:

@@ -791,3 +791,22 @@ def test_a_pass_leaves_the_due_hint_so_the_next_look_reads_only_new_lines(data_d
     look, _ = store_of(data_dir, lazy=False)
     assert sorted(look.due_candidates(32)) == sorted([erred.local_id, new.local_id])
     assert searched == [hint["end"]]  # from where the pass's hint ends, not the whole store
+
+
+def test_a_prefetch_that_fails_says_nothing_and_the_load_reads_for_itself(
+    data_dir, monkeypatch, capfd
+):
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    store, warned = store_of(data_dir)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the checked bytes")
+
+    monkeypatch.setattr("jobsyncd.store.read_index", broken)
+    store.prefetch()
+    store._prefetch[0].join()
+    monkeypatch.undo()
+    table = store.load()
+    assert table.raw_count == len(jobs) and records(table) == eager_records(data_dir)
+    assert capfd.readouterr().err == "" and not warned  # no thread's traceback

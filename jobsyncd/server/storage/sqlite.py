@@ -239,7 +239,10 @@ class SQLiteStorage(SQLStorage):
         """PASSIVE checkpoints (they wait for no reader or writer, and copy what they can),
         each once CHECKPOINT_QUIET has passed without a write, or CHECKPOINT_MAX_DELAY since
         the first write not copied yet; the thread ends after CHECKPOINT_RETIRE idle."""
-        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return  # the next write starts another; the backstop bounds the WAL meanwhile
         wrote, closing = self._wrote, self._closing
         try:
             while not closing.is_set():
