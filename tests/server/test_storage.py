@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -342,3 +343,69 @@ def test_sqlite_checkpoints_in_a_thread_of_its_own_once_writes_pause(tmp_path: P
     finally:
         storage.close()
     assert thread is not None and not thread.is_alive()  # close() ends it
+
+
+class _RacingEvent(threading.Event):
+    """The checkpointer's cue (`_wrote`). The first time the checkpointer thread asks is_set()
+    (its retire check, under _watch_lock), a commit in another thread runs to its end between
+    that answer and the thread's `self._checkpointer = None`: exactly the interleaving the
+    unlocked fast path of _checkpoint_soon() once allowed."""
+
+    def __init__(self, storage_ref: list[Any]) -> None:
+        super().__init__()
+        self.storage_ref = storage_ref
+        self.raced = False
+        self.writer: threading.Thread | None = None
+
+    def is_set(self) -> bool:
+        answer = super().is_set()
+        if (
+            not self.raced
+            and threading.current_thread().name == "jobsyncd-sqlite-checkpoint"
+        ):
+            self.raced = True
+            # The writer: set() then _checkpointing(), which still sees the retiring thread
+            # alive (it is: it is this thread) and so starts none. Run in a thread of its own
+            # as a request would. (A fix that takes _watch_lock on that path makes it wait
+            # for this thread: hence the bounded join, so that a fixed version passes.)
+            self.writer = threading.Thread(target=self.storage_ref[0]._checkpoint_soon)
+            self.writer.start()
+            self.writer.join(timeout=0.5)
+        return answer
+
+
+def test_a_commit_while_the_checkpointer_retires_still_gets_a_checkpointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that lands while the checkpointer thread decides to end (it found no cue,
+    and has not yet said it is gone) must still find a checkpointer: the thread's decision and
+    a commit's check are taken under one lock. Found by a review: the commit's check ran
+    without it, saw the ending thread alive and started none."""
+    import jobsyncd.server.storage.sqlite as sq
+
+    monkeypatch.setattr(sq, "CHECKPOINT_RETIRE", 0.2)
+    monkeypatch.setattr(sq, "CHECKPOINT_QUIET", 0.01)
+    storage_ref: list[Any] = []
+    storage = open_storage(str(tmp_path / "jobs.sqlite3"))
+    storage_ref.append(storage)
+    storage._wrote = _RacingEvent(storage_ref)  # before any write: the thread takes this one
+    try:
+        storage.create_job("u", str(uuid.uuid4()), "first", {}, None)  # starts the thread
+        assert storage._checkpointer is not None
+        deadline = time.monotonic() + 10  # it checkpoints, idles CHECKPOINT_RETIRE, retires
+        while not storage._wrote.raced and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert storage._wrote.raced, "the retire check was never reached"
+        assert storage._wrote.writer is not None
+        storage._wrote.writer.join(timeout=5)
+        # The racing commit's cue: a checkpointer must be there to take it (running, or it
+        # has taken it already).
+        deadline = time.monotonic() + 1
+        taken = False
+        while not taken and time.monotonic() < deadline:
+            taken = storage._checkpointing() or not super(_RacingEvent, storage._wrote).is_set()
+            time.sleep(0.02)
+        assert taken, "a commit made while the checkpointer retired was left with no checkpointer"
+
+    finally:
+        storage.close()

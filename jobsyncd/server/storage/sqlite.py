@@ -207,20 +207,21 @@ class SQLiteStorage(SQLStorage):
         if conn is not None:
             conn.close()
             self._local.conn = None
-        checkpointer = self._checkpointer
-        if checkpointer is not None and self._checkpointer_pid == os.getpid():
+        with self._watch_lock:  # no thread starts after this (_checkpoint_soon)
             self._closing.set()
+            checkpointer = self._checkpointer if self._checkpointing() else None
+        if checkpointer is not None:
             self._wrote.set()  # wakes it: one last checkpoint, then it ends
             checkpointer.join(timeout=5)
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def _checkpoint_soon(self) -> None:
-        """After a commit: the checkpointer thread copies the WAL back once writes pause."""
-        self._wrote.set()
-        if self._checkpointing():
-            return
+        """After a commit: the checkpointer thread copies the WAL back once writes pause.
+        Under the lock the thread decides to end under: a cue given while it ends starts
+        another (a lock taken once per commit, against a commit's milliseconds)."""
         with self._watch_lock:
+            self._wrote.set()
             if self._checkpointing() or self._closing.is_set():
                 return
             self._checkpointer_pid = os.getpid()  # forked: this process's own thread
