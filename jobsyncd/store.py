@@ -107,6 +107,11 @@ class Store:
         self._index_base: IndexFile | None = None
         self._index_new: list[bytes] | None = None
         self._verified = Entries()  # the entries of the lines a verifying read went over
+        # Whether lines folded since the load may bind a server id a second job holds: refresh()
+        # folds other processes' lines without the one-binding check a load makes, so until
+        # the next load a compaction must not record its output as checked (a lazy fold of it
+        # would then never look for the duplicate).
+        self._bindings_unchecked = False
         # prefetch(): the reading thread, and what it read (record, (device, inode), checked
         # bytes, index bytes), for the next lazy load.
         self._prefetch: (
@@ -315,6 +320,7 @@ class Store:
                 fd = None
             self.jobs = JobTable()
             self._needs_repair = False
+            self._bindings_unchecked = False  # the load checks them (_enforce_one_binding)
             self._checked = None
             count = end = crc = 0
             bad = False
@@ -661,7 +667,7 @@ class Store:
             crc = checked[3] if checked is not None and extend else 0
             # Another process's lines: they join the checked range only if written as this
             # version writes them and binding no server id anew (a load checks those).
-            self.jobs.watch, self.jobs.new_bindings = extend, False
+            self.jobs.watch, self.jobs.new_bindings = True, False
             try:
                 count, end, bad, crc = self._read_and_parse(
                     self._held_fd, self._offset, crc, extend
@@ -671,6 +677,7 @@ class Store:
             self._offset += end
             self._lines += count
             self._needs_repair = self._needs_repair or bad
+            self._bindings_unchecked = self._bindings_unchecked or self.jobs.new_bindings
             holdable = self._all_holdable and not self.jobs.new_bindings
             if checked is not None and extend and holdable and not self._needs_repair:
                 self._checked = (checked[0], checked[1], self._offset, crc)
@@ -1000,7 +1007,7 @@ class Store:
         self._needs_repair = False
         # Lines we encoded (or held as checked): a lazy fold may hold them, if their ids allow.
         self._checked = None
-        if holdable_ids:
+        if holdable_ids and not self._bindings_unchecked:
             self._checked = (st.st_dev, st.st_ino, size, crc)
             if entries.ids or not chunks:
                 chunks.append(encode_chunk(entries))
