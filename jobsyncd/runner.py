@@ -70,6 +70,7 @@ def execute_pass(
     if not backing_off:
         from .sync import prepare_pass
 
+        check_server_url(settings, http_layer=False)  # a bad URL stops before the store is read
         prepare_pass(store)  # the store's bytes read while the HTTP layer below loads
     try:
         api_base = check_server_url(settings)
