@@ -31,6 +31,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -520,6 +521,39 @@ def kill_at_random(cli, command: str, delay: float) -> tuple[bool, str]:
     return killed, err
 
 
+def kill_in_rounds(
+    cli,
+    rng: random.Random,
+    command: str,
+    duration: float,
+    wanted: int,
+    before: Callable[[int], None],
+    after: Callable[[int, str], None],
+) -> int:
+    """Rounds of `before(round)`, `jobsyncd command` SIGKILLed at a random instant of about
+    its `duration`, `after(round, stderr)`, until `wanted` kills (at most 4 x `wanted`
+    rounds); at least half of them must catch the command running. Returns the kills."""
+    kills = 0
+    for round_no in range(4 * wanted):
+        if kills >= wanted:
+            break
+        before(round_no)
+        killed, err = kill_at_random(cli, command, rng.uniform(0.0, duration * 1.1))
+        kills += killed
+        after(round_no, err)
+    assert kills >= wanted // 2, f"only {kills} runs of `{command}` were caught running"
+    return kills
+
+
+def prepared(data_dir: str) -> None:
+    """The data dir made as jobsyncd makes it (0700, under umask 077), for a store written here."""
+    old = os.umask(0o077)
+    try:
+        prepare_data_dir(data_dir)
+    finally:
+        os.umask(old)
+
+
 def _store_lines(data_dir: Path) -> int:
     with open(data_dir / STORE_NAME, "rb") as fh:
         return sum(1 for _ in fh)
@@ -529,11 +563,7 @@ def _store_lines(data_dir: Path) -> int:
 def test_compact_killed_at_random_instants_leaves_every_job_loadable(cli, tmp_path, capsys):
     rng = random.Random(SEED + 1)
     data_dir = str(cli.data_dir)
-    old = os.umask(0o077)
-    try:
-        prepare_data_dir(data_dir)
-    finally:
-        os.umask(old)
+    prepared(data_dir)
     store = Store(data_dir)
     expected: dict[str, str] = {}
     jobs = []
@@ -574,20 +604,15 @@ def test_compact_killed_at_random_instants_leaves_every_job_loadable(cli, tmp_pa
     assert _store_lines(cli.data_dir) == COMPACT_JOBS
     check_loadable()
 
-    kills = 0
-    for round_no in range(4 * COMPACT_KILLS):
-        if kills >= COMPACT_KILLS:
-            break
-        add_dead_records(round_no)
-        killed, _ = kill_at_random(cli, "compact", rng.uniform(0.0, duration * 1.1))
-        kills += killed
+    def after_kill(round_no: int, err: str) -> None:
         check_loadable()
         # An ordinary create still works and repairs anything a kill left behind.
         created = cli("create", "--text", f"after kill {round_no}")
         assert created.returncode == 0, created.stderr
         expected[created.stdout.strip()] = f"after kill {round_no}"
         ids.append(created.stdout.strip())
-    assert kills >= COMPACT_KILLS // 2, f"only {kills} compactions were caught running"
+
+    kills = kill_in_rounds(cli, rng, "compact", duration, COMPACT_KILLS, add_dead_records, after_kill)
 
     final = cli("compact", timeout=60)
     assert final.returncode == 0, final.stderr
@@ -618,11 +643,7 @@ def test_passes_over_a_lazily_folded_store_killed_at_random_instants_lose_nothin
     rng = random.Random(SEED + 4)
     cli.env["JOBSYNCD_SERVER_URL"] = ref_server.url
     data_dir = str(cli.data_dir)
-    old = os.umask(0o077)
-    try:
-        prepare_data_dir(data_dir)
-    finally:
-        os.umask(old)
+    prepared(data_dir)
     jobs = [Job(local_id=new_local_id(), text=f"job {i}") for i in range(LAZY_JOBS)]
     Store(data_dir).append(jobs)
     expected = {j.local_id: j.text for j in jobs}
@@ -641,15 +662,10 @@ def test_passes_over_a_lazily_folded_store_killed_at_random_instants_lose_nothin
     t0 = time.monotonic()
     assert cli("sync").returncode == 0
     duration = time.monotonic() - t0
-    kills = 0
-    for round_no in range(4 * LAZY_KILLS):
-        if kills >= LAZY_KILLS:
-            break
-        edit(round_no)
-        killed, err = kill_at_random(cli, "sync", rng.uniform(0.0, duration * 1.1))
-        kills += killed
+    def no_traceback(round_no: int, err: str) -> None:
         assert "Traceback" not in err, err
-    assert kills >= LAZY_KILLS // 2, f"only {kills} passes were caught running"
+
+    kills = kill_in_rounds(cli, rng, "sync", duration, LAZY_KILLS, edit, no_traceback)
 
     for _ in range(5):  # a kill may leave jobs in back-off: retried at once here
         done = cli("sync", "--json")
