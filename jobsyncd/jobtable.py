@@ -283,15 +283,8 @@ class JobTable(MutableMapping[str, Job]):
         self._maybe_due.update(entries.due)
         return len(entries.ids)
 
-    def hold_lines(self, data: bytes) -> int | None:
-        """hold() the whole lines `data` (from the store's start), indexed here; None when a
-        line is not of the layout index_lines() holds."""
-        entries = index_lines(data)
-        return None if entries is None else self.hold(data, entries)
-
     def _line(self, offset: int) -> bytes:
-        buf = self._buf
-        return buf[offset : buf.index(b"\n", offset)]
+        return _line_at(self._buf, offset)
 
     def ids_holdable(self) -> bool:
         """Whether every job's id may be held raw (storeformat.holdable_id): those held raw
@@ -438,7 +431,7 @@ class Snapshot:
             # What the table had read from these very lines, else from the bytes, else parsed.
             summary = known.get(local_id)
             if summary is None:
-                line = buf[value : buf.index(b"\n", value)]
+                line = _line_at(buf, value)
                 summary = _summary(line)
                 if summary is None:
                     job = Job.from_record(json.loads(line))
@@ -471,6 +464,11 @@ class LazyDict(Mapping[K, V]):
 
     def __len__(self) -> int:
         return len(self._built())
+
+
+def _line_at(buffer: bytes, offset: int) -> bytes:
+    """The held line that starts at `offset` (without its b"\\n")."""
+    return buffer[offset : buffer.index(b"\n", offset)]
 
 
 def _job_of(local_id: str, rec: Any) -> Job | None:

@@ -415,24 +415,21 @@ class Store:
         imports its HTTP client meanwhile. The next lazy load() uses what was read if the
         record and the file are still the same; drop_prefetch() forgets it."""
         self.drop_prefetch()
-        data_dir, path = self.data_dir, self.path
         out: list[tuple[Record, tuple[int, int], bytes | None, bytes | None]] = []
 
         def read() -> None:
-            record = read_record(data_dir)
+            record = read_record(self.data_dir)
             if record is None:
                 return
             try:
-                fd = open_nofollow(path, os.O_RDONLY)
+                fd = open_nofollow(self.path, os.O_RDONLY)
             except JobsyncdError:
                 return
             try:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != (record.dev, record.ino):
                     return
-                index = record.index_file
-                index_bytes = None if index is None else read_index(data_dir, index)
-                buffer = read_checked_bytes(fd, record)
+                buffer, index_bytes = self._read_checked(fd, record)
                 out.append((record, (st.st_dev, st.st_ino), buffer, index_bytes))
             finally:
                 os.close(fd)

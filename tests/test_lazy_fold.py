@@ -14,7 +14,7 @@ import pytest
 from test_store import Warnings, job
 
 from jobsyncd.checked import INDEX_NAME, MAX_CHUNKS, encode_chunk
-from jobsyncd.jobtable import Entries, JobTable, LazyDict
+from jobsyncd.jobtable import Entries, JobTable, LazyDict, index_lines
 from jobsyncd.model import Job, new_local_id
 from jobsyncd.store import CHECKED_NAME, STORE_NAME, Store, prepare_data_dir
 from jobsyncd.storeformat import DUE_NEEDLES
@@ -32,6 +32,13 @@ def store_of(data_dir: Path, lazy: bool = True) -> tuple[Store, Warnings]:
     store = Store(str(data_dir), warn=warned)
     store.fold_lazily = lazy
     return store, warned
+
+
+def hold_lines(table: JobTable, data: bytes) -> int:
+    """`table` holding the whole lines `data` as checked lines from a store's start."""
+    entries = index_lines(data)
+    assert entries is not None
+    return table.hold(data, entries)
 
 
 def varied_jobs() -> list[Job]:
@@ -327,7 +334,7 @@ def test_a_broken_raw_line_after_many_single_parses_is_a_clear_error():
     bad = jobs[-1].local_id
     lines = [j.record_json().encode() for j in jobs[:-1]]
     lines.append(b'{"local_id":"' + bad.encode() + b'","server_id":nul')
-    assert table.hold_lines(b"\n".join(lines) + b"\n") == len(jobs)
+    assert hold_lines(table, b"\n".join(lines) + b"\n") == len(jobs)
     for j in jobs[:2001]:  # a pass that has read 2,001 jobs one by one
         table[j.local_id]
     with pytest.raises(JobsyncdError, match="no longer parses"):
@@ -411,13 +418,13 @@ def test_pop_and_discard_of_raw_and_parsed_jobs():
     table = JobTable()
     a, b = job("a"), job("b")
     line = a.record_json().encode() + b"\n"
-    table.hold_lines(line)
+    hold_lines(table, line)
     table[b.local_id] = b
     assert table.raw_count == 1
     assert table.pop(a.local_id).text == "a"
     assert table.raw_count == 0
     table = JobTable()
-    table.hold_lines(line)
+    hold_lines(table, line)
     table.discard(a.local_id)
     assert table.raw_count == 0 and a.local_id not in table
     assert table.pop("missing", None) is None
@@ -447,7 +454,7 @@ def test_a_raw_line_that_no_longer_parses_is_a_clear_error_and_the_next_run_fold
     table = store.load()
     # What no checked line can be (the CRC would differ): one that does not parse.
     broken = JobTable()
-    broken.hold_lines(b'{"local_id":"' + a.local_id.encode() + b'","server_id":nul\n')
+    hold_lines(broken, b'{"local_id":"' + a.local_id.encode() + b'","server_id":nul\n')
     broken.on_broken = table.on_broken
     with pytest.raises(JobsyncdError, match="no longer parses"):
         broken[a.local_id]
