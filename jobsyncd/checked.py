@@ -135,6 +135,8 @@ def read_index(data_dir: str, index: IndexFile) -> bytes | None:
     except JobsyncdError:
         return None
     try:
+        if not 0 <= index.size <= os.fstat(fd).st_size:
+            return None  # a record that is not ours: never a read of what it claims
         data = os.pread(fd, index.size, 0) if index.size else b""
     except OSError:
         return None
@@ -158,6 +160,8 @@ def read_checked_bytes(fd: int, record: Record) -> bytes | None:
     """The store's first `record.end` bytes (read through `fd`) if their CRC is the record's,
     else None. Both the read and the CRC leave the GIL: a thread does this beside other work."""
     try:
+        if not 0 <= record.end <= os.fstat(fd).st_size:
+            return None  # a record of another file, or not ours
         data = os.pread(fd, record.end, 0)
         while len(data) < record.end:  # a regular file's read stops short only at its end
             more = os.pread(fd, record.end - len(data), len(data))

@@ -817,3 +817,26 @@ def test_a_prefetch_that_fails_says_nothing_and_the_load_reads_for_itself(
     table = store.load()
     assert table.raw_count == len(jobs) and records(table) == eager_records(data_dir)
     assert capfd.readouterr().err == "" and not warned  # no thread's traceback
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("end", 10**15), ("end", -5), ("size", 10**15), ("size", -5), ("chunks", -1)],
+)
+def test_a_record_claiming_impossible_sizes_is_ignored_without_reading_them(
+    data_dir, capfd, field, value
+):
+    """A record not ours (edited, or of a bug) never makes a fold read what it claims: a
+    petabyte, or a negative size, is a record to ignore, with no traceback."""
+    jobs = varied_jobs()
+    checked_store(data_dir, jobs)
+    record = record_json(data_dir)
+    (record["index"] if field in ("size", "chunks") else record)[field] = value
+    (data_dir / CHECKED_NAME).write_text(json.dumps(record))
+    for prefetch in (False, True):
+        store, warned = store_of(data_dir)
+        if prefetch:
+            store.prefetch()
+        table = store.load()
+        assert records(table) == eager_records(data_dir) and not warned
+    assert "Traceback" not in capfd.readouterr().err
